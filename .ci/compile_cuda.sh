@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Compile-check every csrc/**/*.cu through CMakeLists.txt (no GPU, no torch needed).
+#
+#   bash .ci/compile_cuda.sh            # from the repository root (or anywhere)
+#
+# Environment:
+#   COLM_KERNELS_CUDA_ARCHS   architectures, ';' or ',' separated (default 90a = sm_90a)
+#   COLM_KERNELS_WERROR=1     warnings (host -Wall and nvcc) become errors
+#   COLM_CI_BUILD_DIR         build directory (default build/cmake)
+#   COLM_CI_CLEAN=1           start from an empty build directory (re-shows every warning)
+#   NVCC                      nvcc to use (default: $CUDA_HOME/bin/nvcc, nvcc on PATH, else
+#                             /usr/local/cuda/bin/nvcc)
+#
+# Prints one line per .cu file (ok / FAIL), the compiler errors of each failing file, and the
+# number of warning lines. Exits non-zero when any file fails to compile.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+
+die() { echo "compile_cuda: $*" >&2; exit 2; }
+
+is_elf() { [[ "$(head -c 4 "$1" 2>/dev/null | od -An -c | tr -d ' ')" == '177ELF' ]]; }
+
+if [[ -z "${NVCC:-}" ]]; then
+  if [[ -n "${CUDA_HOME:-}" && -x "${CUDA_HOME}/bin/nvcc" ]]; then
+    NVCC="${CUDA_HOME}/bin/nvcc"
+  elif command -v nvcc >/dev/null 2>&1; then
+    NVCC="$(readlink -f "$(command -v nvcc)")"
+    # a wrapper script (e.g. /usr/local/bin/nvcc -> exec /usr/local/cuda-X/bin/nvcc) works, but
+    # the toolkit's own binary keeps the CMake cache identical to a hand-run configure
+    if ! is_elf "$NVCC" && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+      NVCC=/usr/local/cuda/bin/nvcc
+    fi
+  elif [[ -x /usr/local/cuda/bin/nvcc ]]; then
+    NVCC=/usr/local/cuda/bin/nvcc
+  else
+    die "nvcc not found on PATH or at /usr/local/cuda/bin/nvcc (set NVCC=...)"
+  fi
+fi
+command -v cmake >/dev/null 2>&1 || die "cmake not found on PATH"
+
+ARCHS="${COLM_KERNELS_CUDA_ARCHS:-90a}"
+ARCHS="${ARCHS//,/;}"
+ARCHS="${ARCHS// /;}"
+BUILD_DIR="${COLM_CI_BUILD_DIR:-build/cmake}"
+JOBS="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
+if [[ "${COLM_KERNELS_WERROR:-0}" == "1" ]]; then WERROR=ON; else WERROR=OFF; fi
+
+mapfile -t SOURCES < <(find csrc -name '*.cu' -type f | LC_ALL=C sort)
+[[ ${#SOURCES[@]} -gt 0 ]] || die "no .cu files under csrc/"
+
+echo "compile_cuda: $("$NVCC" --version | tail -n 1)"
+echo "compile_cuda: $(cmake --version | head -n 1); archs ${ARCHS}; werror ${WERROR}; ${#SOURCES[@]} file(s)"
+
+if [[ "${COLM_CI_CLEAN:-0}" == "1" ]]; then rm -rf "$BUILD_DIR"; fi
+if [[ -f "$BUILD_DIR/CMakeCache.txt" ]] &&
+   ! grep -q '^CMAKE_GENERATOR:INTERNAL=Unix Makefiles$' "$BUILD_DIR/CMakeCache.txt"; then
+  die "$BUILD_DIR was configured with another generator; remove it or set COLM_CI_BUILD_DIR"
+fi
+
+LOG_DIR="$BUILD_DIR/ci-logs"
+mkdir -p "$LOG_DIR" || die "cannot create $LOG_DIR"
+
+# The Makefile generator gives one target per object (csrc/<op>/<op>.cu.o), used below.
+if ! cmake -S . -B "$BUILD_DIR" -G "Unix Makefiles" \
+    -DCMAKE_CUDA_COMPILER="$NVCC" \
+    "-DCMAKE_CUDA_ARCHITECTURES=${ARCHS}" \
+    -DCOLM_KERNELS_WERROR="$WERROR" >"$LOG_DIR/configure.log" 2>&1; then
+  cat "$LOG_DIR/configure.log"
+  die "CMake configure failed"
+fi
+
+# Parallel build, keep going past failures; its log shows every warning.
+cmake --build "$BUILD_DIR" -j"$JOBS" -- -k >"$LOG_DIR/build.log" 2>&1
+build_rc=$?
+grep -E -i 'warning' "$LOG_DIR/build.log" | grep -v -E '^(g?make|\[)' || true
+n_warn=$(grep -E -c -i 'warning' "$LOG_DIR/build.log" || true)
+
+failed=()
+for src in "${SOURCES[@]}"; do
+  obj_log="$LOG_DIR/$(echo "$src" | tr '/' '_').log"
+  # A no-op for objects the build above produced; recompiles (and shows the errors of) the rest.
+  if cmake --build "$BUILD_DIR" --target "${src}.o" >"$obj_log" 2>&1; then
+    echo "ok   $src"
+  else
+    echo "FAIL $src"
+    grep -v -E '^(g?make(\[[0-9]+\])?:|\[ *[0-9]+%\])' "$obj_log" | sed 's/^/     /'
+    failed+=("$src")
+  fi
+done
+
+echo "compile_cuda: ${n_warn} warning line(s); full log: $LOG_DIR/build.log"
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "compile_cuda: FAILED: ${failed[*]}"
+  exit 1
+fi
+if [[ $build_rc -ne 0 ]]; then
+  tail -n 40 "$LOG_DIR/build.log"
+  echo "compile_cuda: FAILED: every object compiled but the library step failed (see above)"
+  exit 1
+fi
+echo "compile_cuda: all ${#SOURCES[@]} CUDA file(s) compile for ${ARCHS}"

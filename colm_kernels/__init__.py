@@ -1,0 +1,24 @@
+"""colm_kernels: kernels for Chain-of-Model language models (CoLM, CoLM-Air; arXiv 2505.11820).
+
+Ops: ``chain_linear``, ``chain_rmsnorm``, ``chain_attention``, ``multi_chain_cross_entropy``.
+Backends: ``set_backend`` / ``use_backend`` / ``COLM_KERNELS_BACKEND`` with ``auto``, ``cuda``,
+``triton``, ``reference``. Modules in ``colm_kernels.nn``, models in ``colm_kernels.models``, the
+plain reference model in ``colm_kernels.reference``.
+"""
+from .backends import BackendError, get_backend, set_backend, use_backend
+from .chains import Chains
+from .ops import chain_attention, chain_linear, chain_rmsnorm, multi_chain_cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "Chains",
+    "chain_attention",
+    "chain_linear",
+    "chain_rmsnorm",
+    "get_backend",
+    "multi_chain_cross_entropy",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,70 @@
+"""The compiled CUDA extension ``colm_kernels._C``: load it if it can be used, else say why.
+
+``setup.py`` builds ``colm_kernels._C`` only when torch has CUDA and nvcc is found (or
+``COLM_KERNELS_FORCE_CUDA=1``); a CPU-only install has no extension at all. Importing
+``colm_kernels`` never needs it: callers ask here, and the ``cuda`` backend reports
+``unavailable_reason()`` instead of failing at import.
+
+    load_extension()      -> the ``colm_kernels._C`` module, or None when it cannot be used
+    unavailable_reason()  -> None when usable, else one line saying why
+    is_available()        -> unavailable_reason() is None
+
+The answer is computed once per process (torch and the extension are imported on first call).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+EXTENSION_NAME = "colm_kernels._C"
+
+NOT_BUILT = f"{EXTENSION_NAME} is not built (CPU torch or no nvcc at install time)"
+NO_DEVICE = "no CUDA device"
+
+
+@functools.lru_cache(maxsize=None)
+def _probe() -> tuple[ModuleType | None, str | None]:
+    try:
+        import torch  # the extension links against libtorch: import torch first
+    except Exception as exc:  # pragma: no cover - torch is a dependency
+        return None, f"torch is not importable ({type(exc).__name__}: {exc})"
+    try:
+        module = importlib.import_module(EXTENSION_NAME)
+    except ModuleNotFoundError as exc:
+        if exc.name == EXTENSION_NAME:
+            return None, NOT_BUILT
+        return None, f"{EXTENSION_NAME} failed to import ({type(exc).__name__}: {exc})"
+    except ImportError as exc:
+        # undefined symbols / missing libcudart: built against another torch or CUDA
+        return None, (
+            f"{EXTENSION_NAME} failed to import; was it built against another torch or CUDA? "
+            f"Rebuild with `pip install -e . --no-build-isolation` ({exc})"
+        )
+    if torch.version.cuda is None:
+        return None, f"{EXTENSION_NAME} is built but this torch {torch.__version__} has no CUDA"
+    if not torch.cuda.is_available():
+        return None, NO_DEVICE
+    return module, None
+
+
+def load_extension() -> ModuleType | None:
+    """``colm_kernels._C`` when it is built, importable and a CUDA device is present, else None."""
+    return _probe()[0]
+
+
+def unavailable_reason() -> str | None:
+    """Why ``load_extension()`` returns None (one line), or None when the extension is usable."""
+    return _probe()[1]
+
+
+def is_available() -> bool:
+    return _probe()[1] is None
+
+
+def require_extension() -> ModuleType:
+    """The extension, or ``RuntimeError`` naming the reason it cannot be used."""
+    module, reason = _probe()
+    if module is None:
+        raise RuntimeError(f"colm_kernels CUDA backend is unavailable: {reason}")
+    return module

@@ -1,0 +1,316 @@
+"""Shared Triton helpers for every colm_kernels kernel (chain linear, attention, SwiGLU, ...).
+
+Host side:
+- ``is_interpreter()``: whether kernels run under ``TRITON_INTERPRET=1`` (CPU tensors, numpy).
+- ``TORCH_TO_TL`` / ``tl_dtype``: the floating dtypes kernels accept and their Triton types.
+- ``int64_table``: a small cached device table of per-chain ints (pointers, widths, strides, offsets).
+- ``table_aligned``: whether pointers and ints of a table are 16-byte friendly (enables hints).
+- ``tile_count``: host-side count of the tiles of a list of per-chain extents.
+- ``gemm_configs`` / ``make_gemm_pruner``: autotune configs (H100 list, one small interpreter
+  config) and a pruner that clamps blocks to the problem's extents (never to the token count).
+- ``check_tensor``: uniform argument validation with errors that name the argument.
+- ``device_guard``: make a tensor's CUDA device current around a launch.
+
+Device side (``@triton.jit``):
+- ``grouped_tile``: GROUP_M-swizzled (m, n) tile order for L2 reuse.
+- ``segment_tile_count`` / ``find_segment``: map a flat tile id to (chain, tile within chain) from
+  per-chain extents and constexpr block sizes (a static loop over the chains).
+- ``load_ptr`` / ``load_int``: read a table entry as a typed pointer / int32 extent with optional
+  divisibility hints.
+- ``mma``: ``tl.dot`` with fp32 accumulation, IEEE precision for fp32 inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "is_interpreter",
+    "TORCH_TO_TL",
+    "FLOAT_DTYPES",
+    "tl_dtype",
+    "int64_table",
+    "clear_table_cache",
+    "table_aligned",
+    "tile_count",
+    "gemm_configs",
+    "make_gemm_pruner",
+    "check_tensor",
+    "device_guard",
+    "grouped_tile",
+    "segment_tile_count",
+    "find_segment",
+    "load_ptr",
+    "load_int",
+    "mma",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+def is_interpreter() -> bool:
+    """True when Triton kernels run in the numpy interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+TORCH_TO_TL = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+}
+FLOAT_DTYPES = tuple(TORCH_TO_TL)
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton type of a supported torch floating dtype; ``TypeError`` otherwise."""
+    try:
+        return TORCH_TO_TL[dtype]
+    except KeyError:
+        raise TypeError(f"unsupported dtype {dtype}: expected one of {FLOAT_DTYPES}") from None
+
+
+_TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLE_CACHE_SIZE = 512
+_TABLE_LOCK = threading.Lock()
+
+
+def int64_table(rows: Sequence[Iterable[int]], device) -> torch.Tensor:
+    """A contiguous int64 tensor of shape ``(len(rows), len(rows[0]))`` on ``device``.
+
+    Row ``f`` holds field ``f`` for every chain (a kernel reads field ``f`` of chain ``c`` at
+    ``TABLE + f * NUM + c``). Rows usually hold ``data_ptr()``s, widths, row strides and offsets.
+    Tables are cached on their full content (pointers included) and device, so a layer whose
+    parameters are updated in place builds its tables once; the content is the key, so a hit is
+    always exact. On CUDA a miss copies from pinned host memory without blocking the host (the
+    pinned buffer is kept with the table). Tables are read-only: never write into one.
+    """
+    content = tuple(tuple(int(v) for v in r) for r in rows)
+    if not content or not content[0] or any(len(r) != len(content[0]) for r in content):
+        raise ValueError(f"int64_table: rows must be non-empty and of equal length, got {content}")
+    dev = torch.device(device)
+    key = (dev, content)
+    with _TABLE_LOCK:
+        hit = _TABLE_CACHE.get(key)
+        if hit is not None:
+            _TABLE_CACHE.move_to_end(key)
+            return hit[0]
+    if dev.type == "cuda":
+        host = torch.tensor(content, dtype=torch.int64, pin_memory=True)
+        table = host.to(dev, non_blocking=True)
+    else:
+        host = None
+        table = torch.tensor(content, dtype=torch.int64, device=dev)
+    with _TABLE_LOCK:
+        _TABLE_CACHE[key] = (table, host)
+        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    return table
+
+
+def clear_table_cache() -> None:
+    """Drop every cached table (tests, or after freeing many layers)."""
+    with _TABLE_LOCK:
+        _TABLE_CACHE.clear()
+
+
+def table_aligned(ptrs: Iterable[int], ints: Iterable[int], element_size: int) -> bool:
+    """Whether every pointer is 16-byte aligned and every int (in elements) is a multiple of 16 B.
+
+    When true a kernel may hint ``multiple_of(ptr, 16)`` and ``multiple_of(int, 16 // elsize)`` on
+    values it reads from a table, which keeps its loads and stores vectorised.
+    """
+    step = max(1, 16 // element_size)
+    return all(int(p) % 16 == 0 for p in ptrs) and all(int(v) % step == 0 for v in ints)
+
+
+def tile_count(extents_a: Sequence[int], block_a: int,
+               extents_b: Optional[Sequence[int]] = None, block_b: int = 1) -> int:
+    """``sum_c cdiv(a_c, block_a) * cdiv(b_c, block_b)``: the same count ``segment_tile_count``
+    computes in a kernel (host side, for the grid)."""
+    if extents_b is None:
+        return sum(triton.cdiv(a, block_a) for a in extents_a)
+    return sum(triton.cdiv(a, block_a) * triton.cdiv(b, block_b) for a, b in zip(extents_a, extents_b))
+
+
+# Autotune configurations. Block names are the GEMM roles: BLOCK_M x BLOCK_N output tile,
+# BLOCK_K the reduction step. (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), GROUP_M = 8.
+_H100_GEMM = (
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 32, 4, 4),  # fp32 inputs: fits shared memory where the 64-deep ones do not
+    (64, 64, 32, 4, 3),
+)
+_INTERPRETER_GEMM = ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, 1, 1)
+
+
+def gemm_configs() -> List[triton.Config]:
+    """Autotune configs for tiled GEMMs: an H100 list, or one 16x16x16 config (GROUP_M 4) under
+    the interpreter (small tiles keep masking paths exercised and the interpreter fast)."""
+    if is_interpreter():
+        kw, warps, stages = _INTERPRETER_GEMM
+        return [triton.Config(dict(kw), num_warps=warps, num_stages=stages)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in _H100_GEMM
+    ]
+
+
+SMEM_BUDGET = 227 * 1024  # bytes of shared memory per block on H100 (sm_90)
+
+
+def make_gemm_pruner(extent_args: Dict[str, str], dtype_arg: str,
+                     smem_budget: int = SMEM_BUDGET) -> Callable:
+    """An ``early_config_prune`` for ``triton.autotune``.
+
+    ``extent_args`` maps a block name (``"BLOCK_N"``) to the kernel argument holding the largest
+    extent that block tiles (``"MAX_N"``): the block is clamped to ``max(16, next_pow2(extent))``.
+    Only pass extents that are part of the autotune key (chain layout), never the token count.
+    Configs whose operand tiles overflow ``smem_budget`` for the dtype of ``dtype_arg`` are dropped
+    (the smallest survives if all would be). Duplicates after clamping are removed.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        es = args[dtype_arg].element_size()
+        out, seen = [], set()
+        for cfg in configs:
+            kw = dict(cfg.kwargs)
+            for block, arg in extent_args.items():
+                kw[block] = min(kw[block], max(16, triton.next_power_of_2(max(1, int(args[arg])))))
+            stages = cfg.num_stages
+            smem = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * es * max(1, stages)
+            key = (tuple(sorted(kw.items())), cfg.num_warps, stages)
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append((smem, triton.Config(kw, num_warps=cfg.num_warps, num_stages=stages)))
+        fitting = [c for s, c in out if s <= smem_budget]
+        return fitting or [min(out, key=lambda t: t[0])[1]]
+
+    return prune
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current while launching (Triton launches on the current CUDA device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None, last_dim_contiguous: bool = True) -> torch.Tensor:
+    """Validate one kernel argument; raise ``TypeError``/``ValueError`` naming it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {FLOAT_DTYPES}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the other inputs are {dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    if last_dim_contiguous and t.dim() >= 1 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}"
+        )
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Device side
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def grouped_tile(tile_id, num_tiles_m, num_tiles_n, GROUP_M: tl.constexpr):
+    """Tile id -> (tile_m, tile_n), walking GROUP_M rows of tiles column by column (L2 reuse)."""
+    width = GROUP_M * num_tiles_n
+    group_id = tile_id // width
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_tiles_m - first_m, GROUP_M)
+    local = tile_id % width
+    return first_m + local % group_size, local // group_size
+
+
+@triton.jit
+def segment_tile_count(EXT_A, BLOCK_A: tl.constexpr, EXT_B, BLOCK_B: tl.constexpr, NUM: tl.constexpr):
+    """``sum_s cdiv(EXT_A[s], BLOCK_A) * cdiv(EXT_B[s], BLOCK_B)`` (EXT_B may be None)."""
+    total = tl.cdiv(tl.load(EXT_A).to(tl.int32), BLOCK_A)
+    if EXT_B is not None:
+        total = total * tl.cdiv(tl.load(EXT_B).to(tl.int32), BLOCK_B)
+    for s in tl.static_range(1, NUM):
+        n = tl.cdiv(tl.load(EXT_A + s).to(tl.int32), BLOCK_A)
+        if EXT_B is not None:
+            n = n * tl.cdiv(tl.load(EXT_B + s).to(tl.int32), BLOCK_B)
+        total += n
+    return total
+
+
+@triton.jit
+def find_segment(tile_id, EXT_A, BLOCK_A: tl.constexpr, EXT_B, BLOCK_B: tl.constexpr, NUM: tl.constexpr):
+    """Flat tile id -> (segment, tile within segment, tiles along A, tiles along B).
+
+    Segment ``s`` owns ``cdiv(EXT_A[s], BLOCK_A) * cdiv(EXT_B[s], BLOCK_B)`` consecutive tiles
+    (``EXT_B`` None: one tile along B). Segments with no tiles are never returned.
+    """
+    na = tl.cdiv(tl.load(EXT_A).to(tl.int32), BLOCK_A)
+    nb = na * 0 + 1
+    if EXT_B is not None:
+        nb = tl.cdiv(tl.load(EXT_B).to(tl.int32), BLOCK_B)
+    seg = na * 0
+    start = na * 0
+    tiles_a = na
+    tiles_b = nb
+    total = na * nb
+    for s in tl.static_range(1, NUM):
+        na = tl.cdiv(tl.load(EXT_A + s).to(tl.int32), BLOCK_A)
+        if EXT_B is not None:
+            nb = tl.cdiv(tl.load(EXT_B + s).to(tl.int32), BLOCK_B)
+        hit = tile_id >= total
+        seg = tl.where(hit, s, seg)
+        start = tl.where(hit, total, start)
+        tiles_a = tl.where(hit, na, tiles_a)
+        tiles_b = tl.where(hit, nb, tiles_b)
+        total += na * nb
+    return seg, tile_id - start, tiles_a, tiles_b
+
+
+@triton.jit
+def load_ptr(TABLE, idx, ELEM_TY: tl.constexpr, ALIGNED: tl.constexpr):
+    """Table entry ``idx`` (an int64 ``data_ptr()``) as a pointer to ``ELEM_TY``."""
+    p = tl.load(TABLE + idx).to(tl.pointer_type(ELEM_TY))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def load_int(TABLE, idx, MULTIPLE: tl.constexpr):
+    """Table entry ``idx`` as int32 (widths, offsets), hinted a multiple of ``MULTIPLE``."""
+    v = tl.load(TABLE + idx).to(tl.int32)
+    if MULTIPLE > 1:
+        v = tl.multiple_of(v, MULTIPLE)
+    return v
+
+
+@triton.jit
+def mma(a, b, acc):
+    """``acc + a @ b`` with fp32 accumulation; fp32 inputs use IEEE precision (matches torch)."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc

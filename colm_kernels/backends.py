@@ -1,0 +1,206 @@
+"""Backend registry and selection.
+
+Every op has implementations keyed by backend name (``reference``, ``triton``, ``cuda``). Each
+implementation can say why it cannot run given inputs (``not_supported_reasons``); ``auto`` picks the
+first that can, in a fixed order of preference, and an explicitly named backend that cannot run the
+inputs raises ``BackendError`` listing the reasons: never a silent fallback.
+
+The active backend comes from ``set_backend``, the ``use_backend`` context manager, or the
+environment variable ``COLM_KERNELS_BACKEND`` (read at import), in that order of precedence.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import os
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "reference")
+# ``auto`` on CUDA tensors tries these in order; on CPU tensors only ``reference`` is fast enough to
+# be worth picking (the Triton interpreter is a test tool, asked for explicitly).
+_AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+_AUTO_ORDER_CPU = ("reference",)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for an op or inputs it cannot run."""
+
+
+def _check_name(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_env_backend = os.environ.get("COLM_KERNELS_BACKEND", "auto") or "auto"
+if _env_backend not in BACKENDS:
+    raise ValueError(f"COLM_KERNELS_BACKEND must be one of {BACKENDS}, got {_env_backend!r}")
+_current = _env_backend
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every op: ``auto``, ``cuda``, ``triton`` or ``reference``."""
+    global _current
+    _current = _check_name(name)
+
+
+def get_backend() -> str:
+    return _current
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block with another backend; restores the previous one on exit."""
+    global _current
+    previous, _current = _current, _check_name(name)
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+# -- availability of whole backends ---------------------------------------------------------
+def triton_interpret() -> bool:
+    """True when Triton kernels run in its numpy interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_unavailable_reason() -> str | None:
+    # Never imports triton: it reads TRITON_INTERPRET when first imported, so a CLI may still
+    # choose the interpreter after ``import colm_kernels``.
+    if importlib.util.find_spec("triton") is None:  # pragma: no cover - triton is a dependency
+        return "triton is not installed"
+    if not torch.cuda.is_available() and not triton_interpret():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+    return None
+
+
+def cuda_unavailable_reason() -> str | None:
+    from . import _cuda
+
+    return _cuda.unavailable_reason()
+
+
+_BACKEND_AVAILABILITY: dict[str, Callable[[], str | None]] = {
+    "reference": lambda: None,
+    "triton": triton_unavailable_reason,
+    "cuda": cuda_unavailable_reason,
+}
+
+
+def device_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
+    """Reasons shared by every op: which devices and dtypes a kernel backend accepts."""
+    if backend == "reference":
+        return []
+    reasons = []
+    devices = {t.device.type for t in tensors}
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    if backend == "triton":
+        allowed = {"cuda", "cpu"} if triton_interpret() else {"cuda"}
+        bad = devices - allowed
+        if bad:
+            hint = "" if triton_interpret() else " (TRITON_INTERPRET=1 runs it on CPU tensors)"
+            reasons.append(f"triton runs on CUDA tensors{hint}, got device {sorted(bad)}")
+    elif backend == "cuda" and devices != {"cuda"}:
+        reasons.append(f"cuda runs on CUDA tensors, got device {sorted(devices)}")
+    bad_dtypes = sorted(str(d) for d in dtypes if d not in TRITON_DTYPES)
+    if bad_dtypes:
+        reasons.append(f"{backend} supports float16/bfloat16/float32, got {bad_dtypes}")
+    return reasons
+
+
+# -- per-op implementations -----------------------------------------------------------------
+@dataclasses.dataclass
+class Implementation:
+    """One backend of one op. ``module`` is imported on first use (nothing heavy at import)."""
+
+    op: str
+    backend: str
+    module: str
+    # Name in ``module`` of the op's function (a registered custom op) for this backend.
+    fn: str
+    # Name in ``module`` of ``f(**inputs) -> list[str]``: op-specific reasons it cannot run.
+    reasons_fn: str | None = None
+    _module: object = dataclasses.field(default=None, repr=False)
+
+    def load(self):
+        # Cached: under torch.compile only an attribute read is traced, never an import.
+        if self._module is None:
+            self._module = importlib.import_module(self.module, package=__package__)
+        return self._module
+
+    def function(self) -> Callable:
+        return getattr(self.load(), self.fn)
+
+    def not_supported_reasons(self, tensors: Sequence[torch.Tensor], **inputs) -> list[str]:
+        reason = _BACKEND_AVAILABILITY[self.backend]()
+        if reason:
+            return [reason]
+        reasons = device_reasons(self.backend, tensors)
+        if self.reasons_fn and inputs:  # without inputs: is the backend usable here at all
+            reasons += getattr(self.load(), self.reasons_fn)(**inputs)
+        return reasons
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, module: str, fn: str, reasons_fn: str | None = None) -> None:
+    """Declare that ``module`` (imported lazily; absolute, or relative to this package) implements ``op``."""
+    _check_name(backend)
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, module, fn, reasons_fn)
+
+
+def registered(op: str) -> dict[str, Implementation]:
+    return dict(_REGISTRY.get(op, {}))
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def preload_available() -> None:
+    """Import the modules of every backend that can run on this machine, so that tracing
+    (``torch.compile``) never meets an import; unavailable backends are never imported."""
+    for impls in _REGISTRY.values():
+        for impl in impls.values():
+            if _BACKEND_AVAILABILITY[impl.backend]() is None:
+                impl.load()
+
+
+def select(op: str, tensors: Sequence[torch.Tensor], **inputs) -> str:
+    """The backend that will run ``op`` on these inputs, or ``BackendError`` with every reason."""
+    impls = _REGISTRY[op]
+    name = _current
+    if name != "auto":
+        impl = impls.get(name)
+        if impl is None:
+            raise BackendError(
+                f"{op}: backend {name!r} has no implementation of this op "
+                f"(implemented: {sorted(impls)})"
+            )
+        reasons = impl.not_supported_reasons(tensors, **inputs)
+        if reasons:
+            raise BackendError(f"{op}: backend {name!r} cannot run these inputs: " + "; ".join(reasons))
+        return name
+    on_cuda = any(t.is_cuda for t in tensors)
+    tried = []
+    for candidate in _AUTO_ORDER_CUDA if on_cuda else _AUTO_ORDER_CPU:
+        impl = impls.get(candidate)
+        if impl is None:
+            continue
+        reasons = impl.not_supported_reasons(tensors, **inputs)
+        if not reasons:
+            return candidate
+        tried.append(f"{candidate}: " + "; ".join(reasons))
+    raise BackendError(f"{op}: no backend can run these inputs. " + " | ".join(tried))
+
+
+def dispatch(op: str, tensors: Sequence[torch.Tensor], **inputs) -> Callable:
+    """The function of the backend that ``select`` picks."""
+    return _REGISTRY[op][select(op, tensors, **inputs)].function()

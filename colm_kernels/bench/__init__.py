@@ -1,0 +1,1 @@
+"""Benchmarks: cases (op, provider, shape, pass) shared by ``colm-bench`` and ``benchmarks/``."""

@@ -1,0 +1,170 @@
+"""``colm-bench``: every op against its peers at sensible sizes: a table, JSON and plots.
+
+On a GPU it times each op's providers side by side (ours per backend, dense cuBLAS, the paper's
+naive code, SDPA) and reports ms, TFLOP/s or GB/s and the ratio to the peer. Without a GPU it says
+so, checks every backend that can run on this CPU against the float64 reference (Triton under its
+interpreter), and trains a tiny CoLM for a few steps.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+OPS = ("chain_linear", "chain_rmsnorm", "chain_attention", "multi_chain_cross_entropy")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="colm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "sizes: 'default' = the issue's shapes (ChainLinear C=(1,1,1,1) 4096x4096 and C=8x(1) "
+            "8192x8192 at M=8192 tokens; attention 1B layout at 2k tokens, hd 128; RMSNorm D=2048; "
+            "CE V=32000), a few minutes on an H100; 'small' for a quick look; 'tiny' to exercise "
+            "the timing path on CPU (--device cpu).\n"
+            "output: <out>/results.json (rows + device, commit, date, command), <out>/table.txt, "
+            "<out>/<op>.png (needs matplotlib: pip install 'colm-kernels[bench]')."
+        ),
+    )
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--sizes", default=None, choices=("default", "small", "tiny"),
+                   help="size preset (default: 'default' on GPU, 'tiny' on CPU)")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="timing dtype (GPU)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto: time on CUDA if present, else run the CPU correctness checks; "
+                        "cpu: time on CPU anyway (only to exercise the harness)")
+    p.add_argument("--out", default="colm_bench_results", help="results folder")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rep", type=int, default=30)
+    p.add_argument("--demo-steps", type=int, default=30, help="CPU mode: tiny training demo steps (0: skip)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        p.error(f"--ops: unknown {unknown}; choose from {list(OPS)}")
+    args.ops = ops
+    return args
+
+
+def run_timings(args, device) -> list[dict]:
+    import torch
+
+    from .ops import CASES
+    from .timing import measure_ms
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if device.type == "cuda" else torch.float32
+    size = args.sizes or "default"
+    rows = []
+    for op in args.ops:
+        cases = list(CASES[op](size, device, dtype))
+        for i, case in enumerate(cases, 1):
+            t0 = time.perf_counter()
+            try:
+                ms = measure_ms(case.run, device, warmup=args.warmup, rep=args.rep)
+                error = None
+            except Exception as exc:  # a provider that fails is reported, not hidden
+                ms, error = None, f"{type(exc).__name__}: {exc}"[:200]
+            row = {"op": case.op, "provider": case.provider, "shape": case.shape, "pass": case.pass_name,
+                   "dtype": str(dtype).replace("torch.", ""), "ms": ms, "peer": case.peer,
+                   "flops": case.flops, "bytes": case.bytes, "note": case.note, "error": error}
+            if ms:
+                row["tflops"] = case.flops / ms / 1e9 if case.flops else None
+                row["gb_s"] = case.bytes / ms / 1e6 if case.bytes else None
+            rows.append(row)
+            status = f"{ms:9.3f} ms" if ms else f"FAILED {error}"
+            print(f"[{op} {i}/{len(cases)}] {case.provider:<16} {case.shape:<36} {case.pass_name:<8} "
+                  f"{status} ({time.perf_counter() - t0:.1f}s)", flush=True)
+            del case.run
+    for r in rows:  # time relative to the peer in the same run, same shape and pass
+        peer = next((p for p in rows if (p["op"], p["shape"], p["pass"], p["provider"]) ==
+                     (r["op"], r["shape"], r["pass"], r["peer"])), None)
+        r["ratio"] = r["ms"] / peer["ms"] if peer and r["ms"] and peer["ms"] else None
+    return rows
+
+
+def run_checks(args) -> list[dict]:
+    import torch
+
+    from .. import BackendError
+    from .checks import check, runnable_backends
+
+    rows = []
+    for op in args.ops:
+        for backend, reason in runnable_backends(op, "cpu", torch.float32).items():
+            for dtype in (torch.float32, torch.float16):
+                if reason:
+                    rows.append({"op": op, "backend": backend, "dtype": str(dtype)[6:], "ok": None,
+                                 "note": f"cannot run here: {reason}"})
+                    continue
+                try:
+                    row = check(op, backend, dtype)
+                    row["note"] = "" if row["ok"] else "ERROR ABOVE TOLERANCE"
+                except BackendError as exc:
+                    row = {"op": op, "backend": backend, "dtype": str(dtype)[6:], "ok": None,
+                           "note": f"cannot run: {exc}"}
+                rows.append(row)
+                print(f"checked {op:<27} {backend:<10} {row['dtype']:<8} "
+                      f"{'ok' if row['ok'] else row['note']}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        print("colm-bench: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from .report import format_table, provenance, write_json, write_plots
+
+    if cuda and args.device != "cpu" or args.device == "cpu":
+        device = torch.device("cuda" if cuda and args.device != "cpu" else "cpu")
+        if device.type == "cpu" and args.sizes is None:
+            args.sizes = "tiny"
+        rows = run_timings(args, device)
+        table = format_table(rows, [
+            ("op", "op", ""), ("provider", "provider", ""), ("shape", "shape", ""), ("pass", "pass", ""),
+            ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("gb_s", "GB/s", ".0f"),
+            ("ratio", "time/peer", ".2f"), ("peer", "peer", "")])
+        meta = provenance(device)
+        meta["mode"] = "timings"
+    else:
+        # Triton kernels run on CPU tensors only under the interpreter; it must be chosen before
+        # the kernels are first imported (import colm_kernels does not import them on a CPU).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        print("colm-bench: no CUDA device, so no timings (they need a GPU; see README for targets).\n"
+              "Checking every backend that runs on this CPU against the float64 reference "
+              "(Triton via TRITON_INTERPRET=1) ...", flush=True)
+        rows = run_checks(args)
+        table = format_table(rows, [
+            ("op", "op", ""), ("backend", "backend", ""), ("dtype", "dtype", ""),
+            ("max_rel_err_fwd", "rel err fwd", ".1e"), ("max_rel_err_grad", "rel err grad", ".1e"),
+            ("tolerance", "tol", ".0e"), ("ok", "ok", ""), ("note", "note", "")])
+        meta = provenance(torch.device("cpu"))
+        meta["mode"] = "cpu-checks"
+    print()
+    print(table)
+    (out / "table.txt").write_text(table + "\n")
+    write_json(out / "results.json", meta, rows)
+    plots = [] if args.no_plots or meta["mode"] != "timings" else write_plots(out, rows)
+    print(f"\nwrote {out / 'results.json'}, {out / 'table.txt'}" + "".join(f", {p}" for p in plots))
+    failed = [r for r in rows if r.get("ok") is False or r.get("error")]
+    if meta["mode"] == "cpu-checks" and args.demo_steps > 0:
+        from ..demo import train
+        print()
+        train(args.demo_steps)
+    if failed:
+        print(f"colm-bench: {len(failed)} row(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

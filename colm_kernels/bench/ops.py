@@ -1,0 +1,173 @@
+"""Benchmark cases of every op against what a user would otherwise write.
+
+Providers: ``ours-<backend>`` for every backend that can run the inputs (our ops), and peers:
+``dense-cublas`` (``F.linear`` over the whole matrix), ``paper-naive`` (the paper's per-chain
+loops, written from its pseudo-code), ``sdpa-repeat`` (the paper's ``repeat`` + SDPA for attention).
+FLOPs count only useful work (unmasked blocks, causal half), and say so.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ..chains import Chains
+from ..ops import chain_attention, chain_linear, chain_rmsnorm, multi_chain_cross_entropy
+from .cases import PASSES, Case, pass_runner
+
+# (chains, out_features, in_features, tokens) per size preset; issue targets use "default".
+LINEAR_SIZES = {
+    "default": [((1, 1, 1, 1), 4096, 4096, 8192), ((1,) * 8, 8192, 8192, 8192)],
+    "small": [((1, 1, 1, 1), 1024, 1024, 2048), ((1,) * 8, 2048, 2048, 2048)],
+    "tiny": [((1, 2, 1), 64, 48, 37)],
+}
+# (chains, dim, tokens)
+NORM_SIZES = {"default": [((4, 4, 4, 4), 2048, 16384)], "small": [((4, 4, 4, 4), 2048, 4096)],
+              "tiny": [((1, 2, 1), 64, 37)]}
+# (chains, n_kv_heads, kv_sharing, seq, head_dim, batch)
+ATTN_SIZES = {
+    "default": [((4, 4, 4, 4), 4, False, 2048, 128, 1), ((4, 4, 4, 4), 4, True, 2048, 128, 1)],
+    "small": [((4, 4, 4, 4), 4, True, 1024, 128, 1)],
+    "tiny": [((2, 2), 2, True, 33, 16, 1)],
+}
+# (chains, dim, vocab, tokens)
+CE_SIZES = {"default": [((4, 4, 4, 4), 2048, 32000, 4096)], "small": [((4, 4, 4, 4), 1024, 8192, 2048)],
+            "tiny": [((1, 2, 1), 64, 101, 37)]}
+
+
+def our_backends(op: str, tensors, **inputs) -> list[str]:
+    """Backends that can run ``op`` on these inputs, fastest first; reference only on CPU or
+    when it is the only one."""
+    names = []
+    for name in ("cuda", "triton", "reference"):
+        impl = backends.registered(op).get(name)
+        if impl is not None and not impl.not_supported_reasons(tensors, **inputs):
+            names.append(name)
+    on_gpu = any(t.is_cuda for t in tensors)
+    if on_gpu and len(names) > 1:  # the reference is the paper-naive peer already
+        names.remove("reference")
+    return names
+
+
+def _ours(op_fn, backend):
+    def forward(x, params, **kw):
+        with backends.use_backend(backend):
+            return op_fn(x, params, **kw)
+    return forward
+
+
+def chain_linear_cases(size: str, device, dtype, passes=PASSES) -> Iterator[Case]:
+    for chains, out_f, in_f, m in LINEAR_SIZES[size]:
+        c = Chains(chains)
+        widths, prefixes, rows = c.widths(out_f), c.prefixes(in_f), c.offsets(out_f)
+        dense = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f ** 0.5
+        blocks = [dense[rows[i]:rows[i + 1], :prefixes[i]].contiguous() for i in range(c.n)]
+        x = torch.randn(m, in_f, device=device, dtype=dtype)
+        useful = 2.0 * m * sum(d * p for d, p in zip(widths, prefixes))
+        label = f"M{m}-{out_f}x{in_f}-C{'.'.join(map(str, chains))}"
+        providers = {
+            "dense-cublas": (lambda x, p: F.linear(x, p[0]), [dense]),
+            "paper-naive": (lambda x, p: torch.cat(
+                [F.linear(x[:, : w.shape[1]], w) for w in p], dim=-1), blocks),
+        }
+        for b in our_backends("chain_linear", [x, *blocks], x=x, weights=blocks, biases=[]):
+            providers[f"ours-{b}"] = (_ours(lambda x, p: chain_linear(x, p, None, c), b), blocks)
+        for pass_name in passes:
+            scale = 3.0 if pass_name == "fwd+bwd" else 1.0
+            for name, (fwd, params) in providers.items():
+                yield Case("chain_linear", name, label, pass_name, pass_runner(fwd, x, params, pass_name),
+                           flops=useful * scale, peer="dense-cublas", note="useful FLOPs (lower blocks)")
+        # Elastic scales: only the first k+1 chains' tiles; compared with the full-scale run.
+        for b in our_backends("chain_linear", [x, *blocks], x=x, weights=blocks, biases=[]):
+            if b == "reference":
+                continue
+            for k in range(c.n):
+                active = 2.0 * m * sum(d * p for d, p in zip(widths[: k + 1], prefixes[: k + 1]))
+                fwd = _ours(lambda x, p, k=k: chain_linear(x, p, None, c, chain=k), b)
+                yield Case("chain_linear_elastic", f"ours-{b}", f"{label}-k{k}", "fwd+bwd",
+                           pass_runner(fwd, x, blocks, "fwd+bwd"), flops=3 * active,
+                           peer=None, note=f"chain={k}")
+
+
+def chain_rmsnorm_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> Iterator[Case]:
+    for chains, dim, m in NORM_SIZES[size]:
+        c = Chains(chains)
+        offsets = c.offsets(dim)
+        x = torch.randn(m, dim, device=device, dtype=dtype)
+        g = torch.rand(dim, device=device, dtype=dtype) + 0.5
+        label = f"M{m}-D{dim}-C{'.'.join(map(str, chains))}"
+
+        def naive(x, p):  # the paper's per-chain loop
+            return torch.cat([F.rms_norm(x[:, lo:hi], (hi - lo,), p[0][lo:hi], 1e-5)
+                              for lo, hi in zip(offsets[:-1], offsets[1:])], dim=-1)
+
+        providers = {"paper-naive": (naive, [g])}
+        for b in our_backends("chain_rmsnorm", [x, g], x=x, weight=g, offsets=list(offsets), eps=1e-5):
+            providers[f"ours-{b}"] = (_ours(lambda x, p: chain_rmsnorm(x, p[0], c), b), [g])
+        for pass_name, (name, (fwd, params)) in itertools.product(passes, providers.items()):
+            moved = x.numel() * x.element_size() * (2 if pass_name == "fwd" else 5)
+            yield Case("chain_rmsnorm", name, label, pass_name, pass_runner(fwd, x, params, pass_name),
+                       bytes=moved, peer="paper-naive", note="bytes: x in, y out (+dy, dx, x again)")
+
+
+def chain_attention_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> Iterator[Case]:
+    for chains, n_kv, sharing, seq, hd, batch in ATTN_SIZES[size]:
+        c = Chains(chains)
+        n_q = c.total
+        q = torch.randn(batch, seq, n_q, hd, device=device, dtype=dtype)
+        k = torch.randn(batch, seq, n_kv, hd, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        kv_index = torch.tensor(c.kv_head_map(n_kv, kv_sharing=sharing), device=device)
+        label = f"B{batch}-S{seq}-H{n_q}-KV{n_kv}-D{hd}-{'shared' if sharing else 'gqa'}"
+        flops = 4.0 * batch * n_q * seq * seq * hd / 2  # causal: half the score matrix
+
+        def repeat_sdpa(x, p):  # the paper: materialise repeated K/V, then SDPA
+            kk, vv = p[0].index_select(2, kv_index), p[1].index_select(2, kv_index)
+            out = F.scaled_dot_product_attention(x.transpose(1, 2), kk.transpose(1, 2),
+                                                 vv.transpose(1, 2), is_causal=True)
+            return out.transpose(1, 2)
+
+        providers = {"sdpa-repeat": repeat_sdpa}
+        for b in our_backends("chain_attention", [q, k, v], q=q, k=k, v=v):
+            providers[f"ours-{b}"] = _ours(
+                lambda x, p: chain_attention(x, p[0], p[1], c, kv_sharing=sharing), b)
+        for pass_name, (name, fwd) in itertools.product(passes, providers.items()):
+            yield Case("chain_attention", name, label, pass_name, pass_runner(fwd, q, [k, v], pass_name),
+                       flops=flops * (3.5 if pass_name == "fwd+bwd" else 1.0), peer="sdpa-repeat",
+                       note="causal FLOPs (half the scores); fwd+bwd = 3.5x fwd")
+
+
+def multi_chain_cross_entropy_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> Iterator[Case]:
+    for chains, dim, vocab, m in CE_SIZES[size]:
+        c = Chains(chains)
+        offsets = c.offsets(dim)
+        h = torch.randn(m, dim, device=device, dtype=dtype)
+        w = torch.randn(vocab, dim, device=device, dtype=dtype) / dim ** 0.5
+        t = torch.randint(0, vocab, (m,), device=device)
+        label = f"N{m}-D{dim}-V{vocab}-C{'.'.join(map(str, chains))}"
+
+        def naive(x, p):  # one logit tensor per scale, as a user would write it
+            return torch.stack([F.cross_entropy(F.linear(x[:, :hi], p[0][:, :hi]).float(), t)
+                                for hi in offsets[1:]])
+
+        providers = {"paper-naive": naive}
+        for b in our_backends("multi_chain_cross_entropy", [h, w, t], hidden=h, weight=w, targets=t,
+                              offsets=list(offsets), ignore_index=-100):
+            providers[f"ours-{b}"] = _ours(lambda x, p: multi_chain_cross_entropy(x, p[0], t, c), b)
+        flops = 2.0 * m * vocab * dim
+        for pass_name, (name, fwd) in itertools.product(passes, providers.items()):
+            yield Case("multi_chain_cross_entropy", name, label, pass_name,
+                       pass_runner(fwd, h, [w], pass_name),
+                       flops=flops * (3 if pass_name == "fwd+bwd" else 1), peer="paper-naive",
+                       note="useful FLOPs: one (N, V, D) product (chains add up to it)")
+
+
+CASES = {
+    "chain_linear": chain_linear_cases,
+    "chain_rmsnorm": chain_rmsnorm_cases,
+    "chain_attention": chain_attention_cases,
+    "multi_chain_cross_entropy": multi_chain_cross_entropy_cases,
+}

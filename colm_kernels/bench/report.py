@@ -1,0 +1,92 @@
+"""Rows -> a printed table, JSON with the run's provenance, and PNG plots (matplotlib optional)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+H100_CEILINGS = {"bf16_tflops": 790.0, "hbm_tb_s": 3.0}  # measured ceilings the brief quotes
+
+
+def provenance(device: torch.device) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                                  cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        except Exception:
+            return None
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain")),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+    }
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format spec); missing values print as '-'."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
+    """One PNG per op: time relative to the peer, per shape and pass. Returns the files written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install 'colm-kernels[bench]')")
+        return []
+    written = []
+    for op in sorted({r["op"] for r in rows}):
+        op_rows = [r for r in rows if r["op"] == op and r.get("ms") is not None]
+        if not op_rows:
+            continue
+        groups = sorted({(r["shape"], r["pass"]) for r in op_rows})
+        providers = sorted({r["provider"] for r in op_rows})
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(providers) / 2), 4))
+        width = 0.8 / len(providers)
+        for j, prov in enumerate(providers):
+            ys = []
+            for g in groups:
+                match = [r for r in op_rows if (r["shape"], r["pass"]) == g and r["provider"] == prov]
+                ys.append(match[0]["ms"] if match else 0.0)
+            ax.bar([i + j * width for i in range(len(groups))], ys, width, label=prov)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+        ax.set_xticklabels([f"{s}\n{p}" for s, p in groups], fontsize=6)
+        ax.set_ylabel("ms (lower is better)")
+        ax.set_title(op)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{op}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,62 @@
+"""What ``generate`` will do, checked before any compute: one scale per new token, the prefill
+scale, and (without KV sharing) that no step needs kv heads its cache lacks. Shared by
+``models.CoLM`` and ``reference.CoLM`` so the two agree on every rule."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..chains import Chains
+
+
+def check_tokens(tokens, name: str) -> None:
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name} must be a LongTensor of shape (batch, seq), got {type(tokens).__name__}")
+    if tokens.dtype != torch.long:
+        raise TypeError(f"{name} must be a LongTensor (torch.int64), got dtype {tokens.dtype}")
+    if tokens.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, seq), got shape {tuple(tokens.shape)}")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(tokens.shape)}")
+
+
+def plan_decoding(
+    chains: Chains,
+    kv_sharing: bool,
+    prompt_len: int,
+    max_new_tokens: int,
+    chain: Union[None, int, Sequence[int]],
+    prefill_chain: Optional[int],
+) -> tuple[int, list[int]]:
+    """``(prefill_scale, scale_of_each_step)``. The prompt's last token is the first decode step,
+    so prefill covers ``prompt[:, :-1]``; it raises ``ValueError`` for an incomplete KV cache."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(chain, (list, tuple)):
+        if len(chain) != max_new_tokens:
+            raise ValueError(
+                f"chain is a list of {len(chain)} scales but max_new_tokens={max_new_tokens}: "
+                "give one scale per new token"
+            )
+        scales = [chains.check_chain(c, name=f"chain[{t}]") for t, c in enumerate(chain)]
+    else:
+        scales = [chains.check_chain(chain)] * int(max_new_tokens)
+    if prefill_chain is None:
+        prefill = scales[0] if scales else chains.n - 1
+    else:
+        prefill = chains.check_chain(prefill_chain, name="prefill_chain")
+    if not kv_sharing:
+        cached = prefill if prompt_len > 1 else None  # smallest scale of any cached position
+        for t, s in enumerate(scales):
+            if cached is not None and s > cached:
+                raise ValueError(
+                    f"chain={s} at decode step {t} is larger than the scale {cached} that computed "
+                    f"earlier positions (prefill_chain={prefill}, chain={chain!r}): without "
+                    "kv_sharing the KV cache would be incomplete"
+                )
+            cached = s if cached is None else min(cached, s)
+    return prefill, scales

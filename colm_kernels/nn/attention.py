@@ -1,0 +1,79 @@
+"""``ChainAttention``: LLaMA attention whose query heads are owned by chains, over ``chain_attention``.
+
+Chain i owns ``c_i`` consecutive query heads (``n_heads == sum(chains)``). Without KV sharing
+``wk``/``wv`` are ``ChainLinear`` (chain i owns ``c_i * n_kv_heads / S`` kv heads, ordinary GQA);
+with KV sharing (CoLM-Air) they are plain ``nn.Linear(P_1, n_kv_heads * head_dim)`` on the first
+chain, and every query head reads the shared kv heads through ``kv_mapping``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ..chains import KV_MAPPINGS, ChainsLike, as_chains
+from ..ops import chain_attention
+from .kv_cache import KVCache
+from .linear import ChainLinear
+from .rope import apply_rotary, rope_angles
+
+
+class ChainAttention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        chains: ChainsLike,
+        kv_sharing: bool = False,
+        kv_mapping: str = "tile",
+        rope_theta: float = 500000.0,
+    ):
+        super().__init__()
+        self.chains = chains = as_chains(chains)
+        chains.check_heads(n_heads)
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        if kv_mapping not in KV_MAPPINGS:
+            raise ValueError(f"kv_mapping must be one of {KV_MAPPINGS}, got {kv_mapping!r}")
+        self.dim, self.n_heads, self.n_kv_heads = dim, n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.kv_sharing, self.kv_mapping, self.rope_theta = kv_sharing, kv_mapping, rope_theta
+        kv_dim = n_kv_heads * self.head_dim
+        self.wq = ChainLinear(dim, dim, chains, bias=False)
+        if kv_sharing:
+            chains.check_kv_sharing(n_kv_heads)
+            self.shared_width = chains.prefixes(dim)[0]
+            self.wk = nn.Linear(self.shared_width, kv_dim, bias=False)
+            self.wv = nn.Linear(self.shared_width, kv_dim, bias=False)
+        else:
+            chains.kv_head_counts(n_kv_heads)
+            self.wk = ChainLinear(dim, kv_dim, chains, bias=False)
+            self.wv = ChainLinear(dim, kv_dim, chains, bias=False)
+        self.wo = ChainLinear(dim, dim, chains, bias=False)
+
+    def project_kv(self, x: Tensor, chain: int) -> tuple[Tensor, Tensor]:
+        """Keys (before RoPE) and values of the kv heads that exist at scale ``chain``."""
+        if self.kv_sharing:
+            shared = x[..., : self.shared_width]  # CoLM-Air: chain 1 only, at every scale
+            return self.wk(shared), self.wv(shared)
+        return self.wk(x, chain), self.wv(x, chain)
+
+    def forward(self, x: Tensor, chain=None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+        """``x``: ``(B, S, >= P_(chain+1))``. With ``cache``, the new tokens follow the cached
+        ones (their K/V are appended to layer ``layer`` of it)."""
+        k = self.chains.check_chain(chain)
+        bsz, seqlen = x.shape[0], x.shape[1]
+        start = 0 if cache is None else cache.length
+        angles = rope_angles(self.head_dim, start, seqlen, self.rope_theta, x.device)
+        q = apply_rotary(self.wq(x, k).unflatten(-1, (-1, self.head_dim)), angles)
+        keys, values = self.project_kv(x, k)
+        keys = apply_rotary(keys.unflatten(-1, (-1, self.head_dim)), angles)
+        values = values.unflatten(-1, (-1, self.head_dim))
+        if cache is not None:
+            keys, values = cache.update(layer, keys, values, k)
+        out = chain_attention(
+            q, keys, values, self.chains, causal=True, kv_sharing=self.kv_sharing,
+            kv_mapping=self.kv_mapping,
+        )
+        return self.wo(out.flatten(-2), k)

@@ -1,0 +1,35 @@
+"""``ChainLinear``: the paper's Chain-of-Linear layer (Algorithm 1) over the ``chain_linear`` op."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..chains import ChainsLike, as_chains
+from ..ops import chain_linear
+
+
+class ChainLinear(nn.Module):
+    """Output chain i is ``mlps[i](x[..., :P_i_in])``: a block-lower-triangular linear layer.
+
+    Parameters are the paper's: ``mlps.{i}`` is ``nn.Linear(P_i_in, d_i_out)``, so its state-dict
+    keys are ``mlps.{i}.weight`` / ``mlps.{i}.bias`` and a checkpoint written by code from the paper
+    loads with ``strict=True``. Freezing a chain is ``mlps[i].requires_grad_(False)``; the weight
+    gradient of a frozen chain is then not computed.
+    """
+
+    def __init__(self, in_features: int, out_features: int, chains: ChainsLike, bias: bool = True):
+        super().__init__()
+        self.chains = as_chains(chains)
+        self.in_features = in_features
+        self.out_features = out_features
+        in_prefixes = self.chains.prefixes(in_features, name="in_features")
+        out_widths = self.chains.widths(out_features, name="out_features")
+        self.mlps = nn.ModuleList(nn.Linear(p, d, bias=bias) for p, d in zip(in_prefixes, out_widths))
+
+    def forward(self, x: Tensor, chain=None) -> Tensor:
+        weights = [m.weight for m in self.mlps]
+        biases = None if self.mlps[0].bias is None else [m.bias for m in self.mlps]
+        return chain_linear(x, weights, biases, self.chains, chain)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"chains={self.chains.sizes}, bias={self.mlps[0].bias is not None}")

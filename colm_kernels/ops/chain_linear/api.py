@@ -1,0 +1,128 @@
+"""``chain_linear``: block-lower-triangular matmul (Chain-of-Linear), the public function.
+
+Weight layout (what the kernels read): one block per chain, ``W_i`` of shape ``(d_i_out, P_i_in)``:
+chain i's output rows and every input column it may read. Pass either that list (the paper's
+``mlps.{i}.weight``, what ``colm_kernels.nn.ChainLinear`` holds) or one dense ``(out, in)`` matrix,
+of which only the lower blocks are read (its upper blocks are never read and get zero gradient).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from ... import backends
+from ...chains import ChainsLike, as_chains
+from .._checks import check_like, check_tensor
+from .._library import register_reference_op
+from . import reference
+
+OP = "chain_linear"
+SCHEMA = "(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor"
+
+
+def _fake(x, weights, biases):
+    return x.new_empty(reference.chain_linear_out_shape(x, weights))
+
+
+chain_linear_reference = register_reference_op(
+    f"{OP}_reference", reference.chain_linear, _fake, SCHEMA
+)
+
+backends.register(OP, "reference", __name__, "chain_linear_reference")
+backends.register(OP, "triton", "colm_kernels.ops.chain_linear.triton", "chain_linear_triton",
+                  reasons_fn="not_supported_reasons")
+
+
+def split_weight(weight, bias, chains: ChainsLike, chain=None, *, in_features: int | None = None):
+    """Validate ``weight``/``bias`` (dense or per-chain) and return the per-chain blocks of the
+    active chains ``0..chain``, as ``(weights, biases)`` lists (views, no copies)."""
+    chains = as_chains(chains)
+    k = chains.check_chain(chain)
+    if isinstance(weight, Tensor):
+        check_tensor("weight", weight, ndim=2)
+        out_f, in_f = weight.shape
+        widths = chains.widths(out_f, name="weight.shape[0] (out_features)")
+        prefixes = chains.prefixes(in_f, name="weight.shape[1] (in_features)")
+        rows = chains.offsets(out_f)
+        blocks = [weight[rows[i]: rows[i + 1], : prefixes[i]] for i in range(k + 1)]
+    elif isinstance(weight, (list, tuple)):
+        if len(weight) != chains.n:
+            raise ValueError(
+                f"weight must hold one block per chain: {chains.n} for chains={chains.sizes}, "
+                f"got {len(weight)}"
+            )
+        for i, w in enumerate(weight):
+            check_tensor(f"weight[{i}]", w, ndim=2)
+        out_f = sum(w.shape[0] for w in weight)
+        in_f = weight[-1].shape[1]
+        widths = chains.widths(out_f, name="out_features (sum of weight[i].shape[0])")
+        prefixes = chains.prefixes(in_f, name="in_features (weight[-1].shape[1])")
+        for i, w in enumerate(weight):
+            if tuple(w.shape) != (widths[i], prefixes[i]):
+                raise ValueError(
+                    f"weight[{i}] must have shape (d_{i}_out, P_{i}_in) = {(widths[i], prefixes[i])} "
+                    f"for out_features={out_f}, in_features={in_f}, chains={chains.sizes}; "
+                    f"got {tuple(w.shape)}"
+                )
+        blocks = list(weight[: k + 1])
+    else:
+        raise TypeError(
+            f"weight must be a dense (out, in) Tensor or a list of per-chain blocks, "
+            f"got {type(weight).__name__}"
+        )
+    for i, w in enumerate(blocks):
+        check_like("weight[0]", blocks[0], **{f"weight[{i}]": w})
+    if bias is None:
+        biases = []
+    elif isinstance(bias, Tensor):
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != out_f:
+            raise ValueError(f"bias must have shape ({out_f},) (out_features), got {tuple(bias.shape)}")
+        offs = chains.offsets(out_f)
+        biases = [bias[offs[i]: offs[i + 1]] for i in range(k + 1)]
+    elif isinstance(bias, (list, tuple)):
+        if len(bias) != chains.n:
+            raise ValueError(f"bias must hold one vector per chain ({chains.n}), got {len(bias)}")
+        for i, b in enumerate(bias):
+            check_tensor(f"bias[{i}]", b, ndim=1)
+            if b.shape[0] != widths[i]:
+                raise ValueError(f"bias[{i}] must have shape ({widths[i]},), got {tuple(b.shape)}")
+        biases = list(bias[: k + 1])
+    else:
+        raise TypeError(f"bias must be None, a Tensor or a list of per-chain Tensors, got {type(bias).__name__}")
+    for i, b in enumerate(biases):
+        check_like("weight[0]", blocks[0], **{f"bias[{i}]": b})
+    return blocks, biases
+
+
+def chain_linear(x: Tensor, weight, bias, chains: ChainsLike, chain=None) -> Tensor:
+    """Chain-of-Linear: ``y_i = x[..., :P_i_in] @ W_i^T + b_i`` for the active chains ``0..chain``.
+
+    Args:
+        x: ``(..., K)`` with ``K >= P_(chain+1)_in`` (wider inputs are sliced, as in the paper).
+        weight: dense ``(out, in)`` Tensor (lower blocks read) or a list of per-chain blocks
+            ``W_i`` of shape ``(d_i_out, P_i_in)``.
+        bias: None, an ``(out,)`` Tensor or a list of per-chain ``(d_i_out,)`` Tensors.
+        chains: the chain configuration; ``chain``: last active chain (None: all).
+
+    Returns ``(..., P_(chain+1)_out)``: the first active-width output features.
+    """
+    check_tensor("x", x, min_ndim=1)
+    weights, biases = split_weight(weight, bias, chains, chain)
+    check_like("x", x, weight=weights[0])
+    need = weights[-1].shape[1]
+    if x.shape[-1] < need:
+        raise ValueError(
+            f"x.shape[-1]={x.shape[-1]} is narrower than the input width the active chains read "
+            f"(P_in={need})"
+        )
+    # Kernels read rows of x with a unit stride in the last dim; blocks of dense weights are
+    # strided views, which they read in place.
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
+    op = backends.dispatch(OP, [x2, *weights, *biases], x=x2, weights=weights, biases=biases)
+    y = op(x2, weights, biases)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

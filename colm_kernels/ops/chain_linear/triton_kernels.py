@@ -1,0 +1,496 @@
+"""Triton kernels for Chain-of-Linear (block-lower-triangular GEMM), forward and both backwards.
+
+Math (COLM_SPEC section 2). NC chains; chain i has weight ``W_i`` of shape ``(d_i, P_i)`` (d_i its
+output width, P_i its input prefix width, P_1 <= ... <= P_NC), optional bias ``b_i`` of shape
+``(d_i,)``. With ``o_i = d_1 + ... + d_(i-1)`` and ``N = sum_i d_i``:
+
+    forward   y[:, o_i:o_i+d_i] = x[:, :P_i] @ W_i^T + b_i             x (M, K >= P_NC), y (M, N)
+    input     dx[:, P_(j-1):P_j] = sum_{i >= j} dy_i @ W_i[:, P_(j-1):P_j]  dx (M, K), 0 past P_NC
+    weight    dW_i = dy_i^T @ x[:, :P_i]                                dW_i (d_i, P_i) contiguous
+    bias      db_i = sum_m dy_i[m]                                      db_i (d_i,)
+
+with ``dy_i = dy[:, o_i:o_i+d_i]``. M is the token count (any value, never an autotune key).
+
+Dtypes: fp16, bf16 or fp32, every tensor the same; products accumulate in fp32 (fp32 inputs use
+IEEE dots, so results match torch), outputs are written once in the input dtype.
+
+Weights: each ``W_i`` is its own 2-D tensor with ``stride(1) == 1`` and any row stride (separate
+parameters, or views ``W[o_i:o_i+d_i, :P_i]`` of one dense matrix whose upper blocks are never read).
+Kernels read them through an int64 table of ``data_ptr()``s plus per-chain widths/strides/offsets.
+
+Tiles (structurally zero tiles are never launched; no tile straddles a chain boundary):
+- forward: (chain i, BLOCK_N tile of d_i, BLOCK_M tile of M), K loop over [0, P_i); bias fused in
+  the epilogue. Later chains (longer K loops) are enumerated first within each GROUP_M group.
+- input grad: (input segment j = [P_(j-1), P_j), BLOCK_N tile of it, BLOCK_M tile of M), summing
+  chains i >= j, each with its own pointer/stride and a K loop over d_i. A last segment
+  [P_NC, K) has no contributing chain: its tiles write the exact zeros of ``dx[:, P_NC:]``.
+- weight grad: (chain i needing it, BLOCK_M tile of d_i, BLOCK_N tile of P_i), K loop over M.
+  Chains that need no gradient (frozen chain tuning) are left out of the grid.
+- bias grad: (chain i needing it, BLOCK_N tile of d_i), a column sum over M.
+
+Alignment: when every table pointer is 16-byte aligned and every width, offset and row stride is a
+multiple of 16 bytes (``ALIGN`` = elements per 16 B, else 1), kernels hint it so loads vectorise
+and pipeline (cp.async + wgmma on sm_90); otherwise they stay correct but run unpipelined.
+Limits: per-chain widths, prefix widths and weight row strides below 2**31 (token offsets are int64,
+so x / dy / y / dx may exceed 2**31 elements); M may be 0.
+
+This file holds kernels and launchers only; the op is registered elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from colm_kernels._triton.utils import (
+    check_tensor,
+    device_guard,
+    find_segment,
+    gemm_configs,
+    grouped_tile,
+    int64_table,
+    is_interpreter,
+    load_int,
+    load_ptr,
+    make_gemm_pruner,
+    mma,
+    segment_tile_count,
+    table_aligned,
+    tile_count,
+)
+
+__all__ = ["chain_linear_fwd", "chain_linear_bwd_dx", "chain_linear_bwd_dw"]
+
+_INT32_MAX = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+# Forward table rows (each NUM_CHAINS long): 0 W ptr, 1 d_i, 2 P_i, 3 W row stride, 4 o_i, 5 b ptr.
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["LAYOUT_KEY", "ALIGN"],
+    prune_configs_by={"early_config_prune": make_gemm_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "X")},
+)
+@triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_N", "MAX_K"])
+def _chain_linear_fwd_kernel(
+    X, Y, TBL,
+    M, stride_xm, stride_ym,
+    LAYOUT_KEY, MAX_N, MAX_K,  # autotune key / pruning only
+    NUM_CHAINS: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    ELEM: tl.constexpr = X.dtype.element_ty
+    pid = tl.program_id(0)
+    num_tiles_m = tl.cdiv(M, BLOCK_M)
+    num_tiles_n = segment_tile_count(TBL + 1 * NUM_CHAINS, BLOCK_N, None, 1, NUM_CHAINS)
+    tile_m, tile_n = grouped_tile(pid, num_tiles_m, num_tiles_n, GROUP_M)
+    tile_n = num_tiles_n - 1 - tile_n  # later chains (longer K loops) first
+    chain, tile_n, _na, _nb = find_segment(tile_n, TBL + 1 * NUM_CHAINS, BLOCK_N, None, 1, NUM_CHAINS)
+
+    w_ptr = load_ptr(TBL, chain, ELEM, ALIGN > 1)
+    d = load_int(TBL + 1 * NUM_CHAINS, chain, ALIGN)
+    p = load_int(TBL + 2 * NUM_CHAINS, chain, ALIGN)
+    stride_w = load_int(TBL + 3 * NUM_CHAINS, chain, ALIGN).to(tl.int64)
+    o = load_int(TBL + 4 * NUM_CHAINS, chain, ALIGN)
+
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < d
+    x_ptrs = X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_w + rk[:, None]  # W_i^T tile (BLOCK_K, BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, p, BLOCK_K):
+        k_ok = rk < p - k
+        a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = mma(a, b, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        b_ptr = load_ptr(TBL + 5 * NUM_CHAINS, chain, ELEM, ALIGN > 1)
+        bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    y_ptrs = Y + rm.to(tl.int64)[:, None] * stride_ym + (o + rn)[None, :]
+    tl.store(y_ptrs, acc.to(ELEM), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# Input-grad tables. TBL rows (NUM_CHAINS long): 0 W ptr, 1 d_i, 2 W row stride, 3 o_i.
+# SEG rows (NUM_CHAINS + 1 long): 0 segment start P_(j-1), 1 segment width (last: K - P_NC).
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["LAYOUT_KEY", "ALIGN"],
+    prune_configs_by={"early_config_prune": make_gemm_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "DY")},
+)
+@triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_N", "MAX_K"])
+def _chain_linear_bwd_dx_kernel(
+    DY, DX, TBL, SEG,
+    M, stride_dym, stride_dxm,
+    LAYOUT_KEY, MAX_N, MAX_K,  # autotune key / pruning only
+    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    ELEM: tl.constexpr = DY.dtype.element_ty
+    NUM_SEGS: tl.constexpr = NUM_CHAINS + 1
+    pid = tl.program_id(0)
+    num_tiles_m = tl.cdiv(M, BLOCK_M)
+    num_tiles_n = segment_tile_count(SEG + NUM_SEGS, BLOCK_N, None, 1, NUM_SEGS)
+    tile_m, tile_n = grouped_tile(pid, num_tiles_m, num_tiles_n, GROUP_M)
+    seg, tile_n, _na, _nb = find_segment(tile_n, SEG + NUM_SEGS, BLOCK_N, None, 1, NUM_SEGS)
+
+    col0 = load_int(SEG, seg, ALIGN) + tile_n * BLOCK_N
+    ncols = load_int(SEG + NUM_SEGS, seg, ALIGN) - tile_n * BLOCK_N
+
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    c_ok = rc < ncols
+    dy_rows = DY + rm.to(tl.int64)[:, None] * stride_dym
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # chains i >= seg read these columns (segment NUM_CHAINS, past P_NC, has none: zeros).
+    for i in range(seg, NUM_CHAINS):
+        w_ptr = load_ptr(TBL, i, ELEM, ALIGN > 1)
+        d = load_int(TBL + 1 * NUM_CHAINS, i, ALIGN)
+        stride_w = load_int(TBL + 2 * NUM_CHAINS, i, ALIGN).to(tl.int64)
+        o = load_int(TBL + 3 * NUM_CHAINS, i, ALIGN)
+        dy_ptrs = dy_rows + (o + rk)[None, :]
+        w_ptrs = w_ptr + rk.to(tl.int64)[:, None] * stride_w + (col0 + rc)[None, :]
+        for k in range(0, d, BLOCK_K):
+            k_ok = rk < d - k
+            a = tl.load(dy_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = mma(a, b, acc)
+            dy_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_w
+
+    dx_ptrs = DX + rm.to(tl.int64)[:, None] * stride_dxm + (col0 + rc)[None, :]
+    tl.store(dx_ptrs, acc.to(ELEM), mask=m_ok[:, None] & c_ok[None, :])
+
+
+# Weight-grad table rows (one entry per chain that needs dW): 0 dW ptr, 1 d_i, 2 P_i, 3 o_i.
+# Output tile BLOCK_M (rows of dW_i, over d_i) x BLOCK_N (columns, over P_i); BLOCK_K steps M.
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["LAYOUT_KEY", "ALIGN"],
+    prune_configs_by={"early_config_prune": make_gemm_pruner({"BLOCK_M": "MAX_M", "BLOCK_N": "MAX_N"}, "X")},
+)
+@triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_M", "MAX_N"])
+def _chain_linear_bwd_dw_kernel(
+    DY, X, TBL,
+    M, stride_dym, stride_xm,
+    LAYOUT_KEY, MAX_M, MAX_N,  # autotune key / pruning only
+    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    ELEM: tl.constexpr = X.dtype.element_ty
+    pid = tl.program_id(0)
+    chain, local, tiles_d, tiles_p = find_segment(
+        pid, TBL + 1 * NUM_CHAINS, BLOCK_M, TBL + 2 * NUM_CHAINS, BLOCK_N, NUM_CHAINS)
+    tile_d, tile_p = grouped_tile(local, tiles_d, tiles_p, GROUP_M)
+
+    dw_ptr = load_ptr(TBL, chain, ELEM, ALIGN > 1)
+    d = load_int(TBL + 1 * NUM_CHAINS, chain, ALIGN)
+    p = load_int(TBL + 2 * NUM_CHAINS, chain, ALIGN)
+    o = load_int(TBL + 3 * NUM_CHAINS, chain, ALIGN)
+
+    rd = tile_d * BLOCK_M + tl.arange(0, BLOCK_M)
+    rp = tile_p * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    d_ok = rd < d
+    p_ok = rp < p
+    dy_ptrs = DY + rk.to(tl.int64)[None, :] * stride_dym + (o + rd)[:, None]  # dy_i^T tile (BLOCK_M, BLOCK_K)
+    x_ptrs = X + rk.to(tl.int64)[:, None] * stride_xm + rp[None, :]  # (BLOCK_K, BLOCK_N)
+    step_dy = tl.cast(stride_dym, tl.int64) * BLOCK_K
+    step_x = tl.cast(stride_xm, tl.int64) * BLOCK_K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, M, BLOCK_K):
+        k_ok = rk < M - k
+        a = tl.load(dy_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(x_ptrs, mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+        acc = mma(a, b, acc)
+        dy_ptrs += step_dy
+        x_ptrs += step_x
+
+    dw_ptrs = dw_ptr + rd.to(tl.int64)[:, None] * p + rp[None, :]
+    tl.store(dw_ptrs, acc.to(ELEM), mask=d_ok[:, None] & p_ok[None, :])
+
+
+# Bias-grad table rows (one entry per chain that needs db): 0 db ptr, 1 d_i, 2 o_i.
+@triton.jit(do_not_specialize=["M"])
+def _chain_linear_bwd_db_kernel(
+    DY, TBL, M, stride_dym,
+    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    ELEM: tl.constexpr = DY.dtype.element_ty
+    pid = tl.program_id(0)
+    chain, tile_n, _na, _nb = find_segment(pid, TBL + 1 * NUM_CHAINS, BLOCK_N, None, 1, NUM_CHAINS)
+    db_ptr = load_ptr(TBL, chain, ELEM, ALIGN > 1)
+    d = load_int(TBL + 1 * NUM_CHAINS, chain, ALIGN)
+    o = load_int(TBL + 2 * NUM_CHAINS, chain, ALIGN)
+
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    n_ok = rn < d
+    dy_ptrs = DY + rm.to(tl.int64)[:, None] * stride_dym + (o + rn)[None, :]
+    step = tl.cast(stride_dym, tl.int64) * BLOCK_M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m in range(0, M, BLOCK_M):
+        g = tl.load(dy_ptrs, mask=(rm < M - m)[:, None] & n_ok[None, :], other=0.0)
+        acc += g.to(tl.float32)
+        dy_ptrs += step
+    tl.store(db_ptr + rn, tl.sum(acc, axis=0).to(ELEM), mask=n_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher helpers
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
+def _layout_key(*parts) -> int:
+    """A stable int (same in every process) for the autotune cache: chain layout and dims, never
+    the token count."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=7).digest(), "little")
+
+
+def _check_weights(weights, name: str = "weights", *, dtype=None, device=None):
+    """Validate the per-chain weights; return (dtype, device, d list, P list)."""
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence) or len(weights) == 0:
+        raise TypeError(f"{name} must be a non-empty sequence of 2-D tensors (one per chain)")
+    ds, ps = [], []
+    for i, w in enumerate(weights):
+        check_tensor(f"{name}[{i}]", w, ndim=2, dtype=dtype, device=device)
+        dtype, device = w.dtype, w.device
+        d_i, p_i = w.shape
+        if d_i < 1 or p_i < 1:
+            raise ValueError(f"{name}[{i}] has shape {tuple(w.shape)}: chains need d_i >= 1 and P_i >= 1")
+        if d_i > 1 and w.stride(0) < p_i:
+            raise ValueError(
+                f"{name}[{i}] has row stride {w.stride(0)} < P_i={p_i}: rows would overlap"
+            )
+        if max(d_i, p_i, w.stride(0)) > _INT32_MAX:
+            raise ValueError(f"{name}[{i}]: shape {tuple(w.shape)} / row stride {w.stride(0)} must be < 2**31")
+        if ps and p_i < ps[-1]:
+            raise ValueError(
+                f"{name}: prefix widths P_i must be non-decreasing, got "
+                f"{[int(v.shape[1]) for v in weights]}"
+            )
+        ds.append(int(d_i))
+        ps.append(int(p_i))
+    return dtype, device, ds, ps
+
+
+def _align(aligned: bool, element_size: int) -> int:
+    """The ``ALIGN`` constexpr: elements per 16 bytes when the table is aligned, else 1 (no hints)."""
+    return max(1, 16 // element_size) if aligned else 1
+
+
+def _offsets(ds: Sequence[int]) -> List[int]:
+    out, acc = [], 0
+    for d in ds:
+        out.append(acc)
+        acc += d
+    return out
+
+
+def _row_stride(w: torch.Tensor) -> int:
+    return int(w.stride(0)) if w.shape[0] > 1 else int(w.shape[1])
+
+
+def _check_dy(dy, ds, dtype, device) -> None:
+    check_tensor("dy", dy, ndim=2, dtype=dtype, device=device)
+    if dy.shape[1] != sum(ds):
+        raise ValueError(
+            f"dy has width {dy.shape[1]} but the chains' output widths {ds} sum to {sum(ds)}"
+        )
+
+
+def _check_flags(flags, n: int, name: str) -> List[bool]:
+    if isinstance(flags, (str, bytes, torch.Tensor)) or not isinstance(flags, Sequence):
+        raise TypeError(f"{name} must be a sequence of {n} bools, got {type(flags).__name__}")
+    if len(flags) != n:
+        raise ValueError(f"{name} must have one entry per chain ({n}), got {len(flags)}")
+    for f in flags:
+        if not isinstance(f, bool):
+            raise TypeError(f"{name} must contain bools, got {list(flags)!r}")
+    return list(flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def chain_linear_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                     biases: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """``y = cat_i(x[:, :P_i] @ W_i^T + b_i)``: x (M, K >= P_NC) -> y (M, sum d_i) in x.dtype.
+
+    ``biases`` is empty (no bias) or one ``(d_i,)`` tensor per chain.
+    """
+    check_tensor("x", x, ndim=2)
+    dtype, device, ds, ps = _check_weights(weights, dtype=x.dtype, device=x.device)
+    n = len(ds)
+    if ps[-1] > x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but the last chain reads P={ps[-1]}")
+    if isinstance(biases, torch.Tensor) or not isinstance(biases, Sequence):
+        raise TypeError("biases must be a sequence of 1-D tensors (one per chain) or empty")
+    has_bias = len(biases) > 0
+    if has_bias:
+        if len(biases) != n:
+            raise ValueError(f"biases must be empty or have one tensor per chain ({n}), got {len(biases)}")
+        for i, (b, d_i) in enumerate(zip(biases, ds)):
+            check_tensor(f"biases[{i}]", b, ndim=1, dtype=dtype, device=device)
+            if b.shape[0] != d_i:
+                raise ValueError(f"biases[{i}] has shape {tuple(b.shape)}, expected ({d_i},)")
+
+    M, N = x.shape[0], sum(ds)
+    y = torch.empty((M, N), dtype=dtype, device=device)
+    if M == 0:
+        return y
+    offs = _offsets(ds)
+    strides = [_row_stride(w) for w in weights]
+    w_ptrs = [w.data_ptr() for w in weights]
+    b_ptrs = [b.data_ptr() for b in biases] if has_bias else [0] * n
+    tbl = int64_table([w_ptrs, ds, ps, strides, offs, b_ptrs], device)
+    es = x.element_size()
+    aligned = table_aligned(w_ptrs + (b_ptrs if has_bias else []), ds + ps + strides + offs, es)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * tile_count(ds, meta["BLOCK_N"]),)
+
+    with device_guard(device):
+        _chain_linear_fwd_kernel[grid](
+            x, y, tbl,
+            M, x.stride(0), y.stride(0),
+            _layout_key("fwd", tuple(ds), tuple(ps), has_bias), max(ds), ps[-1],
+            NUM_CHAINS=n, HAS_BIAS=has_bias, ALIGN=_align(aligned, es),
+        )
+    return y
+
+
+def chain_linear_bwd_dx(dy: torch.Tensor, weights: Sequence[torch.Tensor], in_features: int) -> torch.Tensor:
+    """``dx[:, chain j] = sum_{i >= j} dy_i @ W_i[:, chain j]``: dy (M, N) -> dx (M, in_features).
+
+    Columns ``>= P_NC`` of dx are exact zeros (the forward's x may be wider than the chains read).
+    """
+    check_tensor("dy", dy, ndim=2)
+    dtype, device, ds, ps = _check_weights(weights, dtype=dy.dtype, device=dy.device)
+    _check_dy(dy, ds, dtype, device)
+    if isinstance(in_features, bool) or not isinstance(in_features, int):
+        raise TypeError(f"in_features must be an int, got {type(in_features).__name__}")
+    if in_features < ps[-1]:
+        raise ValueError(f"in_features={in_features} is smaller than the last chain's P={ps[-1]}")
+    n = len(ds)
+    M = dy.shape[0]
+    dx = torch.empty((M, in_features), dtype=dtype, device=device)
+    if M == 0:
+        return dx
+    offs = _offsets(ds)
+    strides = [_row_stride(w) for w in weights]
+    w_ptrs = [w.data_ptr() for w in weights]
+    seg_start = [0] + ps
+    seg_width = [b - a for a, b in zip(seg_start, ps + [in_features])]
+    tbl = int64_table([w_ptrs, ds, strides, offs], device)
+    seg = int64_table([seg_start, seg_width], device)
+    es = dy.element_size()
+    aligned = table_aligned(w_ptrs, ds + strides + offs + seg_start + seg_width, es)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * tile_count(seg_width, meta["BLOCK_N"]),)
+
+    with device_guard(device):
+        _chain_linear_bwd_dx_kernel[grid](
+            dy, dx, tbl, seg,
+            M, dy.stride(0), dx.stride(0),
+            _layout_key("dx", tuple(ds), tuple(ps), in_features), max(seg_width), max(ds),
+            NUM_CHAINS=n, ALIGN=_align(aligned, es),
+        )
+    return dx
+
+
+def _db_block(max_d: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the bias-grad column sum."""
+    if is_interpreter():
+        return 16, 16, 1
+    return 64, min(128, max(16, triton.next_power_of_2(max_d))), 4
+
+
+def chain_linear_bwd_dw(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    needs_weight_grad: Sequence[bool],
+    needs_bias_grad: Sequence[bool],
+) -> Tuple[List[Optional[torch.Tensor]], List[Optional[torch.Tensor]]]:
+    """``dW_i = dy_i^T @ x[:, :P_i]`` and ``db_i = sum_m dy_i``, only for the chains that need them.
+
+    Returns ``(dW, db)``: lists with one entry per chain, ``dW_i`` a contiguous ``(d_i, P_i)``
+    tensor and ``db_i`` a ``(d_i,)`` tensor in the input dtype, ``None`` where not requested.
+    ``weights`` only give the layout (shapes); their values are not read.
+    """
+    check_tensor("dy", dy, ndim=2)
+    check_tensor("x", x, ndim=2, dtype=dy.dtype, device=dy.device)
+    dtype, device, ds, ps = _check_weights(weights, dtype=dy.dtype, device=dy.device)
+    _check_dy(dy, ds, dtype, device)
+    n = len(ds)
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} rows but dy has {dy.shape[0]}")
+    if ps[-1] > x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but the last chain reads P={ps[-1]}")
+    wflags = _check_flags(needs_weight_grad, n, "needs_weight_grad")
+    bflags = _check_flags(needs_bias_grad, n, "needs_bias_grad")
+    M = dy.shape[0]
+    offs = _offsets(ds)
+    es = dy.element_size()
+
+    dws: List[Optional[torch.Tensor]] = [None] * n
+    active = [i for i in range(n) if wflags[i]]
+    if active:
+        for i in active:
+            dws[i] = torch.empty((ds[i], ps[i]), dtype=dtype, device=device)
+        a_ptrs = [dws[i].data_ptr() for i in active]
+        a_d = [ds[i] for i in active]
+        a_p = [ps[i] for i in active]
+        a_o = [offs[i] for i in active]
+        tbl = int64_table([a_ptrs, a_d, a_p, a_o], device)
+        aligned = table_aligned(a_ptrs, a_d + a_p + a_o, es)
+
+        def grid(meta):
+            return (tile_count(a_d, meta["BLOCK_M"], a_p, meta["BLOCK_N"]),)
+
+        with device_guard(device):
+            _chain_linear_bwd_dw_kernel[grid](
+                dy, x, tbl,
+                M, dy.stride(0), x.stride(0),
+                _layout_key("dw", tuple(a_d), tuple(a_p), tuple(a_o)), max(a_d), max(a_p),
+                NUM_CHAINS=len(active), ALIGN=_align(aligned, es),
+            )
+
+    dbs: List[Optional[torch.Tensor]] = [None] * n
+    active = [i for i in range(n) if bflags[i]]
+    if active:
+        for i in active:
+            dbs[i] = torch.empty((ds[i],), dtype=dtype, device=device)
+        a_ptrs = [dbs[i].data_ptr() for i in active]
+        a_d = [ds[i] for i in active]
+        a_o = [offs[i] for i in active]
+        tbl = int64_table([a_ptrs, a_d, a_o], device)
+        aligned = table_aligned(a_ptrs, a_d + a_o, es)
+        block_m, block_n, warps = _db_block(max(a_d))
+        with device_guard(device):
+            _chain_linear_bwd_db_kernel[(tile_count(a_d, block_n),)](
+                dy, tbl, M, dy.stride(0),
+                NUM_CHAINS=len(active), ALIGN=_align(aligned, es),
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            )
+    return dws, dbs

@@ -1,0 +1,53 @@
+"""``chain_rmsnorm``: RMSNorm applied to each chain's segment separately, the public function."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ... import backends
+from ...chains import ChainsLike, as_chains
+from .._checks import check_like, check_tensor
+from .._library import register_reference_op
+from . import reference
+
+OP = "chain_rmsnorm"
+SCHEMA = "(Tensor x, Tensor weight, int[] offsets, float eps) -> Tensor"
+
+chain_rmsnorm_reference = register_reference_op(
+    f"{OP}_reference", reference.chain_rmsnorm, lambda x, weight, offsets, eps: x.new_empty(x.shape),
+    SCHEMA,
+)
+backends.register(OP, "reference", __name__, "chain_rmsnorm_reference")
+backends.register(OP, "cuda", "colm_kernels.ops.chain_rmsnorm.cuda", "chain_rmsnorm_cuda")
+
+
+def chain_rmsnorm(x: Tensor, weight: Tensor, chains: ChainsLike, eps: float = 1e-5, chain=None) -> Tensor:
+    """Per-chain RMSNorm of ``x`` (``(..., W)``) with gain ``weight`` (``(D,)``).
+
+    ``W`` is the active width: ``P_(chain+1)`` of ``D`` split by ``chains``. With ``chain=None``
+    the scale is read off ``W``, which must then be one of the prefix widths.
+    """
+    chains = as_chains(chains)
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=1)
+    check_like("x", x, weight=weight)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    dim = weight.shape[0]
+    offsets = chains.offsets(dim, name="weight.shape[0]")
+    if chain is None:
+        k = chains.scale_of_width(x.shape[-1], dim)
+    else:
+        k = chains.check_chain(chain)
+        if x.shape[-1] != offsets[k + 1]:
+            raise ValueError(
+                f"x.shape[-1]={x.shape[-1]} must be the active width P_{k + 1}={offsets[k + 1]} "
+                f"for chain={k}, chains={chains.sizes}, dim={dim}"
+            )
+    width = offsets[k + 1]
+    x2 = x.reshape(-1, width)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight[:width]
+    offs = list(offsets[: k + 2])
+    op = backends.dispatch(OP, [x2, w], x=x2, weight=w, offsets=offs, eps=float(eps))
+    return op(x2, w, offs, float(eps)).reshape(x.shape)

@@ -1,0 +1,48 @@
+"""``chain_rmsnorm``'s ``cuda`` backend: the kernels of ``csrc/chain_rmsnorm`` as custom ops.
+
+The forward op returns ``(y, rstd)``; ``rstd`` (per row and chain, float32) is saved for the
+backward, which never recomputes the statistics.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import cuda_kernels as kernels
+
+
+@torch.library.custom_op("colm_kernels::chain_rmsnorm_cuda_fwd", mutates_args=())
+def chain_rmsnorm_cuda_fwd(x: Tensor, weight: Tensor, offsets: list[int], eps: float) -> tuple[Tensor, Tensor]:
+    return kernels.chain_rmsnorm_fwd(x, weight, offsets, eps)
+
+
+chain_rmsnorm_cuda_fwd.register_fake(kernels.chain_rmsnorm_fwd_fake)
+
+
+@torch.library.custom_op("colm_kernels::chain_rmsnorm_cuda_bwd", mutates_args=())
+def chain_rmsnorm_cuda_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
+                           offsets: list[int]) -> tuple[Tensor, Tensor]:
+    return kernels.chain_rmsnorm_bwd(dy, x, weight, rstd, offsets)
+
+
+chain_rmsnorm_cuda_bwd.register_fake(kernels.chain_rmsnorm_bwd_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, offsets, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.offsets = offsets
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dweight = chain_rmsnorm_cuda_bwd(dy.contiguous(), x, weight, rstd, ctx.offsets)
+    return dx, dweight, None, None
+
+
+chain_rmsnorm_cuda_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chain_rmsnorm_cuda(x: Tensor, weight: Tensor, offsets: list[int], eps: float) -> Tensor:
+    return chain_rmsnorm_cuda_fwd(x, weight, offsets, eps)[0]
