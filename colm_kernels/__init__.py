@@ -7,7 +7,10 @@ plain reference model in ``colm_kernels.reference``.
 """
 from .backends import BackendError, get_backend, set_backend, use_backend
 from .chains import Chains
-from .ops import chain_attention, chain_linear, chain_rmsnorm, multi_chain_cross_entropy
+from .ops.chain_attention.api import chain_attention
+from .ops.chain_linear.api import chain_linear
+from .ops.chain_rmsnorm.api import chain_rmsnorm
+from .ops.multi_chain_cross_entropy.api import multi_chain_cross_entropy
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,7 @@ import torch
 
 from .. import backends
 from ..chains import Chains
-from ..ops import chain_attention, chain_linear, chain_rmsnorm, multi_chain_cross_entropy
+from .. import chain_attention, chain_linear, chain_rmsnorm, multi_chain_cross_entropy
 
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
 

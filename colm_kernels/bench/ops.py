@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..chains import Chains
-from ..ops import chain_attention, chain_linear, chain_rmsnorm, multi_chain_cross_entropy
+from .. import chain_attention, chain_linear, chain_rmsnorm, multi_chain_cross_entropy
 from .cases import PASSES, Case, pass_runner
 
 # (chains, out_features, in_features, tokens) per size preset; issue targets use "default".

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import ChainRMSNorm, ChainTransformerBlock, KVCache
-from ..ops import multi_chain_cross_entropy
+from ..ops.multi_chain_cross_entropy.api import multi_chain_cross_entropy
 from .config import CoLMConfig
 from .decoding import check_tokens, plan_decoding
 

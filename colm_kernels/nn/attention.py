@@ -12,7 +12,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..chains import KV_MAPPINGS, ChainsLike, as_chains
-from ..ops import chain_attention
+from ..ops.chain_attention.api import chain_attention
 from .kv_cache import KVCache
 from .linear import ChainLinear
 from .rope import apply_rotary, rope_angles

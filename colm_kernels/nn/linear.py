@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..chains import ChainsLike, as_chains
-from ..ops import chain_linear
+from ..ops.chain_linear.api import chain_linear
 
 
 class ChainLinear(nn.Module):

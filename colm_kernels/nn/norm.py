@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ..chains import ChainsLike, as_chains
-from ..ops import chain_rmsnorm
+from ..ops.chain_rmsnorm.api import chain_rmsnorm
 
 
 class ChainRMSNorm(nn.Module):
