@@ -43,25 +43,48 @@ if _env_backend not in BACKENDS:
 _current = _env_backend
 
 
-def set_backend(name: str) -> None:
-    """Select the backend for every op: ``auto``, ``cuda``, ``triton`` or ``reference``."""
+_per_op: dict[str, str] = {}  # ops whose backend was set on its own
+
+
+def set_backend(name: str, *, ops: Sequence[str] | None = None) -> None:
+    """Select the backend (``auto``, ``cuda``, ``triton``, ``reference``) for every op, or only for
+    the ops named in ``ops`` (the others keep theirs)."""
     global _current
-    _current = _check_name(name)
+    _check_name(name)
+    if ops is None:
+        _current = name
+        _per_op.clear()
+    else:
+        for op in _check_ops(ops):
+            _per_op[op] = name
 
 
-def get_backend() -> str:
-    return _current
+def get_backend(op: str | None = None) -> str:
+    """The backend selected for ``op`` (or for every op without its own)."""
+    return _per_op.get(op, _current) if op is not None else _current
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run a block with another backend; restores the previous one on exit."""
+def use_backend(name: str, *, ops: Sequence[str] | None = None) -> Iterator[None]:
+    """Run a block with another backend (for every op, or only ``ops``); restores on exit."""
     global _current
-    previous, _current = _current, _check_name(name)
+    saved = (_current, dict(_per_op))
+    set_backend(name, ops=ops)
     try:
         yield
     finally:
-        _current = previous
+        _current = saved[0]
+        _per_op.clear()
+        _per_op.update(saved[1])
+
+
+def _check_ops(ops) -> list[str]:
+    if isinstance(ops, str):
+        ops = [ops]
+    unknown = sorted(set(ops) - set(_REGISTRY))
+    if unknown:
+        raise ValueError(f"ops must name registered ops {sorted(_REGISTRY)}, got unknown {unknown}")
+    return list(ops)
 
 
 # -- availability of whole backends ---------------------------------------------------------
@@ -176,7 +199,7 @@ def preload_available() -> None:
 def select(op: str, tensors: Sequence[torch.Tensor], **inputs) -> str:
     """The backend that will run ``op`` on these inputs, or ``BackendError`` with every reason."""
     impls = _REGISTRY[op]
-    name = _current
+    name = get_backend(op)
     if name != "auto":
         impl = impls.get(name)
         if impl is None:

@@ -77,7 +77,7 @@ CASES = [
     ("rmsnorm-weight-indivisible", lambda: ck.chain_rmsnorm(torch.zeros(3, 7, dtype=F64), torch.ones(7, dtype=F64), C),
      ValueError, r"weight\.shape\[0\]"),
     ("ce-weight-indivisible", lambda: ce(hidden=torch.zeros(5, 9, dtype=F64), weight=torch.zeros(7, 9, dtype=F64)),
-     ValueError, r"weight\.shape\[1\]|hidden\.shape\[-1\]|dim"),
+     ValueError, r"weight\.shape\[1\]"),
     ("module-linear-in-indivisible", lambda: ChainLinear(9, 8, C), ValueError, "in_features"),
     ("module-linear-out-indivisible", lambda: ChainLinear(8, 10, C), ValueError, "out_features"),
     ("module-rmsnorm-dim-indivisible", lambda: ChainRMSNorm(10, C), ValueError, "dim"),

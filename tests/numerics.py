@@ -1,0 +1,20 @@
+"""The flash-attention accuracy rule, shared by the kernel tests.
+
+A kernel's error against the float64 reference must be at most ``factor`` times the error of the
+eager PyTorch (reference backend) computation in the same low dtype, plus a small absolute floor.
+"""
+import torch
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.detach().double().cpu() - ref.detach().double().cpu()).abs().max()) if a.numel() else 0.0
+
+
+def assert_within_eager_error(kernel: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor,
+                              *, factor: float = 2.0, atol: float = 1e-5, name: str = "output") -> None:
+    """``|kernel - ref64| <= factor * |eager - ref64| + atol`` (max norms)."""
+    assert kernel.shape == ref64.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(kernel.detach().float()).all(), f"{name}: non-finite values"
+    err, base = max_err(kernel, ref64), max_err(eager, ref64)
+    assert err <= factor * base + atol, (
+        f"{name}: kernel error {err:.3e} > {factor} x eager error {base:.3e} + {atol:.1e}")
