@@ -168,7 +168,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(where=ROOT, include=["colm_kernels", "colm_kernels.*"]),
-    install_requires=["torch", "triton", "numpy<2.3", "ninja", "pybind11"],
+    # numpy < 2.3: triton 3.6's interpreter (the CPU test path) breaks on newer numpy.
+    install_requires=["torch", "triton>=3.6", "numpy<2.3", "ninja", "pybind11"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["matplotlib"],

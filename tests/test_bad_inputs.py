@@ -123,6 +123,7 @@ CASES = [
     ("rmsnorm-x-width-vs-chain", lambda: ck.chain_rmsnorm(torch.zeros(3, 6, dtype=F64), torch.ones(8, dtype=F64), C, chain=2),
      ValueError, r"x\.shape\[-1\]"),
     ("rmsnorm-eps-zero", lambda: ck.chain_rmsnorm(x8(3), torch.ones(8, dtype=F64), C, eps=0.0), ValueError, "eps"),
+    ("rmsnorm-eps-nan", lambda: ck.chain_rmsnorm(x8(3), torch.ones(8, dtype=F64), C, eps=float("nan")), ValueError, "eps"),
     ("attention-q-3d", lambda: attn(q=qkv()[0][0]), ValueError, r"\bq\b"),
     ("attention-k-5d", lambda: attn(k=qkv()[1][None]), ValueError, r"\bk\b"),
     ("attention-kv-shape-differ", lambda: attn(v=qkv(n_kv=2)[2]), ValueError, r"\bv\b"),
@@ -131,6 +132,8 @@ CASES = [
     ("attention-causal-not-bool", lambda: attn(causal=1), TypeError, "causal"),
     ("attention-kv-sharing-not-bool", lambda: attn(kv_sharing="yes"), TypeError, "kv_sharing"),
     ("attention-softmax-scale-negative", lambda: attn(softmax_scale=-1.0), ValueError, "softmax_scale"),
+    ("attention-softmax-scale-nan", lambda: attn(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    ("attention-kv-zero-heads", lambda: attn(k=qkv(n_kv=0)[1], v=qkv(n_kv=0)[2]), ValueError, r"k\.shape\[2\]"),
     # --- attention head layouts --------------------------------------------------------------
     ("attention-nq-not-a-prefix", lambda: attn(q=qkv(n_q=2)[0]), ValueError, r"q\.shape\[2\]"),
     ("attention-nq-too-many", lambda: attn(q=qkv(n_q=5)[0], k=qkv(n_kv=5)[1], v=qkv(n_kv=5)[2]),

@@ -95,11 +95,11 @@ def run_checks(args) -> list[dict]:
     rows = []
     for op in args.ops:
         for backend, reason in runnable_backends(op, "cpu", torch.float32).items():
+            if reason:
+                rows.append({"op": op, "backend": backend, "dtype": "-", "ok": None,
+                             "note": f"cannot run here: {reason}"})
+                continue
             for dtype in (torch.float32, torch.float16):
-                if reason:
-                    rows.append({"op": op, "backend": backend, "dtype": str(dtype)[6:], "ok": None,
-                                 "note": f"cannot run here: {reason}"})
-                    continue
                 try:
                     row = check(op, backend, dtype)
                     row["note"] = "" if row["ok"] else "ERROR ABOVE TOLERANCE"

@@ -603,3 +603,72 @@ def test_compile_multi_chain_cross_entropy(gen, fresh_dynamo):
     w = randn(5, 8, gen=gen, requires_grad=True)
     t = torch.randint(0, 5, (7,), generator=gen)
     _compiled_matches_eager(lambda h, w: ck.multi_chain_cross_entropy(h, w, t, (1, 2, 1)), [h, w])
+
+
+# =============================================================================================
+# dtypes, layouts and sizes beyond the float64 happy path
+LOW = {"f32": (torch.float32, 1e-5), "bf16": (torch.bfloat16, 3e-2)}
+
+
+@pytest.mark.parametrize("dt", list(LOW))
+def test_low_precision_inputs_keep_dtype_and_stay_close(dt, gen):
+    """Outputs come back in the input dtype (losses in float32) and within that dtype's rounding
+    of the float64 result computed from the same (rounded) inputs."""
+    dtype, tol = LOW[dt]
+    chains = (1, 2, 1)
+    x = randn(9, 8, gen=gen).to(dtype)
+    blocks = [w.to(dtype) for w in chain_blocks(12, 8, chains, gen)]
+    y = ck.chain_linear(x, blocks, None, chains)
+    assert y.dtype == dtype
+    dense = blocks_to_dense([w.double() for w in blocks], chains, 12, 8)
+    torch.testing.assert_close(y.double(), ref_chain_linear(x.double(), dense, None, chains), rtol=tol, atol=tol)
+
+    g = (1 + 0.3 * randn(8, gen=gen)).to(dtype)
+    y = ck.chain_rmsnorm(x, g, chains)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), ref_chain_rmsnorm(x.double(), g.double(), chains, 1e-5), rtol=tol, atol=tol)
+
+    q, k, v = (randn(2, 5, 4, 4, gen=gen).to(dtype) for _ in range(3))
+    out = ck.chain_attention(q, k, v, chains)
+    assert out.dtype == dtype
+    ref = ref_chain_attention(q.double(), k.double(), v.double(), [0, 1, 2, 3])
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+    w = randn(7, 8, gen=gen).to(dtype)
+    t = torch.randint(0, 7, (9,), generator=gen)
+    losses = ck.multi_chain_cross_entropy(x, w, t, chains)
+    assert losses.dtype == torch.float32
+    torch.testing.assert_close(losses.double(), ref_multi_chain_ce(x.double(), w.double(), t, chains),
+                               rtol=1e-5, atol=1e-5)  # float32 math on the same rounded inputs
+
+
+def test_chain_linear_column_major_dense_weight(gen):
+    chains = (1, 2, 1)
+    dense = blocks_to_dense(chain_blocks(12, 8, chains, gen), chains, 12, 8)
+    col_major = dense.T.contiguous().T
+    assert col_major.stride(-1) != 1
+    x = randn(5, 8, gen=gen)
+    for k in scales(chains):
+        torch.testing.assert_close(ck.chain_linear(x, col_major, None, chains, chain=k),
+                                   ref_chain_linear(x, dense, None, chains, chain=k), **TOL)
+
+
+def test_chain_linear_zero_rows(gen):
+    chains = (1, 2, 1)
+    x = torch.zeros(0, 8, dtype=F64, requires_grad=True)
+    w = blocks_to_dense(chain_blocks(12, 8, chains, gen), chains, 12, 8).requires_grad_(True)
+    y = ck.chain_linear(x, w, None, chains)
+    assert y.shape == (0, 12)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("tdtype", [torch.int32, torch.int16, torch.uint8], ids=["int32", "int16", "uint8"])
+def test_multi_chain_ce_accepts_any_integer_targets(tdtype, gen):
+    """The API accepts any integer ``targets`` (it rejects only non-integer ones), so a narrower
+    integer dtype must give the same losses as int64."""
+    hidden, weight, targets = ce_inputs(((1, 2, 1), 8, 11, (6,)), gen)
+    targets = targets.clamp(min=0)  # no ignore_index: uint8 cannot hold -100
+    expected = ck.multi_chain_cross_entropy(hidden, weight, targets, (1, 2, 1))
+    got = ck.multi_chain_cross_entropy(hidden, weight, targets.to(tdtype), (1, 2, 1))
+    assert torch.equal(got, expected)

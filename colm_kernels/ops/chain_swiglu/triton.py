@@ -1,0 +1,93 @@
+"""``chain_swiglu``'s ``triton`` backend: the kernels of ``triton_kernels`` as custom ops.
+
+- ``chain_swiglu_triton_fwd(x, w1, w3, save_gates) -> (h, gates)``: the fused dual-GEMM forward;
+  ``gates`` (``[a_1 | b_1 | ...]``, what the backward needs) is written by the same epilogue only
+  when ``save_gates``, else it is empty. ``gates`` is an auxiliary, non-differentiable output.
+- ``chain_swiglu_triton_bwd_gates(grad, gates, widths) -> dgates``: the elementwise
+  ``(da, db)`` of silu(a) * b, in the same interleaved layout.
+- dx and dW1/dW3 are the registered chain-linear backward ops (``chain_linear_triton_bwd_dx`` /
+  ``_bwd_dw``) over the interleaved weights ``[W1_1, W3_1, ...]``: dx = da W1 + db W3 in one
+  kernel, both weight gradients in one launch, no tiles for frozen blocks.
+
+``chain_swiglu_triton(x, w1, w3)`` is what the backend registry calls: it asks for the gates only
+when autograd will need them (grad mode on and some input requires grad).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..._triton.utils import is_interpreter
+from ..chain_linear.triton import chain_linear_triton_bwd_dw, chain_linear_triton_bwd_dx
+from . import triton_kernels as kernels
+from .reference import chain_swiglu_out_shape
+
+
+@torch.library.custom_op("colm_kernels::chain_swiglu_triton_fwd", mutates_args=())
+def chain_swiglu_triton_fwd(x: Tensor, w1: list[Tensor], w3: list[Tensor],
+                            save_gates: bool) -> tuple[Tensor, Tensor]:
+    return kernels.chain_swiglu_fwd(x, w1, w3, save_gates)
+
+
+@chain_swiglu_triton_fwd.register_fake
+def _(x, w1, w3, save_gates):
+    gates = x.new_empty(kernels.gates_shape(x, w1) if save_gates else (0,))
+    return x.new_empty(chain_swiglu_out_shape(x, w1)), gates
+
+
+@torch.library.custom_op("colm_kernels::chain_swiglu_triton_bwd_gates", mutates_args=())
+def chain_swiglu_triton_bwd_gates(grad: Tensor, gates: Tensor, widths: list[int]) -> Tensor:
+    return kernels.chain_swiglu_bwd_gates(grad, gates, widths)
+
+
+@chain_swiglu_triton_bwd_gates.register_fake
+def _(grad, gates, widths):
+    return grad.new_empty(gates.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, w3, save_gates = inputs
+    _, gates = output
+    ctx.mark_non_differentiable(gates)
+    ctx.n_chains = len(w1)
+    ctx.widths = [int(w.shape[0]) for w in w1]
+    ctx.has_gates = bool(save_gates)
+    if save_gates:
+        ctx.save_for_backward(x, gates, *w1, *w3)
+
+
+def _backward(ctx, grad, _grad_gates):
+    if not ctx.has_gates:
+        raise RuntimeError(
+            "chain_swiglu_triton_fwd ran with save_gates=False, so it kept no gates for the "
+            "backward; call it with save_gates=True when a gradient is needed"
+        )
+    x, gates, *ws = ctx.saved_tensors
+    n = ctx.n_chains
+    w1, w3 = ws[:n], ws[n:]
+    needs_x, needs_w1, needs_w3, _ = ctx.needs_input_grad
+    dgates = chain_swiglu_triton_bwd_gates(grad.contiguous(), gates, ctx.widths)
+    pair = kernels.interleave(w1, w3)
+    dx = chain_linear_triton_bwd_dx(dgates, pair, x.shape[1]) if needs_x else None
+    flags = [bool(f) for f in kernels.interleave(needs_w1, needs_w3)]
+    dws = [None] * (2 * n)
+    if any(flags):
+        flat = chain_linear_triton_bwd_dw(dgates, x, pair, flags, [False] * (2 * n))
+        dws = [g if f else None for g, f in zip(flat[: 2 * n], flags)]
+    return dx, dws[0::2], dws[1::2], None
+
+
+chain_swiglu_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chain_swiglu_triton(x: Tensor, w1: list[Tensor], w3: list[Tensor]) -> Tensor:
+    """``silu(x W1^T) * x W3^T`` on the fused kernel; gates are stored only if autograd needs them."""
+    save = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in (*w1, *w3)))
+    h, _ = chain_swiglu_triton_fwd(x, w1, w3, save)
+    return h
+
+
+def not_supported_reasons(x: Tensor, w1, w3) -> list[str]:
+    if is_interpreter() and x.dtype == torch.bfloat16:
+        return ["the Triton interpreter computes bfloat16 tl.dot wrongly: bfloat16 needs a GPU"]
+    return []
