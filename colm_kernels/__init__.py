@@ -1,6 +1,7 @@
 """colm_kernels: kernels for Chain-of-Model language models (CoLM, CoLM-Air; arXiv 2505.11820).
 
-Ops: ``chain_linear``, ``chain_rmsnorm``, ``chain_attention``, ``multi_chain_cross_entropy``.
+Ops: ``chain_linear``, ``chain_swiglu``, ``chain_rmsnorm``, ``chain_attention``,
+``multi_chain_cross_entropy``.
 Backends: ``set_backend`` / ``use_backend`` / ``COLM_KERNELS_BACKEND`` with ``auto``, ``cuda``,
 ``triton``, ``reference``. Modules in ``colm_kernels.nn``, models in ``colm_kernels.models``, the
 plain reference model in ``colm_kernels.reference``.
@@ -10,6 +11,7 @@ from .chains import Chains
 from .ops.chain_attention.api import chain_attention
 from .ops.chain_linear.api import chain_linear
 from .ops.chain_rmsnorm.api import chain_rmsnorm
+from .ops.chain_swiglu.api import chain_swiglu
 from .ops.multi_chain_cross_entropy.api import multi_chain_cross_entropy
 
 __version__ = "0.1.0"
@@ -20,6 +22,7 @@ __all__ = [
     "chain_attention",
     "chain_linear",
     "chain_rmsnorm",
+    "chain_swiglu",
     "get_backend",
     "multi_chain_cross_entropy",
     "set_backend",

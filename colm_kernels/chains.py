@@ -117,9 +117,10 @@ class Chains:
         """``P_(k+1)``: the width of the sub-model at ``chain=k``."""
         return self.offsets(dim, name=name)[self.check_chain(chain) + 1]
 
-    def scale_of_width(self, width: int, dim: int, *, name: str = "x.shape[-1]") -> int:
+    def scale_of_width(self, width: int, dim: int, *, name: str = "x.shape[-1]",
+                       dim_name: str = "dim") -> int:
         """The ``chain`` index whose prefix width is ``width``; raises if it is none."""
-        prefixes = self.prefixes(dim)
+        prefixes = self.prefixes(dim, name=dim_name)
         if width not in prefixes:
             raise ValueError(
                 f"{name}={width} is not a prefix width of dim={dim} split by chains={self.sizes}: "

@@ -1,10 +1,15 @@
-"""``ChainFeedForward``: SwiGLU ``w2(silu(w1 x) * w3 x)`` with Chain-of-Linear projections."""
+"""``ChainFeedForward``: SwiGLU ``w2(silu(w1 x) * w3 x)`` with Chain-of-Linear projections.
+
+The gate ``silu(w1 x) * w3 x`` is one ``chain_swiglu`` call (one fused kernel on the ``triton``
+backend: x read once for both projections, no separate silu/mul pass); ``w2`` is a ``ChainLinear``.
+Parameters and state-dict keys are the paper's: ``w1.mlps.{i}.weight``, ``w2...``, ``w3...``.
+"""
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..chains import ChainsLike, as_chains
+from ..ops.chain_swiglu.api import chain_swiglu
 from .linear import ChainLinear
 
 
@@ -12,9 +17,12 @@ class ChainFeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, chains: ChainsLike):
         super().__init__()
         chains = as_chains(chains)
+        self.chains = chains
         self.w1 = ChainLinear(dim, hidden_dim, chains, bias=False)
         self.w2 = ChainLinear(hidden_dim, dim, chains, bias=False)
         self.w3 = ChainLinear(dim, hidden_dim, chains, bias=False)
 
     def forward(self, x: Tensor, chain=None) -> Tensor:
-        return self.w2(F.silu(self.w1(x, chain)) * self.w3(x, chain), chain)
+        w1 = [m.weight for m in self.w1.mlps]
+        w3 = [m.weight for m in self.w3.mlps]
+        return self.w2(chain_swiglu(x, w1, w3, self.chains, chain), chain)

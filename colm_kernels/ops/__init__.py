@@ -8,6 +8,7 @@ from .. import backends as _backends
 from .chain_attention import api as _chain_attention_api  # noqa: F401
 from .chain_linear import api as _chain_linear_api  # noqa: F401
 from .chain_rmsnorm import api as _chain_rmsnorm_api  # noqa: F401
+from .chain_swiglu import api as _chain_swiglu_api  # noqa: F401
 from .multi_chain_cross_entropy import api as _multi_chain_cross_entropy_api  # noqa: F401
 
 _backends.preload_available()

@@ -82,8 +82,7 @@ void launch_chain_linear_bwd_dx(cublasHandle_t handle, const void* dy, int64_t d
 // for a chain whose gradient is not needed (no work is done for it); either array may be nullptr
 // (none needed). The weights' data pointers are not read (only the shapes); x is (M, >= P_n).
 size_t chain_linear_bwd_dw_workspace_bytes(const ChainLinearWeights& w, int64_t M,
-                                           const void* const* dw_ptrs,
-                                           const void* const* db_ptrs);
+                                           void* const* dw_ptrs, void* const* db_ptrs);
 void launch_chain_linear_bwd_dw(cublasHandle_t handle, const void* dy, int64_t dy_row_stride,
                                 const void* x, int64_t x_row_stride, int64_t M, int64_t K,
                                 const ChainLinearWeights& w, void* const* dw_ptrs,

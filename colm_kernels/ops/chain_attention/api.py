@@ -118,7 +118,8 @@ def chain_attention(
                 )
     if softmax_scale is None:
         softmax_scale = q.shape[3] ** -0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or softmax_scale <= 0:
+    elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+          or not 0 < softmax_scale < float("inf")):
         raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
     tensors = [q, k, v] + ([seq_chains] if seq_chains is not None else [])
     op = backends.dispatch(

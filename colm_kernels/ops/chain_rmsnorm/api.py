@@ -30,7 +30,7 @@ def chain_rmsnorm(x: Tensor, weight: Tensor, chains: ChainsLike, eps: float = 1e
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=1)
     check_like("x", x, weight=weight)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < float("inf"):
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     dim = weight.shape[0]
     offsets = chains.offsets(dim, name="weight.shape[0]")

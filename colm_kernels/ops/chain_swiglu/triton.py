@@ -66,7 +66,9 @@ def _backward(ctx, grad, _grad_gates):
     n = ctx.n_chains
     w1, w3 = ws[:n], ws[n:]
     needs_x, needs_w1, needs_w3, _ = ctx.needs_input_grad
-    dgates = chain_swiglu_triton_bwd_gates(grad.contiguous(), gates, ctx.widths)
+    # an empty grad may come expanded (strides 0), which .contiguous() keeps: give it real strides
+    grad = grad.contiguous() if grad.numel() else grad.new_zeros(grad.shape)
+    dgates = chain_swiglu_triton_bwd_gates(grad, gates, ctx.widths)
     pair = kernels.interleave(w1, w3)
     dx = chain_linear_triton_bwd_dx(dgates, pair, x.shape[1]) if needs_x else None
     flags = [bool(f) for f in kernels.interleave(needs_w1, needs_w3)]

@@ -46,15 +46,16 @@ def multi_chain_cross_entropy(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     dim = weight.shape[1]
+    offsets = chains.offsets(dim, name="weight.shape[1]")
     k = chains.scale_of_width(hidden.shape[-1], dim, name="hidden.shape[-1]")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading dims), "
             f"got {tuple(targets.shape)}"
         )
-    offsets = list(chains.offsets(dim, name="weight.shape[1]")[: k + 2])
+    offsets = list(offsets[: k + 2])
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    t1 = targets.reshape(-1)
+    t1 = targets.reshape(-1).long()  # any integer dtype in; every backend reads int64
     op = backends.dispatch(OP, [h2, weight, t1], hidden=h2, weight=weight, targets=t1,
                            offsets=offsets, ignore_index=ignore_index)
     return op(h2, weight, t1, offsets, ignore_index)

@@ -1,0 +1,84 @@
+"""``chain_swiglu``: the SwiGLU gate of a Chain-of-Model FFN, ``silu(x W1^T) * (x W3^T)``, the
+public function.
+
+``W1`` and ``W3`` are Chain-of-Linear weights with the same block layout (COLM_SPEC sections 2, 3):
+chain i's blocks ``W1_i``, ``W3_i`` have shape ``(d_i, P_i)`` (its hidden rows, every input column
+it may read). Each is given like ``chain_linear``'s weight: the per-chain list (the paper's
+``mlps.{i}.weight``, what ``ChainFeedForward.w1`` / ``.w3`` hold) or one dense ``(hidden, dim)``
+matrix whose upper blocks are never read (and get zero gradient).
+"""
+from __future__ import annotations
+
+import re
+
+from torch import Tensor
+
+from ... import backends
+from ...chains import ChainsLike, as_chains
+from .._checks import check_like, check_tensor
+from .._library import register_reference_op
+from ..chain_linear.api import split_weight
+from . import reference
+
+OP = "chain_swiglu"
+SCHEMA = "(Tensor x, Tensor[] w1, Tensor[] w3) -> Tensor"
+
+
+def _fake(x, w1, w3):
+    return x.new_empty(reference.chain_swiglu_out_shape(x, w1))
+
+
+chain_swiglu_reference = register_reference_op(f"{OP}_reference", reference.chain_swiglu, _fake, SCHEMA)
+
+backends.register(OP, "reference", __name__, "chain_swiglu_reference")
+backends.register(OP, "triton", "colm_kernels.ops.chain_swiglu.triton", "chain_swiglu_triton",
+                  reasons_fn="not_supported_reasons")
+
+
+def _split(name: str, weight, chains, chain) -> list[Tensor]:
+    """``split_weight`` for one of the two weights, its errors naming ``name`` (not ``weight``)."""
+    try:
+        blocks, _ = split_weight(weight, None, chains, chain)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(re.sub(r"\bweight\b", name, str(exc))) from None
+    return blocks
+
+
+def chain_swiglu(x: Tensor, w1, w3, chains: ChainsLike, chain=None) -> Tensor:
+    """``h_i = silu(x[..., :P_i] @ W1_i^T) * (x[..., :P_i] @ W3_i^T)`` for the active chains ``0..chain``.
+
+    Args:
+        x: ``(..., K)`` with ``K >= P_(chain+1)`` (wider inputs are sliced, as in the paper).
+        w1, w3: each a dense ``(hidden, dim)`` Tensor (lower blocks read) or a list of per-chain
+            blocks of shape ``(d_i, P_i)``; both must have the same layout, dtype and device.
+        chains: the chain configuration; ``chain``: last active chain (None: all).
+
+    Returns ``(..., P_(chain+1)_hidden)``: the first active-width hidden features, in x's dtype.
+    """
+    check_tensor("x", x, min_ndim=1)
+    chains = as_chains(chains)
+    w1s = _split("w1", w1, chains, chain)
+    w3s = _split("w3", w3, chains, chain)
+    if [tuple(w.shape) for w in w1s] != [tuple(w.shape) for w in w3s]:
+        raise ValueError(
+            f"w1 and w3 layouts differ: w1 blocks {[tuple(w.shape) for w in w1s]}, "
+            f"w3 blocks {[tuple(w.shape) for w in w3s]} (both must be (hidden, dim) for chains={chains.sizes})"
+        )
+    check_like("w1", w1s[0], w3=w3s[0])
+    check_like("x", x, w1=w1s[0])
+    need = w1s[-1].shape[1]
+    if x.shape[-1] < need:
+        raise ValueError(
+            f"x.shape[-1]={x.shape[-1]} is narrower than the input width the active chains read "
+            f"(P_in={need})"
+        )
+    # Kernels read rows of x with a unit stride in the last dim; blocks of dense weights are
+    # strided views, which they read in place.
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w1s = [w if w.stride(-1) == 1 else w.contiguous() for w in w1s]
+    w3s = [w if w.stride(-1) == 1 else w.contiguous() for w in w3s]
+    op = backends.dispatch(OP, [x2, *w1s, *w3s], x=x2, w1=w1s, w3=w3s)
+    h = op(x2, w1s, w3s)
+    return h.reshape(*x.shape[:-1], h.shape[-1])
