@@ -10,6 +10,9 @@
 #   COLM_CI_CLEAN=1           start from an empty build directory (re-shows every warning)
 #   NVCC                      nvcc to use (default: $CUDA_HOME/bin/nvcc, nvcc on PATH, else
 #                             /usr/local/cuda/bin/nvcc)
+#   CUBLAS_INCLUDE_DIR        folder with cublas_v2.h when the toolkit has none (default: the pip
+#                             package nvidia-cublas of $PYTHON / python / python3, if installed:
+#                             site-packages/nvidia/cu13/include or nvidia/cublas/include)
 #
 # Prints one line per .cu file (ok / FAIL), the compiler errors of each failing file, and the
 # number of warning lines. Exits non-zero when any file fails to compile.
@@ -40,6 +43,32 @@ if [[ -z "${NVCC:-}" ]]; then
 fi
 command -v cmake >/dev/null 2>&1 || die "cmake not found on PATH"
 
+# cuBLAS headers: the toolkit's when it has them, else those of a pip nvidia-cublas (CMake fails
+# with a hint when neither is there).
+find_pip_cublas_include() {
+  local py
+  for py in "${PYTHON:-}" python python3; do
+    [[ -n "$py" ]] && command -v "$py" >/dev/null 2>&1 || continue
+    "$py" - 2>/dev/null <<'PY' && return 0
+import importlib.util, os, sys
+spec = importlib.util.find_spec("nvidia")
+for root in (list(spec.submodule_search_locations) if spec else []):
+    for sub in ("cu13", "cublas", "cu12"):
+        inc = os.path.join(root, sub, "include")
+        if os.path.isfile(os.path.join(inc, "cublas_v2.h")):
+            print(inc)
+            sys.exit(0)
+sys.exit(1)
+PY
+  done
+  return 1
+}
+TOOLKIT_INCLUDE="$(dirname "$(dirname "$NVCC")")/include"
+if [[ -z "${CUBLAS_INCLUDE_DIR:-}" && ! -f "$TOOLKIT_INCLUDE/cublas_v2.h" ]]; then
+  CUBLAS_INCLUDE_DIR="$(find_pip_cublas_include || true)"
+fi
+CUBLAS_INCLUDE_DIR="${CUBLAS_INCLUDE_DIR:-}"
+
 ARCHS="${COLM_KERNELS_CUDA_ARCHS:-90a}"
 ARCHS="${ARCHS//,/;}"
 ARCHS="${ARCHS// /;}"
@@ -52,6 +81,7 @@ mapfile -t SOURCES < <(find csrc -name '*.cu' -type f | LC_ALL=C sort)
 
 echo "compile_cuda: $("$NVCC" --version | tail -n 1)"
 echo "compile_cuda: $(cmake --version | head -n 1); archs ${ARCHS}; werror ${WERROR}; ${#SOURCES[@]} file(s)"
+echo "compile_cuda: cuBLAS headers: ${CUBLAS_INCLUDE_DIR:-$TOOLKIT_INCLUDE}"
 
 if [[ "${COLM_CI_CLEAN:-0}" == "1" ]]; then rm -rf "$BUILD_DIR"; fi
 if [[ -f "$BUILD_DIR/CMakeCache.txt" ]] &&
@@ -66,7 +96,8 @@ mkdir -p "$LOG_DIR" || die "cannot create $LOG_DIR"
 if ! cmake -S . -B "$BUILD_DIR" -G "Unix Makefiles" \
     -DCMAKE_CUDA_COMPILER="$NVCC" \
     "-DCMAKE_CUDA_ARCHITECTURES=${ARCHS}" \
-    -DCOLM_KERNELS_WERROR="$WERROR" >"$LOG_DIR/configure.log" 2>&1; then
+    -DCOLM_KERNELS_WERROR="$WERROR" \
+    "-DCUBLAS_INCLUDE_DIR=${CUBLAS_INCLUDE_DIR}" >"$LOG_DIR/configure.log" 2>&1; then
   cat "$LOG_DIR/configure.log"
   die "CMake configure failed"
 fi

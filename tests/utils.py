@@ -186,3 +186,15 @@ def ref_multi_chain_ce(hidden, weight, targets, chains, ignore_index=-100):
         logits = h[:, :p] @ weight.to(F64)[:, :p].T
         losses.append(F.cross_entropy(logits, t, ignore_index=ignore_index))
     return torch.stack(losses)
+
+
+def randomize(model, seed=0):
+    """O(1) random weights so logits are far from degenerate; gains near (not exactly) one."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / math.sqrt(p.shape[-1]))
+    return model

@@ -314,3 +314,42 @@ def mma(a, b, acc):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Appended helpers (attention kernels)
+# ----------------------------------------------------------------------------------------------
+def int32_table(rows: Sequence[Iterable[int]], device) -> torch.Tensor:
+    """Like ``int64_table`` but int32 (small index tables read once per program, e.g. the query
+    heads of each kv head). Shares ``int64_table``'s content-keyed cache; read-only."""
+    content = tuple(tuple(int(v) for v in r) for r in rows)
+    if not content or not content[0] or any(len(r) != len(content[0]) for r in content):
+        raise ValueError(f"int32_table: rows must be non-empty and of equal length, got {content}")
+    if any(not -2**31 <= v < 2**31 for r in content for v in r):
+        raise ValueError("int32_table: every entry must fit in int32")
+    dev = torch.device(device)
+    key = (dev, "int32", content)
+    with _TABLE_LOCK:
+        hit = _TABLE_CACHE.get(key)
+        if hit is not None:
+            _TABLE_CACHE.move_to_end(key)
+            return hit[0]
+    if dev.type == "cuda":
+        host = torch.tensor(content, dtype=torch.int32, pin_memory=True)
+        table = host.to(dev, non_blocking=True)
+    else:
+        host = None
+        table = torch.tensor(content, dtype=torch.int32, device=dev)
+    with _TABLE_LOCK:
+        _TABLE_CACHE[key] = (table, host)
+        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    return table
+
+
+def is_pow2_in(n: int, lo: int, hi: int) -> bool:
+    """``n`` is a power of two with ``lo <= n <= hi`` (head dims, block sizes)."""
+    return isinstance(n, int) and lo <= n <= hi and n & (n - 1) == 0
+
+
+__all__ += ["int32_table", "is_pow2_in"]

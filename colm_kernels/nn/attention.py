@@ -63,7 +63,7 @@ class ChainAttention(nn.Module):
         """``x``: ``(B, S, >= P_(chain+1))``. With ``cache``, the new tokens follow the cached
         ones (their K/V are appended to layer ``layer`` of it)."""
         k = self.chains.check_chain(chain)
-        bsz, seqlen = x.shape[0], x.shape[1]
+        seqlen = x.shape[1]
         start = 0 if cache is None else cache.length
         angles = rope_angles(self.head_dim, start, seqlen, self.rope_theta, x.device)
         q = apply_rotary(self.wq(x, k).unflatten(-1, (-1, self.head_dim)), angles)

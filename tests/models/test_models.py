@@ -2,7 +2,6 @@
 weights), whole-model causality and elasticity, generate, checkpoints, multi-chain loss, chain
 expansion and chain tuning."""
 import io
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import colm_kernels as ck
 from colm_kernels import models, reference
 from colm_kernels.models import CoLMConfig, expand_chains, freeze_chains
 from colm_kernels.nn import ChainLinear
-from utils import F64, offsets
+from utils import F64, offsets, randomize
 
 VOCAB = 37
 TOL = dict(rtol=1e-11, atol=1e-11)  # float64, two different (exact-in-math) implementations
@@ -52,16 +51,6 @@ def make_config(name, n_layers=2):
                       kv_mapping=mapping)
 
 
-def randomize(model, seed=0):
-    """O(1) random weights (far from degenerate logits); gains near, not at, one."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / math.sqrt(p.shape[-1]))
-    return model
 
 
 def pair(name, seed=0, n_layers=2):

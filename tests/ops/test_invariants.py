@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 import colm_kernels as ck
 from utils import (
-    F64,
     blocks_to_dense,
     chain_blocks,
     cid,

@@ -1,5 +1,4 @@
 """Tests of the plain eager reference CoLM (float64, CPU, tiny models)."""
-import math
 
 import pytest
 import torch
@@ -7,6 +6,7 @@ import torch.nn.functional as F
 
 from colm_kernels.models.config import CoLMConfig
 from colm_kernels.reference import CoLM
+from utils import randomize
 
 VOCAB = 37
 DTYPE = torch.float64
@@ -41,16 +41,6 @@ def make_config(name):
     )
 
 
-def randomize(model, seed=0):
-    """O(1) random weights so logits are far from degenerate; norms near (not exactly) one."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / math.sqrt(p.shape[-1]))
-    return model
 
 
 def make_model(name, seed=0):

@@ -7,8 +7,6 @@ of which only the lower blocks are read (its upper blocks are never read and get
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 from torch import Tensor
 
 from ... import backends
