@@ -12,6 +12,11 @@ backend reports itself unavailable at run time (``colm_kernels._cuda.unavailable
 pip's default build isolation hides the installed torch from this script, so the extension is
 only built with ``pip install -e . --no-build-isolation`` (or ``pip install . --no-build-isolation``).
 
+cuBLAS (``chain_linear``): headers and ``libcublas`` come from the toolkit (``$CUDA_HOME/include``,
+``lib64``) or, where it has none, from the pip package that CUDA torch depends on (``nvidia-cublas``:
+``site-packages/nvidia/cu13/{include,lib}``; ``nvidia/cublas/...`` for CUDA 12). The same search
+finds ``cusparse.h`` / ``cusolverDn.h`` for ``ATen/cuda/CUDAContextLight.h`` (torch's cuBLAS handle).
+
 Environment:
   COLM_KERNELS_CUDA_ARCHS   ';' / ',' separated, default ``90a`` (H100/H200): each ``XY[a|f]``
                             becomes ``-gencode=arch=compute_XY,code=sm_XY``; ``+PTX`` adds PTX
@@ -85,6 +90,75 @@ def _gencode_flags(spec: str) -> list[str]:
     return flags
 
 
+# cublas_v2.h is needed by csrc/chain_linear; the others by ATen/cuda/CUDAContextLight.h in
+# bindings.cpp, which falls back to a handle of its own without them.
+_CUBLAS_HEADER = "cublas_v2.h"
+_BINDING_HEADERS = ("cublasLt.h", "cusparse.h", "cusolverDn.h")
+
+
+def _pip_nvidia_dirs(sub: str, cuda_major: str | None) -> list[str]:
+    """``<site-packages>/nvidia/*/<sub>`` folders of the pip CUDA packages, this CUDA major's
+    ``cuXY`` folder first, folders of other majors left out."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    out = []
+    for root in roots:
+        names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        majors = [n for n in names if re.fullmatch(r"cu\d+", n)]
+        if cuda_major:
+            first = [n for n in majors if n == f"cu{cuda_major}"]
+        else:
+            first = sorted(majors, key=lambda n: int(n[2:]), reverse=True)
+        for name in first + [n for n in names if n not in majors]:
+            path = os.path.join(root, name, sub)
+            if os.path.isdir(path) and path not in out:
+                out.append(path)
+    return out
+
+
+def _cublas_flags(cuda_home: str, cuda_major: str | None) -> tuple[dict, str | None]:
+    """Extension arguments for cuBLAS, or ({}, why it cannot be found)."""
+    toolkit_include = os.path.join(cuda_home, "include")
+    pip_include = _pip_nvidia_dirs("include", cuda_major)
+    includes = []
+    for header in (_CUBLAS_HEADER, *_BINDING_HEADERS):
+        if os.path.isfile(os.path.join(toolkit_include, header)):
+            continue
+        found = next((d for d in pip_include if os.path.isfile(os.path.join(d, header))), None)
+        if found is None and header == _CUBLAS_HEADER:
+            return {}, (
+                f"{header} is neither in {toolkit_include} nor in a pip nvidia package "
+                "(pip install nvidia-cublas)"
+            )
+        if found and found not in includes:
+            includes.append(found)
+    kwargs: dict = {"libraries": [], "extra_link_args": []}
+    for libdir in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")):
+        if os.path.isfile(os.path.join(libdir, "libcublas.so")):
+            kwargs["libraries"].append("cublas")
+            kwargs["extra_link_args"].append(f"-L{libdir}")
+            break
+    else:
+        for libdir in _pip_nvidia_dirs("lib", cuda_major):
+            libs = sorted(glob.glob("libcublas.so*", root_dir=libdir), key=len)
+            if libs:
+                # pip ships only the versioned name (libcublas.so.13): link it by file name
+                kwargs["extra_link_args"] += [f"-L{libdir}", f"-l:{libs[0]}", f"-Wl,-rpath,{libdir}"]
+                break
+        else:
+            return {}, f"libcublas is neither in {cuda_home}/lib64 nor in a pip nvidia package"
+    # -isystem: searched after the toolkit's own -I, so pip copies of CUDA runtime headers in the
+    # same folder never shadow the toolkit's.
+    kwargs["cxx"] = [f for d in includes for f in ("-isystem", d)]
+    kwargs["nvcc"] = [f for d in includes for f in ("-isystem", d)]
+    return kwargs, None
+
+
 def _cuda_sources() -> list[str]:
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), root_dir=ROOT, recursive=True))
     return [os.path.join("csrc", "bindings.cpp")] + cu
@@ -133,6 +207,14 @@ def _extension_build() -> tuple[list, dict]:
         # CPU torch with COLM_KERNELS_FORCE_CUDA=1: torch does not look for CUDA at all.
         cpp_extension.CUDA_HOME = cuda_home
 
+    cuda_major = torch.version.cuda.split(".")[0] if torch.version.cuda else None
+    cublas, missing_cublas = _cublas_flags(cuda_home, cuda_major)
+    if missing_cublas:
+        if force:
+            raise RuntimeError(f"COLM_KERNELS_FORCE_CUDA=1 but cuBLAS is missing: {missing_cublas}")
+        _say(f"{missing_cublas}: {SKIP_SUFFIX}")
+        return [], {}
+
     archs = os.environ.get("COLM_KERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     # No --use_fast_math: the norm math must stay IEEE (sqrt, division).
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", *_gencode_flags(archs)]
@@ -143,7 +225,9 @@ def _extension_build() -> tuple[list, dict]:
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         # bindings.cpp gets torch's own -std (C++20 for recent torch); .cu files need no torch.
-        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", *cublas["cxx"]], "nvcc": nvcc_flags + cublas["nvcc"]},
+        libraries=cublas["libraries"],
+        extra_link_args=cublas["extra_link_args"],
     )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build_ext}

@@ -12,6 +12,18 @@
 //       dx: (M, W) contiguous, x.dtype;  dweight: (W,), weight.dtype (fp32-accumulated)
 // offsets = [0, o_1, ..., o_n = W], strictly increasing, 1 <= n <= MAX_CHAINS (64).
 // x / dy need a unit stride along W; any non-negative row stride is accepted.
+//
+//   chain_linear_fwd(x (M, K), weights: list[(d_i, P_i)], biases: list[(d_i,)] or []) -> y (M, N)
+//   chain_linear_bwd_dx(dy (M, N), weights, in_features K) -> dx (M, K), zeros past P_last
+//   chain_linear_bwd_dw(dy (M, N), x (M, K), weights, needs_weight: list[bool],
+//                       needs_bias: list[bool]) -> (dW list, db list)
+//       dW_i (d_i, P_i) / db_i (d_i,) contiguous, a fresh empty (0,) tensor where not needed
+// Weights: 1 <= P_1 <= ... <= P_n <= K, d_i >= 1, unit column stride, any row stride >= P_i
+// (separate tensors or views of one dense matrix, read in place). x / dy: any row stride, unit
+// column stride. y, dx contiguous. Products on cuBLAS with fp32 accumulation (TF32 for float32
+// only when torch.backends.cuda.matmul.allow_tf32 is set).
+// COLM_KERNELS_CHAIN_LINEAR_GEMM=loop issues one cublasGemmEx per GEMM instead of grouped calls
+// (default "auto"; see csrc/chain_linear/chain_linear.cu).
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,9 +31,25 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
+// torch's cuBLAS handle (bound to the current stream, with torch's workspace and math mode) comes
+// from ATen/cuda/CUDAContextLight.h, which also includes the cuSPARSE / cuSOLVER headers. Where
+// those are missing (a toolkit or pip set with cuBLAS alone) a handle of our own is used instead.
+#if __has_include(<cusparse.h>) && __has_include(<cusolverDn.h>) && \
+    __has_include(<ATen/cuda/CUDAContextLight.h>)
+#include <ATen/cuda/CUDAContextLight.h>
+#define COLM_KERNELS_TORCH_BLAS_HANDLE 1
+#else
+#include <cublas_v2.h>
+#define COLM_KERNELS_TORCH_BLAS_HANDLE 0
+#endif
+
+#include "chain_linear/chain_linear.h"
 #include "chain_rmsnorm/chain_rmsnorm.h"
 #include "common/types.h"
 
@@ -172,6 +200,214 @@ std::tuple<at::Tensor, at::Tensor> chain_rmsnorm_bwd(const at::Tensor& dy, const
   return {dx, dweight};
 }
 
+// ------------------------------------------------------------------------------------------
+// chain_linear
+// ------------------------------------------------------------------------------------------
+cublasHandle_t blas_handle(const at::Tensor& like, cudaStream_t stream) {
+#if COLM_KERNELS_TORCH_BLAS_HANDLE
+  (void)like;
+  (void)stream;
+  // Binds the handle to the current stream and sets torch's workspace and math mode.
+  return at::cuda::getCurrentCUDABlasHandle();
+#else
+  // One handle per thread and device, never destroyed (as torch's own pool); default math mode
+  // (no TF32), cuBLAS's own workspace.
+  thread_local std::unordered_map<int, cublasHandle_t> handles;
+  const int device = like.device().index();
+  cublasHandle_t& handle = handles[device];
+  if (handle == nullptr) {
+    TORCH_CHECK(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS,
+                "chain_linear: cublasCreate failed on device ", device);
+  }
+  TORCH_CHECK(cublasSetStream(handle, stream) == CUBLAS_STATUS_SUCCESS,
+              "chain_linear: cublasSetStream failed");
+  return handle;
+#endif
+}
+
+colm_kernels::ChainLinearGemmMode gemm_mode() {
+  const char* env = std::getenv("COLM_KERNELS_CHAIN_LINEAR_GEMM");
+  const std::string v = env ? env : "";
+  if (v.empty() || v == "auto") return colm_kernels::ChainLinearGemmMode::kAuto;
+  if (v == "loop") return colm_kernels::ChainLinearGemmMode::kLoop;
+  TORCH_CHECK_VALUE(false, "COLM_KERNELS_CHAIN_LINEAR_GEMM must be 'auto' or 'loop', got '", v,
+                    "'");
+  return colm_kernels::ChainLinearGemmMode::kAuto;  // unreachable
+}
+
+// Host-side copies of the weight layout that ChainLinearWeights points into.
+struct WeightLayout {
+  std::vector<const void*> ptrs;
+  std::vector<int64_t> d, p, strides;
+  int64_t N = 0;
+  colm_kernels::ChainLinearWeights view() const {
+    colm_kernels::ChainLinearWeights w;
+    w.n_chains = static_cast<int64_t>(d.size());
+    w.ptrs = ptrs.data();
+    w.out_features = d.data();
+    w.in_features = p.data();
+    w.row_strides = strides.data();
+    return w;
+  }
+  int64_t p_last() const { return p.back(); }
+};
+
+WeightLayout check_chain_weights(const std::vector<at::Tensor>& weights, const at::Tensor& ref,
+                                 const char* ref_name, const char* op) {
+  TORCH_CHECK_VALUE(!weights.empty(), op, ": weights must hold one (d_i, P_i) tensor per chain");
+  WeightLayout L;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    const std::string name = "weights[" + std::to_string(i) + "]";
+    check_cuda(w, op, name.c_str(), &ref, ref_name);
+    check_same_dtype(w, ref, op, name.c_str(), ref_name);
+    TORCH_CHECK_VALUE(w.dim() == 2, op, ": ", name, " must be 2-D (d_i, P_i), got shape ",
+                      w.sizes());
+    const int64_t d = w.size(0);
+    const int64_t p = w.size(1);
+    TORCH_CHECK_VALUE(d >= 1 && p >= 1, op, ": ", name, " has shape ", w.sizes(),
+                      ": chains need d_i >= 1 and P_i >= 1");
+    TORCH_CHECK_VALUE(p == 1 || w.stride(1) == 1, op, ": ", name,
+                      " must be contiguous along its last dimension, got strides ", w.strides());
+    TORCH_CHECK_VALUE(d == 1 || w.stride(0) >= p, op, ": ", name, " has row stride ",
+                      w.stride(0), " < P_i = ", p, ": rows would overlap");
+    TORCH_CHECK_VALUE(L.p.empty() || p >= L.p.back(), op,
+                      ": prefix widths P_i (weights[i].shape[1]) must be non-decreasing, got ",
+                      p, " after ", L.p.back());
+    L.ptrs.push_back(w.data_ptr());
+    L.d.push_back(d);
+    L.p.push_back(p);
+    L.strides.push_back(d == 1 ? std::max<int64_t>(w.stride(0), p) : w.stride(0));
+    L.N += d;
+  }
+  return L;
+}
+
+at::Tensor workspace_tensor(size_t bytes, const at::Tensor& like) {
+  if (bytes == 0) return at::Tensor();
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+at::Tensor chain_linear_fwd(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                            const std::vector<at::Tensor>& biases) {
+  constexpr const char* op = "chain_linear_fwd";
+  check_cuda(x, op, "x");
+  const DType dtype = to_dtype(x, op, "x");
+  const int64_t x_stride = check_rows(x, op, "x");
+  const WeightLayout L = check_chain_weights(weights, x, "x", op);
+  const int64_t M = x.size(0);
+  const int64_t K = x.size(1);
+  TORCH_CHECK_VALUE(K >= L.p_last(), op, ": x has ", K,
+                    " features but the last chain reads P = ", L.p_last());
+  TORCH_CHECK_VALUE(biases.empty() || biases.size() == weights.size(), op,
+                    ": biases must be empty or hold one tensor per chain (", weights.size(),
+                    "), got ", biases.size());
+  std::vector<const void*> bias_ptrs;
+  for (size_t i = 0; i < biases.size(); ++i) {
+    const at::Tensor& b = biases[i];
+    const std::string name = "biases[" + std::to_string(i) + "]";
+    check_cuda(b, op, name.c_str(), &x, "x");
+    check_same_dtype(b, x, op, name.c_str(), "x");
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == L.d[i], op, ": ", name, " must have shape (",
+                      L.d[i], ",), got ", b.sizes());
+    TORCH_CHECK_VALUE(b.size(0) <= 1 || b.stride(0) == 1, op, ": ", name,
+                      " must be contiguous, got stride ", b.stride(0));
+    bias_ptrs.push_back(b.data_ptr());
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({M, L.N}, x.options());
+  if (M == 0) return y;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const colm_kernels::ChainLinearWeights w = L.view();
+  at::Tensor ws = workspace_tensor(colm_kernels::chain_linear_fwd_workspace_bytes(w, M), x);
+  colm_kernels::launch_chain_linear_fwd(
+      blas_handle(x, stream), x.data_ptr(), x_stride, M, K, w,
+      bias_ptrs.empty() ? nullptr : bias_ptrs.data(), y.data_ptr(), L.N, data_or_null(ws),
+      ws.defined() ? static_cast<size_t>(ws.numel()) : 0, dtype, gemm_mode(), stream);
+  return y;
+}
+
+at::Tensor chain_linear_bwd_dx(const at::Tensor& dy, const std::vector<at::Tensor>& weights,
+                               int64_t in_features) {
+  constexpr const char* op = "chain_linear_bwd_dx";
+  check_cuda(dy, op, "dy");
+  const DType dtype = to_dtype(dy, op, "dy");
+  const int64_t dy_stride = check_rows(dy, op, "dy");
+  const WeightLayout L = check_chain_weights(weights, dy, "dy", op);
+  TORCH_CHECK_VALUE(dy.size(1) == L.N, op, ": dy has width ", dy.size(1),
+                    " but the chains' output widths sum to ", L.N);
+  TORCH_CHECK_VALUE(in_features >= L.p_last(), op, ": in_features = ", in_features,
+                    " is smaller than the last chain's P = ", L.p_last());
+  const int64_t M = dy.size(0);
+
+  const c10::cuda::CUDAGuard guard(dy.device());
+  at::Tensor dx = at::empty({M, in_features}, dy.options());
+  if (M == 0) return dx;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.device().index()).stream();
+  const colm_kernels::ChainLinearWeights w = L.view();
+  at::Tensor ws =
+      workspace_tensor(colm_kernels::chain_linear_bwd_dx_workspace_bytes(w, M, dtype), dy);
+  colm_kernels::launch_chain_linear_bwd_dx(
+      blas_handle(dy, stream), dy.data_ptr(), dy_stride, M, w, dx.data_ptr(), in_features,
+      in_features, data_or_null(ws), ws.defined() ? static_cast<size_t>(ws.numel()) : 0, dtype,
+      gemm_mode(), stream);
+  return dx;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> chain_linear_bwd_dw(
+    const at::Tensor& dy, const at::Tensor& x, const std::vector<at::Tensor>& weights,
+    const std::vector<bool>& needs_weight, const std::vector<bool>& needs_bias) {
+  constexpr const char* op = "chain_linear_bwd_dw";
+  check_cuda(dy, op, "dy");
+  check_cuda(x, op, "x", &dy, "dy");
+  const DType dtype = to_dtype(dy, op, "dy");
+  check_same_dtype(x, dy, op, "x", "dy");
+  const int64_t dy_stride = check_rows(dy, op, "dy");
+  const int64_t x_stride = check_rows(x, op, "x");
+  const WeightLayout L = check_chain_weights(weights, dy, "dy", op);
+  const size_t n = weights.size();
+  TORCH_CHECK_VALUE(dy.size(1) == L.N, op, ": dy has width ", dy.size(1),
+                    " but the chains' output widths sum to ", L.N);
+  TORCH_CHECK_VALUE(x.size(0) == dy.size(0), op, ": x has ", x.size(0), " rows but dy has ",
+                    dy.size(0));
+  TORCH_CHECK_VALUE(x.size(1) >= L.p_last(), op, ": x has ", x.size(1),
+                    " features but the last chain reads P = ", L.p_last());
+  TORCH_CHECK_VALUE(needs_weight.size() == n && needs_bias.size() == n, op,
+                    ": needs_weight and needs_bias must hold one bool per chain (", n, "), got ",
+                    needs_weight.size(), " and ", needs_bias.size());
+  const int64_t M = dy.size(0);
+
+  const c10::cuda::CUDAGuard guard(dy.device());
+  std::vector<at::Tensor> dws, dbs;
+  std::vector<void*> dw_ptrs(n, nullptr), db_ptrs(n, nullptr);
+  for (size_t i = 0; i < n; ++i) {
+    // A fresh tensor per gap: outputs of a custom op may not alias each other.
+    dws.push_back(needs_weight[i] ? at::empty({L.d[i], L.p[i]}, dy.options())
+                                  : at::empty({0}, dy.options()));
+    dbs.push_back(needs_bias[i] ? at::empty({L.d[i]}, dy.options())
+                                : at::empty({0}, dy.options()));
+    if (needs_weight[i]) dw_ptrs[i] = dws.back().data_ptr();
+    if (needs_bias[i]) db_ptrs[i] = dbs.back().data_ptr();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dy.device().index()).stream();
+  const colm_kernels::ChainLinearWeights w = L.view();
+  at::Tensor ws = workspace_tensor(
+      colm_kernels::chain_linear_bwd_dw_workspace_bytes(w, M, dw_ptrs.data(), db_ptrs.data()),
+      dy);
+  bool any = false;
+  for (size_t i = 0; i < n; ++i) any = any || needs_weight[i] || needs_bias[i];
+  if (any) {
+    colm_kernels::launch_chain_linear_bwd_dw(
+        blas_handle(dy, stream), dy.data_ptr(), dy_stride, x.data_ptr(), x_stride, M, x.size(1),
+        w, dw_ptrs.data(), db_ptrs.data(), data_or_null(ws),
+        ws.defined() ? static_cast<size_t>(ws.numel()) : 0, dtype, gemm_mode(), stream);
+  }
+  return {dws, dbs};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -185,4 +421,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weight"), pybind11::arg("rstd"), pybind11::arg("offsets"),
         "Per-chain RMSNorm backward: dy, x (M, W), weight (W,), rstd (M, n_chains) float32, "
         "offsets -> (dx (M, W), dweight (W,)); dweight is summed in a fixed order.");
+  m.def("chain_linear_fwd", &chain_linear_fwd, pybind11::arg("x"), pybind11::arg("weights"),
+        pybind11::arg("biases"),
+        "Chain-of-Linear forward: x (M, K), weights [(d_i, P_i)], biases [] or [(d_i,)] -> "
+        "y (M, sum d_i) = cat_i(x[:, :P_i] @ W_i^T + b_i).");
+  m.def("chain_linear_bwd_dx", &chain_linear_bwd_dx, pybind11::arg("dy"),
+        pybind11::arg("weights"), pybind11::arg("in_features"),
+        "Chain-of-Linear input gradient: dy (M, sum d_i), weights, in_features K -> dx (M, K); "
+        "columns >= P_last are zeros.");
+  m.def("chain_linear_bwd_dw", &chain_linear_bwd_dw, pybind11::arg("dy"), pybind11::arg("x"),
+        pybind11::arg("weights"), pybind11::arg("needs_weight"), pybind11::arg("needs_bias"),
+        "Chain-of-Linear weight and bias gradients -> (dW list, db list); dW_i = dy_i^T x[:, :P_i] "
+        "(d_i, P_i), db_i = column sums of dy_i; an empty (0,) tensor where not needed.");
 }

@@ -8,7 +8,7 @@ import torch
 
 from .. import backends
 from ..chains import Chains
-from .. import chain_attention, chain_linear, chain_rmsnorm, multi_chain_cross_entropy
+from .. import chain_attention, chain_linear, chain_rmsnorm, chain_swiglu, multi_chain_cross_entropy
 
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
 
@@ -22,6 +22,10 @@ def _inputs(op: str, gen: torch.Generator):
         c = Chains((1, 2, 1))
         w, b = rnd(24, 40), rnd(24)
         return [rnd(37, 40), w, b], lambda x, w, b: chain_linear(x, w, b, c)
+    if op == "chain_swiglu":
+        c = Chains((1, 2, 1))
+        w1, w3 = rnd(24, 40) / 4, [rnd(d, p) / 4 for d, p in ((6, 10), (12, 30), (6, 40))]
+        return [rnd(37, 40), w1, *w3], lambda x, w1, *w3: chain_swiglu(x, w1, list(w3), c)
     if op == "chain_rmsnorm":
         c = Chains((1, 2, 1))
         return [rnd(37, 48), rnd(48)], lambda x, g: chain_rmsnorm(x, g, c)
@@ -55,7 +59,7 @@ def check(op: str, backend: str, dtype: torch.dtype, device: str = "cpu", seed: 
         out, grads = _run(fn, [t.to(device=device, dtype=dtype) for t in inputs], seed)
 
     def rel_err(a, b):
-        a = a.detach().double().cpu()
+        a, b = a.detach().double().cpu(), b.detach()
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
     err_fwd = rel_err(out, ref_out)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-OPS = ("chain_linear", "chain_rmsnorm", "chain_attention", "multi_chain_cross_entropy")
+OPS = ("chain_linear", "chain_swiglu", "chain_rmsnorm", "chain_attention", "multi_chain_cross_entropy")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -22,7 +22,7 @@ def parse_args(argv):
         prog="colm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "sizes: 'default' = the issue's shapes (ChainLinear C=(1,1,1,1) 4096x4096 and C=8x(1) "
-            "8192x8192 at M=8192 tokens; attention 1B layout at 2k tokens, hd 128; RMSNorm D=2048; "
+            "8192x8192 at M=8192 tokens; SwiGLU FFN C=(1,1,1,1) D=4096 H=11008 M=8192; attention 1B layout at 2k tokens, hd 128; RMSNorm D=2048; "
             "CE V=32000), a few minutes on an H100; 'small' for a quick look; 'tiny' to exercise "
             "the timing path on CPU (--device cpu).\n"
             "output: <out>/results.json (rows + device, commit, date, command), <out>/table.txt, "

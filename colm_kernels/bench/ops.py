@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..chains import Chains
-from .. import chain_attention, chain_linear, chain_rmsnorm, multi_chain_cross_entropy
+from .. import chain_attention, chain_linear, chain_rmsnorm, chain_swiglu, multi_chain_cross_entropy
 from .cases import PASSES, Case, pass_runner
 
 # (chains, out_features, in_features, tokens) per size preset; issue targets use "default".
@@ -23,6 +23,19 @@ LINEAR_SIZES = {
     "default": [((1, 1, 1, 1), 4096, 4096, 8192), ((1,) * 8, 8192, 8192, 8192)],
     "small": [((1, 1, 1, 1), 1024, 1024, 2048), ((1,) * 8, 2048, 2048, 2048)],
     "tiny": [((1, 2, 1), 64, 48, 37)],
+}
+
+
+def _round_up(v: int, mult: int) -> int:
+    return -(-v // mult) * mult
+
+
+# SwiGLU FFN: (chains, dim, hidden, tokens); hidden = LLaMA's 11008 rounded to a multiple of
+# 4 chains x 64 (a whole number of 64-wide tiles per chain).
+SWIGLU_SIZES = {
+    "default": [((1, 1, 1, 1), 4096, _round_up(11008, 4 * 64), 8192)],
+    "small": [((1, 1, 1, 1), 1024, _round_up(1024 * 8 // 3, 4 * 64), 2048)],
+    "tiny": [((1, 2, 1), 64, 96, 37)],
 }
 # (chains, dim, tokens)
 NORM_SIZES = {"default": [((4, 4, 4, 4), 2048, 16384)], "small": [((4, 4, 4, 4), 2048, 4096)],
@@ -90,6 +103,52 @@ def chain_linear_cases(size: str, device, dtype, passes=PASSES) -> Iterator[Case
                 yield Case("chain_linear_elastic", f"ours-{b}", f"{label}-k{k}", "fwd+bwd",
                            pass_runner(fwd, x, blocks, "fwd+bwd"), flops=3 * active,
                            peer=None, note=f"chain={k}")
+
+
+def chain_swiglu_cases(size: str, device, dtype, passes=PASSES) -> Iterator[Case]:
+    """The whole SwiGLU FFN ``w2(silu(w1 x) * w3 x)``: ``ours-<backend>`` (fused ``chain_swiglu``,
+    then ``chain_linear`` for w2) against ``unfused-<backend>`` (two ``chain_linear`` calls,
+    ``F.silu(a) * b``, then w2: what ChainFeedForward did before) and ``paper-naive`` (per-chain
+    ``nn.Linear`` loops, the paper's Algorithm 1)."""
+    for chains, dim, hidden, m in SWIGLU_SIZES[size]:
+        c = Chains(chains)
+        n = c.n
+
+        def blocks(out_f, in_f):
+            rows, prefixes = c.offsets(out_f), c.prefixes(in_f)
+            w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f ** 0.5
+            return [w[rows[i]:rows[i + 1], :prefixes[i]].contiguous() for i in range(n)]
+
+        params = blocks(hidden, dim) + blocks(hidden, dim) + blocks(dim, hidden)  # w1, w3, w2
+        x = torch.randn(m, dim, device=device, dtype=dtype)
+        gate = 2.0 * m * sum(d * p for d, p in zip(c.widths(hidden), c.prefixes(dim)))
+        down = 2.0 * m * sum(d * p for d, p in zip(c.widths(dim), c.prefixes(hidden)))
+        useful = 2 * gate + down
+        label = f"M{m}-D{dim}-H{hidden}-C{'.'.join(map(str, chains))}"
+
+        def naive(x, p):
+            def chain_loop(x, ws):
+                return torch.cat([F.linear(x[:, : w.shape[1]], w) for w in ws], dim=-1)
+            h = F.silu(chain_loop(x, p[:n])) * chain_loop(x, p[n:2 * n])
+            return chain_loop(h, p[2 * n:])
+
+        def fused(x, p):
+            return chain_linear(chain_swiglu(x, p[:n], p[n:2 * n], c), p[2 * n:], None, c)
+
+        def unfused(x, p):
+            h = F.silu(chain_linear(x, p[:n], None, c)) * chain_linear(x, p[n:2 * n], None, c)
+            return chain_linear(h, p[2 * n:], None, c)
+
+        providers = {"paper-naive": naive}
+        w13 = params[: 2 * n]
+        for b in our_backends("chain_swiglu", [x, *w13], x=x, w1=params[:n], w3=params[n:2 * n]):
+            providers[f"ours-{b}"] = _ours(fused, b)
+            providers[f"unfused-{b}"] = _ours(unfused, b)
+        for pass_name, (name, fwd) in itertools.product(passes, providers.items()):
+            scale = 3.0 if pass_name == "fwd+bwd" else 1.0
+            yield Case("chain_swiglu", name, label, pass_name, pass_runner(fwd, x, params, pass_name),
+                       flops=useful * scale, peer="paper-naive",
+                       note="whole FFN; useful FLOPs (lower blocks) of w1, w3, w2")
 
 
 def chain_rmsnorm_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> Iterator[Case]:
@@ -167,6 +226,7 @@ def multi_chain_cross_entropy_cases(size: str, device, dtype, passes=("fwd", "fw
 
 CASES = {
     "chain_linear": chain_linear_cases,
+    "chain_swiglu": chain_swiglu_cases,
     "chain_rmsnorm": chain_rmsnorm_cases,
     "chain_attention": chain_attention_cases,
     "multi_chain_cross_entropy": multi_chain_cross_entropy_cases,

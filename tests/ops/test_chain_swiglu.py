@@ -201,7 +201,8 @@ def test_empty_tokens():
         h = ck.chain_swiglu(x, w1, w3, chains)
     assert h.shape == (0, hidden)
     gx, g1, g3 = torch.autograd.grad(h.sum(), [x, w1, w3])
-    assert gx.shape == (0, dim) and torch.equal(g1, torch.zeros_like(g1)) and torch.equal(g3, torch.zeros_like(g3))
+    assert gx.shape == (0, dim)
+    assert torch.equal(g1, torch.zeros_like(g1)) and torch.equal(g3, torch.zeros_like(g3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +307,29 @@ def test_validation_names_the_argument(backend):
             ck.chain_swiglu(x, w, w, chains, chain=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dt)
+def test_gates_layout_and_same_h_with_or_without_gates(dtype):
+    """``gates`` is ``[a_1 | b_1 | a_2 | b_2 | ...]``; storing it does not change ``h``."""
+    from colm_kernels.ops.chain_swiglu.triton_kernels import chain_swiglu_fwd
+
+    chains, hidden, dim = (1, 2, 1), 24, 40
+    x, w1, w3 = _inputs(chains, hidden, dim, 17, dense=False)
+    xs, w1s, w3s = (_cast(t, dtype, requires_grad=False) for t in (x, w1, w3))
+    h, gates = chain_swiglu_fwd(xs, w1s, w3s, True)
+    h2, none = chain_swiglu_fwd(xs, w1s, w3s, False)
+    assert none.numel() == 0 and gates.shape == (17, 2 * hidden)
+    assert torch.equal(h, h2)
+    col = 0
+    for a_w, b_w in zip(w1, w3):
+        d, p = a_w.shape
+        for w in (a_w, b_w):
+            ref = x[:, :p] @ w.T
+            low = (xs[:, :p] @ _cast(w, dtype, False).T).double().cpu()
+            assert_within_eager_error(gates[:, col:col + d], low, ref, atol=_floor(dtype, ref),
+                                      name=f"gates[:, {col}:{col + d}]")
+            col += d
+
+
 def test_launcher_validation():
     from colm_kernels.ops.chain_swiglu.triton_kernels import chain_swiglu_bwd_gates, chain_swiglu_fwd
 
@@ -339,7 +363,8 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(chain_swiglu_triton_fwd, (x.detach(), [w.detach() for w in w1],
                                                     [w.detach() for w in w3], False))
     gates = torch.randn(17, 48, device=DEVICE)
-    torch.library.opcheck(chain_swiglu_triton_bwd_gates, (torch.randn(17, 24, device=DEVICE), gates, [6, 12, 6]))
+    dh = torch.randn(17, 24, device=DEVICE)
+    torch.library.opcheck(chain_swiglu_triton_bwd_gates, (dh, gates, [6, 12, 6]))
 
 
 def test_compile_fullgraph_matches_eager(monkeypatch):
@@ -395,7 +420,8 @@ def test_feed_forward_keys_and_formula():
 
     chains, dim, hidden = (1, 2, 1), 40, 24
     ffn = ChainFeedForward(dim, hidden, chains).to(DEVICE)
-    assert sorted(ffn.state_dict()) == sorted(f"{p}.mlps.{i}.weight" for p in ("w1", "w2", "w3") for i in range(3))
+    keys = sorted(f"{p}.mlps.{i}.weight" for p in ("w1", "w2", "w3") for i in range(3))
+    assert sorted(ffn.state_dict()) == keys
     x = torch.randn(2, 9, dim, device=DEVICE)
     for chain in (None, 0, 1):
         with ck.use_backend("reference"):
@@ -414,3 +440,24 @@ def test_feed_forward_keys_and_formula():
         ffn(x).square().sum().backward()
     for k, p in ffn.named_parameters():
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_model_on_triton_matches_reference_backend():
+    from colm_kernels.models import CoLM, CoLMConfig
+
+    cfg = CoLMConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=29, chains=(2, 2),
+                     ffn_hidden_dim=64)
+    model = CoLM(cfg).to(DEVICE)
+    tokens = torch.randint(0, 29, (2, 7), device=DEVICE)
+    for chain in (0, 1):
+        with ck.use_backend("reference"):
+            ref = model(tokens, chain)
+        grads_ref = torch.autograd.grad(ref.square().sum(), list(model.parameters()), allow_unused=True)
+        with ck.use_backend("triton", ops=["chain_swiglu"]):  # the other ops keep ``auto``
+            out = model(tokens, chain)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()), allow_unused=True)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        for g, gr in zip(grads, grads_ref):
+            assert (g is None) == (gr is None)
+            if g is not None:
+                torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)

@@ -30,47 +30,49 @@ chain_linear_reference = register_reference_op(
 backends.register(OP, "reference", __name__, "chain_linear_reference")
 backends.register(OP, "triton", "colm_kernels.ops.chain_linear.triton", "chain_linear_triton",
                   reasons_fn="not_supported_reasons")
+backends.register(OP, "cuda", "colm_kernels.ops.chain_linear.cuda", "chain_linear_cuda", reasons_fn="not_supported_reasons")
 
 
-def split_weight(weight, bias, chains: ChainsLike, chain=None, *, in_features: int | None = None):
+def split_weight(weight, bias, chains: ChainsLike, chain=None, *, name: str = "weight"):
     """Validate ``weight``/``bias`` (dense or per-chain) and return the per-chain blocks of the
-    active chains ``0..chain``, as ``(weights, biases)`` lists (views, no copies)."""
+    active chains ``0..chain``, as ``(weights, biases)`` lists (views, no copies). Errors name the
+    argument ``name`` (and ``bias``)."""
     chains = as_chains(chains)
     k = chains.check_chain(chain)
     if isinstance(weight, Tensor):
-        check_tensor("weight", weight, ndim=2)
+        check_tensor(name, weight, ndim=2)
         out_f, in_f = weight.shape
-        widths = chains.widths(out_f, name="weight.shape[0] (out_features)")
-        prefixes = chains.prefixes(in_f, name="weight.shape[1] (in_features)")
+        widths = chains.widths(out_f, name=f"{name}.shape[0] (out_features)")
+        prefixes = chains.prefixes(in_f, name=f"{name}.shape[1] (in_features)")
         rows = chains.offsets(out_f)
         blocks = [weight[rows[i]: rows[i + 1], : prefixes[i]] for i in range(k + 1)]
     elif isinstance(weight, (list, tuple)):
         if len(weight) != chains.n:
             raise ValueError(
-                f"weight must hold one block per chain: {chains.n} for chains={chains.sizes}, "
+                f"{name} must hold one block per chain: {chains.n} for chains={chains.sizes}, "
                 f"got {len(weight)}"
             )
         for i, w in enumerate(weight):
-            check_tensor(f"weight[{i}]", w, ndim=2)
+            check_tensor(f"{name}[{i}]", w, ndim=2)
         out_f = sum(w.shape[0] for w in weight)
         in_f = weight[-1].shape[1]
-        widths = chains.widths(out_f, name="out_features (sum of weight[i].shape[0])")
-        prefixes = chains.prefixes(in_f, name="in_features (weight[-1].shape[1])")
+        widths = chains.widths(out_f, name=f"out_features (sum of {name}[i].shape[0])")
+        prefixes = chains.prefixes(in_f, name=f"in_features ({name}[-1].shape[1])")
         for i, w in enumerate(weight):
             if tuple(w.shape) != (widths[i], prefixes[i]):
                 raise ValueError(
-                    f"weight[{i}] must have shape (d_{i}_out, P_{i}_in) = {(widths[i], prefixes[i])} "
+                    f"{name}[{i}] must have shape (d_{i}_out, P_{i}_in) = {(widths[i], prefixes[i])} "
                     f"for out_features={out_f}, in_features={in_f}, chains={chains.sizes}; "
                     f"got {tuple(w.shape)}"
                 )
         blocks = list(weight[: k + 1])
     else:
         raise TypeError(
-            f"weight must be a dense (out, in) Tensor or a list of per-chain blocks, "
+            f"{name} must be a dense (out, in) Tensor or a list of per-chain blocks, "
             f"got {type(weight).__name__}"
         )
     for i, w in enumerate(blocks):
-        check_like("weight[0]", blocks[0], **{f"weight[{i}]": w})
+        check_like(f"{name}[0]", blocks[0], **{f"{name}[{i}]": w})
     if bias is None:
         biases = []
     elif isinstance(bias, Tensor):
@@ -90,8 +92,25 @@ def split_weight(weight, bias, chains: ChainsLike, chain=None, *, in_features: i
     else:
         raise TypeError(f"bias must be None, a Tensor or a list of per-chain Tensors, got {type(bias).__name__}")
     for i, b in enumerate(biases):
-        check_like("weight[0]", blocks[0], **{f"bias[{i}]": b})
+        check_like(f"{name}[0]", blocks[0], **{f"bias[{i}]": b})
     return blocks, biases
+
+
+def as_rows(x: Tensor, width: int) -> Tensor:
+    """``x`` ``(..., K)`` as ``(rows, K)`` with a unit last-dim stride (what the kernels read),
+    after checking that it is at least ``width`` wide (the input width the active chains read)."""
+    if x.shape[-1] < width:
+        raise ValueError(
+            f"x.shape[-1]={x.shape[-1]} is narrower than the input width the active chains read "
+            f"(P_in={width})"
+        )
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def unit_stride(blocks: list[Tensor]) -> list[Tensor]:
+    """Weight blocks with a unit column stride; strided views of dense weights are read in place."""
+    return [w if w.stride(-1) == 1 else w.contiguous() for w in blocks]
 
 
 def chain_linear(x: Tensor, weight, bias, chains: ChainsLike, chain=None) -> Tensor:
@@ -109,18 +128,8 @@ def chain_linear(x: Tensor, weight, bias, chains: ChainsLike, chain=None) -> Ten
     check_tensor("x", x, min_ndim=1)
     weights, biases = split_weight(weight, bias, chains, chain)
     check_like("x", x, weight=weights[0])
-    need = weights[-1].shape[1]
-    if x.shape[-1] < need:
-        raise ValueError(
-            f"x.shape[-1]={x.shape[-1]} is narrower than the input width the active chains read "
-            f"(P_in={need})"
-        )
-    # Kernels read rows of x with a unit stride in the last dim; blocks of dense weights are
-    # strided views, which they read in place.
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    weights = [w if w.stride(-1) == 1 else w.contiguous() for w in weights]
+    x2 = as_rows(x, weights[-1].shape[1])
+    weights = unit_stride(weights)
     op = backends.dispatch(OP, [x2, *weights, *biases], x=x2, weights=weights, biases=biases)
     y = op(x2, weights, biases)
     return y.reshape(*x.shape[:-1], y.shape[-1])

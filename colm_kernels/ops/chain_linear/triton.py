@@ -64,7 +64,8 @@ def _backward(ctx, grad):
     needs_x, needs_w, needs_b = ctx.needs_input_grad
     needs_w = [bool(n) for n in needs_w]
     needs_b = [bool(n) for n in needs_b] if ctx.has_bias else [False] * ctx.n_chains
-    grad = grad.contiguous()
+    # A zero-token gradient may arrive with zero strides: give the kernels a fresh layout.
+    grad = grad.contiguous() if grad.numel() else torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
     dx = chain_linear_triton_bwd_dx(grad, weights, x.shape[1]) if needs_x else None
     dws, dbs = [None] * ctx.n_chains, [None] * ctx.n_chains
     if any(needs_w) or any(needs_b):

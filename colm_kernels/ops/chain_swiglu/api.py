@@ -9,7 +9,6 @@ matrix whose upper blocks are never read (and get zero gradient).
 """
 from __future__ import annotations
 
-import re
 
 from torch import Tensor
 
@@ -17,7 +16,7 @@ from ... import backends
 from ...chains import ChainsLike, as_chains
 from .._checks import check_like, check_tensor
 from .._library import register_reference_op
-from ..chain_linear.api import split_weight
+from ..chain_linear.api import as_rows, split_weight, unit_stride
 from . import reference
 
 OP = "chain_swiglu"
@@ -35,15 +34,6 @@ backends.register(OP, "triton", "colm_kernels.ops.chain_swiglu.triton", "chain_s
                   reasons_fn="not_supported_reasons")
 
 
-def _split(name: str, weight, chains, chain) -> list[Tensor]:
-    """``split_weight`` for one of the two weights, its errors naming ``name`` (not ``weight``)."""
-    try:
-        blocks, _ = split_weight(weight, None, chains, chain)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(re.sub(r"\bweight\b", name, str(exc))) from None
-    return blocks
-
-
 def chain_swiglu(x: Tensor, w1, w3, chains: ChainsLike, chain=None) -> Tensor:
     """``h_i = silu(x[..., :P_i] @ W1_i^T) * (x[..., :P_i] @ W3_i^T)`` for the active chains ``0..chain``.
 
@@ -57,28 +47,18 @@ def chain_swiglu(x: Tensor, w1, w3, chains: ChainsLike, chain=None) -> Tensor:
     """
     check_tensor("x", x, min_ndim=1)
     chains = as_chains(chains)
-    w1s = _split("w1", w1, chains, chain)
-    w3s = _split("w3", w3, chains, chain)
+    w1s, _ = split_weight(w1, None, chains, chain, name="w1")
+    w3s, _ = split_weight(w3, None, chains, chain, name="w3")
     if [tuple(w.shape) for w in w1s] != [tuple(w.shape) for w in w3s]:
         raise ValueError(
             f"w1 and w3 layouts differ: w1 blocks {[tuple(w.shape) for w in w1s]}, "
-            f"w3 blocks {[tuple(w.shape) for w in w3s]} (both must be (hidden, dim) for chains={chains.sizes})"
+            f"w3 blocks {[tuple(w.shape) for w in w3s]} (both must be (hidden, dim) blocks for "
+            f"chains={chains.sizes})"
         )
     check_like("w1", w1s[0], w3=w3s[0])
     check_like("x", x, w1=w1s[0])
-    need = w1s[-1].shape[1]
-    if x.shape[-1] < need:
-        raise ValueError(
-            f"x.shape[-1]={x.shape[-1]} is narrower than the input width the active chains read "
-            f"(P_in={need})"
-        )
-    # Kernels read rows of x with a unit stride in the last dim; blocks of dense weights are
-    # strided views, which they read in place.
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    w1s = [w if w.stride(-1) == 1 else w.contiguous() for w in w1s]
-    w3s = [w if w.stride(-1) == 1 else w.contiguous() for w in w3s]
+    x2 = as_rows(x, w1s[-1].shape[1])
+    w1s, w3s = unit_stride(w1s), unit_stride(w3s)
     op = backends.dispatch(OP, [x2, *w1s, *w3s], x=x2, w1=w1s, w3=w3s)
     h = op(x2, w1s, w3s)
     return h.reshape(*x.shape[:-1], h.shape[-1])

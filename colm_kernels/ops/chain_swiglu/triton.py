@@ -49,6 +49,7 @@ def _setup_context(ctx, inputs, output):
     x, w1, w3, save_gates = inputs
     _, gates = output
     ctx.mark_non_differentiable(gates)
+    ctx.set_materialize_grads(False)  # no (M, 2N) zeros for the gates' (absent) gradient
     ctx.n_chains = len(w1)
     ctx.widths = [int(w.shape[0]) for w in w1]
     ctx.has_gates = bool(save_gates)
@@ -62,6 +63,8 @@ def _backward(ctx, grad, _grad_gates):
             "chain_swiglu_triton_fwd ran with save_gates=False, so it kept no gates for the "
             "backward; call it with save_gates=True when a gradient is needed"
         )
+    if grad is None:  # h does not reach the loss (only possible with materialize_grads off)
+        return None, [None] * ctx.n_chains, [None] * ctx.n_chains, None
     x, gates, *ws = ctx.saved_tensors
     n = ctx.n_chains
     w1, w3 = ws[:n], ws[n:]

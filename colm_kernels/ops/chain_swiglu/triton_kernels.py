@@ -15,7 +15,7 @@ interleaved per chain: ``[a_1 | b_1 | a_2 | b_2 | ...]``, so chain i's ``a_i`` s
 ``2 o_i`` and its ``b_i`` at ``2 o_i + d_i``. The same layout holds ``[da_1 | db_1 | ...]``. That is
 exactly the output layout of a chain linear whose "chains" are the interleaved weight list
 ``[W1_1, W3_1, W1_2, W3_2, ...]`` (prefix widths ``P_1, P_1, P_2, P_2, ...``), so the backward GEMMs are
-the chain-linear launchers, unchanged:
+the chain-linear kernels, unchanged (``triton.py`` calls their registered ops):
 - ``chain_linear_bwd_dx(dgates, interleaved, K)`` sums, for input segment j, every entry >= its own
   (W1_j, W3_j, W1_(j+1), ...): ``dx = da W1 + db W3`` in ONE fp32 accumulator and one output (the
   odd, zero-width segments between a chain's two entries get no tiles);
@@ -68,14 +68,12 @@ from colm_kernels.ops.chain_linear.triton_kernels import (
     _layout_key,
     _offsets,
     _row_stride,
-    chain_linear_bwd_dw,
-    chain_linear_bwd_dx,
 )
 
 __all__ = [
     "chain_swiglu_fwd",
     "chain_swiglu_bwd_gates",
-    "chain_swiglu_bwd",
+    "check_pair",
     "interleave",
     "gates_shape",
 ]
@@ -337,18 +335,3 @@ def chain_swiglu_bwd_gates(dh: torch.Tensor, gates: torch.Tensor, widths: Sequen
         )
     return dgates
 
-
-def chain_swiglu_bwd(dh, x, gates, w1, w3, needs_x: bool, needs_w1: Sequence[bool],
-                     needs_w3: Sequence[bool]):
-    """The whole backward from launchers: ``(dx or None, [dW1_i or None], [dW3_i or None])``.
-
-    Frozen blocks (flag False) launch no weight-gradient tiles. The op's autograd (``triton.py``)
-    does the same through the registered custom ops; this is the plain-launcher form.
-    """
-    _, _, ds, _ = check_pair(w1, w3, dtype=dh.dtype, device=dh.device)
-    dgates = chain_swiglu_bwd_gates(dh, gates, ds)
-    pair = interleave(w1, w3)
-    dx = chain_linear_bwd_dx(dgates, pair, x.shape[1]) if needs_x else None
-    flags = [f for pr in zip(needs_w1, needs_w3) for f in pr]
-    dws, _ = chain_linear_bwd_dw(dgates, x, pair, flags, [False] * len(flags))
-    return dx, dws[0::2], dws[1::2]

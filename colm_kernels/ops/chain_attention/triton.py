@@ -1,0 +1,106 @@
+"""``chain_attention``'s ``triton`` backend: the FlashAttention-2 kernels of ``triton_kernels``.
+
+Ops (namespace ``colm_kernels``):
+- ``chain_attention_triton_fwd(q, k, v, kv_head_index, head_chain, causal, seq_chains,
+  softmax_scale) -> (out, lse)``: custom op (opaque to ``torch.compile``) with a fake and autograd;
+  ``lse`` (fp32 ``(B, Hq, Sq)``) is saved for the backward and is not differentiable.
+- ``chain_attention_triton_bwd(dout, q, k, v, out, lse, ...) -> (dq, dk, dv)``: custom op with a
+  fake (delta preprocess, dK/dV kernel reducing each kv head's query heads in-kernel, dQ kernel).
+- ``chain_attention_triton``: the reference op's schema ``(q, k, v, int[] kv_head_index,
+  int[] head_chain, bool causal, Tensor? seq_chains, float softmax_scale) -> Tensor``, registered
+  CompositeImplicitAutograd as ``chain_attention_triton_fwd(...)[0]``, so autograd (and the
+  compiler) go through the forward op and the logsumexp it returns is never recomputed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..._triton.utils import is_interpreter, is_pow2_in
+from . import triton_kernels as kernels
+
+_NS = "colm_kernels"
+
+
+@torch.library.custom_op(f"{_NS}::chain_attention_triton_fwd", mutates_args=())
+def chain_attention_triton_fwd(
+    q: Tensor, k: Tensor, v: Tensor, kv_head_index: list[int], head_chain: list[int], causal: bool,
+    seq_chains: Optional[Tensor], softmax_scale: float,
+) -> tuple[Tensor, Tensor]:
+    return kernels.chain_attention_fwd(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale)
+
+
+@chain_attention_triton_fwd.register_fake
+def _(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale):
+    out_shape, lse_shape = kernels.fwd_out_shapes(q)
+    return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NS}::chain_attention_triton_bwd", mutates_args=())
+def chain_attention_triton_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    kv_head_index: list[int], head_chain: list[int], causal: bool,
+    seq_chains: Optional[Tensor], softmax_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels.chain_attention_bwd(dout, q, k, v, out, lse, kv_head_index, head_chain, causal,
+                                       seq_chains, softmax_scale)
+
+
+@chain_attention_triton_bwd.register_fake
+def _(dout, q, k, v, out, lse, kv_head_index, head_chain, causal, seq_chains, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, seq_chains)
+    ctx.args = (list(kv_head_index), list(head_chain), bool(causal), float(softmax_scale))
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, seq_chains = ctx.saved_tensors
+    kv_head_index, head_chain, causal, softmax_scale = ctx.args
+    if dout is None:
+        return (None,) * 8
+    dq, dk, dv = chain_attention_triton_bwd(dout, q, k, v, out, lse, kv_head_index, head_chain, causal,
+                                            seq_chains, softmax_scale)
+    needs = ctx.needs_input_grad
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+            None, None, None, None, None)
+
+
+chain_attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+torch.library.define(
+    f"{_NS}::chain_attention_triton",
+    "(Tensor q, Tensor k, Tensor v, int[] kv_head_index, int[] head_chain, bool causal, "
+    "Tensor? seq_chains, float softmax_scale) -> Tensor",
+)
+
+
+@torch.library.impl(f"{_NS}::chain_attention_triton", "CompositeImplicitAutograd")
+def _chain_attention_triton(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale):
+    return chain_attention_triton_fwd(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale)[0]
+
+
+chain_attention_triton = torch.ops.colm_kernels.chain_attention_triton.default
+
+
+def not_supported_reasons(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale) -> list[str]:
+    """Why the Triton kernels cannot run these inputs (device availability is checked elsewhere)."""
+    reasons = []
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"triton chain_attention supports float16/bfloat16/float32, got {q.dtype}")
+    if is_interpreter() and q.dtype == torch.bfloat16:
+        reasons.append("the Triton interpreter computes bfloat16 tl.dot wrongly: bfloat16 needs a GPU")
+    d = int(q.shape[-1])
+    if not is_pow2_in(d, kernels.MIN_HEAD_DIM, kernels.MAX_HEAD_DIM):
+        reasons.append(f"head dim must be a power of two in [{kernels.MIN_HEAD_DIM}, "
+                       f"{kernels.MAX_HEAD_DIM}], got {d}")
+    reasons += kernels.layout_reasons(int(q.shape[2]), int(k.shape[2]), kv_head_index, head_chain)
+    return reasons

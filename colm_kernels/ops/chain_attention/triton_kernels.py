@@ -1,0 +1,625 @@
+"""Triton FlashAttention-2 kernels for chain attention (KV-head packing, elastic ``seq_chains``).
+
+Math (COLM_SPEC sections 3, 4, 6; matches ``reference.chain_attention``). Named dimensions: B
+batch, Sq / Sk query / key positions, Hq query heads, Hkv kv heads, D head dim, G = Hq / Hkv query
+heads per kv head. Query head ``h`` reads kv head ``kv_head_index[h]``:
+
+    S = softmax_scale * q_h @ k_g^T   (Sq, Sk)     causal: query i sees key j iff j <= i + Sk - Sq
+    O_h = softmax(S) @ v_g                          a row that sees no key outputs exact zeros
+
+With ``seq_chains`` (B,), head ``h`` of sequence ``b`` is active iff ``head_chain[h] <=
+seq_chains[b]``; inactive heads output exact zeros, get zero gradients and cost no FLOPs.
+
+Layouts: q, out, dout, dq ``(B, Sq, Hq, D)``; k, v, dk, dv ``(B, Sk, Hkv, D)``; any strides with a
+contiguous last dim (the outputs are allocated contiguous). ``lse`` and ``delta`` are fp32
+``(B, Hq, Sq)`` in log2 units (``lse = log2 sum_j 2^(S_ij * log2 e)``; ``+inf`` for a row with no
+visible key and for inactive heads, so their backward probabilities are exactly 0).
+
+KV-head packing. Every kv head ``g`` owns the same number G of query heads, listed (sorted by
+``(head_chain, h)``) in an int32 table ``HEADS (Hkv, G)``; ``CHAINS (Hkv, G)`` holds their chains.
+One program handles (batch b, kv head g, BLOCK_M packed rows), packed row ``r`` = (query position
+``r // G``, group member ``r % G``): position-major, so the G heads of one position sit next to
+each other (adjacent in memory for ordinary GQA) and every K/V tile is loaded once for all G
+heads (no repeated K/V in HBM). Since members are sorted by chain, the active members of a group
+for sequence b are a prefix of length A (computed in the kernel from ``seq_chains[b]``); the
+packed order then lists the A * Sq active rows first (``r // A``, ``r % A``), then the inactive
+ones. Programs whose rows are all inactive run no key loop: they write their rows' zeros (forward,
+dQ) and nothing else; the dK/dV kernel iterates only over the active rows.
+
+Kernels:
+- ``_chain_attention_fwd_kernel``: grid (packed row blocks, B * Hkv), heavy blocks first; online
+  softmax in fp32 with exp2; causal key loop split into a mask-free part and a masked tail.
+- ``_chain_attention_bwd_preprocess_kernel``: delta = rowsum(dO * O) for the active rows.
+- ``_chain_attention_bwd_dkdv_kernel``: grid (key blocks, B * Hkv); loops over the active packed
+  rows (all G query heads of the kv head), so dK/dV are reduced over the group inside the kernel.
+- ``_chain_attention_bwd_dq_kernel``: grid as the forward; atomics-free.
+All products accumulate in fp32 (fp32 inputs use IEEE dots); outputs are written once in the
+input dtype. Autotune keys: head dim, G, causal, seq_chains flag (and Triton adds the dtypes);
+never a sequence length (``Sq``, ``Sk`` are not specialised either). Offsets are int64.
+
+This file holds kernels and launchers only; the ops are registered in ``triton.py``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from colm_kernels._triton.utils import (
+    SMEM_BUDGET,
+    device_guard,
+    int32_table,
+    is_interpreter,
+    is_pow2_in,
+    mma,
+)
+
+__all__ = [
+    "chain_attention_fwd",
+    "chain_attention_bwd",
+    "fwd_out_shapes",
+    "group_layout",
+    "layout_reasons",
+    "MIN_HEAD_DIM",
+    "MAX_HEAD_DIM",
+]
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+LOG2E = 1.4426950408889634
+_MAX_GRID_Y = 65535
+_NOT_A_CHAIN = tl.constexpr(2**30)  # table padding: never <= a sequence's chain
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotune configurations
+# ----------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M tiles packed query rows, BLOCK_N keys.
+_FWD_GPU = ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+            (64, 32, 4, 2), (32, 32, 4, 2))
+_DKDV_GPU = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2),
+             (16, 32, 4, 2))
+_DQ_GPU = ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2))
+_INTERPRETER = ((16, 16, 1, 1),)
+
+
+def _configs(gpu) -> List[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in (_INTERPRETER if is_interpreter() else gpu)]
+
+
+def _smem_pruner(resident: str, n_resident: int, stream: str, n_stream: int, acc: str, n_acc: int):
+    """Drop configs whose shared memory (``n_resident`` tiles of ``resident`` x D kept for the whole
+    program, ``n_stream`` tiles of ``stream`` x D per pipeline stage) overflows the budget, or whose
+    ``n_acc`` fp32 accumulators of ``acc`` x D need more than 128 registers a thread; the smallest
+    survives if none fits. Depends only on head dim and dtype (autotune keys)."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        d, es = int(args["HEAD_DIM"]), args["Q"].element_size()
+        sized = []
+        for cfg in configs:
+            kw = cfg.kwargs
+            smem = (n_resident * kw[resident] + n_stream * kw[stream] * max(1, cfg.num_stages)) * d * es
+            regs = n_acc * kw[acc] * d // (32 * cfg.num_warps)
+            sized.append((smem, regs, cfg))
+        fitting = [c for s, r, c in sized if s <= SMEM_BUDGET and r <= 128]
+        return fitting or [min(sized, key=lambda t: (t[1], t[0]))[2]]
+
+    return prune
+
+
+_KEY = ["HEAD_DIM", "G", "CAUSAL", "HAS_SC"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _active_members(SC, CHAINS, b, g, G: tl.constexpr, G_P2: tl.constexpr, HAS_SC: tl.constexpr):
+    """A: how many members of kv head g's group are active for sequence b (a prefix: members are
+    sorted by chain). Without ``seq_chains`` every member is (A = G)."""
+    if HAS_SC:
+        sc = tl.load(SC + b).to(tl.int32)
+        m = tl.arange(0, G_P2)
+        ch = tl.load(CHAINS + g * G + m, mask=m < G, other=_NOT_A_CHAIN)
+        n = tl.sum((ch <= sc).to(tl.int32), axis=0)
+    else:
+        n = G
+    return n
+
+
+@triton.jit
+def _packed_rows(start, Sq, n_act, A, G: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SC: tl.constexpr):
+    """Packed rows [start, start + BLOCK_M) -> (position, group member, active, valid).
+
+    Active rows ``r < n_act = A * Sq`` are (r // A, r % A); the inactive rows that follow are
+    (r' // (G - A), A + r' % (G - A)) with r' = r - n_act; rows >= G * Sq are invalid (member
+    clamped so that table reads stay in bounds)."""
+    r = start + tl.arange(0, BLOCK_M)
+    valid = r < Sq * G
+    if HAS_SC:
+        act = r < n_act
+        a = tl.maximum(A, 1)
+        i = tl.maximum(G - A, 1)
+        ri = r - n_act
+        pos = tl.where(act, r // a, ri // i)
+        mem = tl.minimum(tl.where(act, r % a, A + ri % i), G - 1)
+    else:
+        act = valid
+        pos = r // G
+        mem = r % G
+    return pos, mem, act, valid
+
+
+@triton.jit
+def _row_ptrs(BASE, b64, pos, head, stride_b, stride_s, stride_h, offs_d):
+    return (BASE + b64 * stride_b + pos.to(tl.int64)[:, None] * stride_s
+            + head.to(tl.int64)[:, None] * stride_h + offs_d[None, :])
+
+
+@triton.jit
+def _key_range(start, n_act, A, Sq, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(end of the mask-free key blocks, end of all key blocks) for the active rows of a block."""
+    any_act = start < n_act
+    a = tl.maximum(A, 1)
+    if CAUSAL:
+        pos_lo = start // a
+        pos_hi = (tl.minimum(start + BLOCK_M, n_act) - 1) // a
+        hi = tl.maximum(tl.minimum(Sk, pos_hi + (Sk - Sq) + 1), 0)
+        full = tl.maximum(tl.minimum(Sk, pos_lo + (Sk - Sq) + 1), 0)
+    else:
+        hi = Sk
+        full = Sk
+    full = (full // BLOCK_N) * BLOCK_N
+    hi = tl.where(any_act, hi, 0)
+    full = tl.where(any_act, full, 0)
+    return full, hi
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, start_n, end_n,
+               Sq, Sk, qk_scale, offs_d,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(start_n, end_n, BLOCK_N):
+        cols = n0 + offs_n
+        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :]
+        if MASK:
+            k = tl.load(k_ptrs, mask=(cols < Sk)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = mma(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)) * qk_scale
+        if MASK:
+            vis = (cols < Sk)[None, :]
+            if CAUSAL:
+                vis = vis & (cols[None, :] <= pos[:, None] + (Sk - Sq))
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(v_ptrs, mask=(cols < Sk)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs(_FWD_GPU), key=_KEY,
+                 prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_M", 1, "BLOCK_N", 2, "BLOCK_M", 1)})
+@triton.jit(do_not_specialize=["Sq", "Sk"])
+def _chain_attention_fwd_kernel(
+    Q, K, V, O, LSE, HEADS, CHAINS, SC,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    Sq, Sk, Hq, Hkv, qk_scale,
+    HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bg = tl.program_id(1)
+    b = pid_bg // Hkv
+    g = pid_bg % Hkv
+    start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # late (long) rows first
+    A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
+    n_act = A * Sq
+    pos, mem, act, valid = _packed_rows(start, Sq, n_act, A, G, BLOCK_M, HAS_SC)
+    head = tl.load(HEADS + g * G + mem)
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(_row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d),
+                mask=act[:, None], other=0.0)
+    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
+    full, hi = _key_range(start, n_act, A, Sq, Sk, CAUSAL, BLOCK_M, BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, 0, full,
+                               Sq, Sk, qk_scale, offs_d, False, CAUSAL, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, full, hi,
+                               Sq, Sk, qk_scale, offs_d, True, CAUSAL, BLOCK_N)
+
+    empty = l_i == 0.0  # no visible key (or inactive): output 0, lse +inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = tl.where(act[:, None], out, 0.0)
+    tl.store(_row_ptrs(O, b64, pos, head, stride_ob, stride_os, stride_oh, offs_d),
+             out.to(O.dtype.element_ty), mask=valid[:, None])
+    lse = tl.where(empty | (act == 0), float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + (b64 * Hq + head.to(tl.int64)) * Sq + pos, lse, mask=valid)
+
+
+@triton.jit(do_not_specialize=["Sq"])
+def _chain_attention_bwd_preprocess_kernel(
+    O, DO, DELTA, HEADS, CHAINS, SC,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    Sq, Hq, Hkv,
+    HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, HAS_SC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO * O over the active packed rows (inactive rows are never read)."""
+    pid_bg = tl.program_id(1)
+    b = pid_bg // Hkv
+    g = pid_bg % Hkv
+    start = tl.program_id(0) * BLOCK_M
+    A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
+    pos, mem, act, valid = _packed_rows(start, Sq, A * Sq, A, G, BLOCK_M, HAS_SC)
+    head = tl.load(HEADS + g * G + mem)
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = tl.load(_row_ptrs(O, b64, pos, head, stride_ob, stride_os, stride_oh, offs_d),
+                mask=act[:, None], other=0.0)
+    do = tl.load(_row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d),
+                 mask=act[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + (b64 * Hq + head.to(tl.int64)) * Sq + pos, delta, mask=act)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
+                stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                start_m, end_m, Sq, Sk, Hq, qk_scale, offs_d,
+                G: tl.constexpr, HAS_SC: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    for m0 in range(start_m, end_m, BLOCK_M):
+        pos, mem, act, valid = _packed_rows(m0, Sq, n_act, A, G, BLOCK_M, HAS_SC)
+        head = tl.load(HEADS + g * G + mem)
+        q = tl.load(_row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d),
+                    mask=act[:, None], other=0.0)
+        do = tl.load(_row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d),
+                     mask=act[:, None], other=0.0)
+        row = (b64 * Hq + head.to(tl.int64)) * Sq + pos
+        lse = tl.load(LSE + row, mask=act, other=float("inf"))  # +inf: probability 0
+        delta = tl.load(DELTA + row, mask=act, other=0.0)
+        s_t = mma(k, tl.trans(q), tl.zeros((k.shape[0], BLOCK_M), dtype=tl.float32)) * qk_scale
+        if MASK:
+            vis = (cols < Sk)[:, None]
+            if CAUSAL:
+                vis = vis & (cols[:, None] <= pos[None, :] + (Sk - Sq))
+            s_t = tl.where(vis, s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        dv = mma(p_t.to(do.dtype), do, dv)
+        dp_t = mma(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), dtype=tl.float32))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = mma(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(_DKDV_GPU), key=_KEY,
+                 prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_N", 2, "BLOCK_M", 2, "BLOCK_N", 2)})
+@triton.jit(do_not_specialize=["Sq", "Sk"])
+def _chain_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, CHAINS, SC,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    Sq, Sk, Hq, Hkv, qk_scale, softmax_scale,
+    HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV of one (b, kv head, key block), summed over the active rows of all G query heads."""
+    pid_bg = tl.program_id(1)
+    b = pid_bg // Hkv
+    g = pid_bg % Hkv
+    n0 = tl.program_id(0) * BLOCK_N
+    b64 = b.to(tl.int64)
+    g64 = g.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = (cols < Sk)[:, None]
+    k = tl.load(K + b64 * stride_kb + g64 * stride_kh + cols.to(tl.int64)[:, None] * stride_ks
+                + offs_d[None, :], mask=col_ok, other=0.0)
+    v = tl.load(V + b64 * stride_vb + g64 * stride_vh + cols.to(tl.int64)[:, None] * stride_vs
+                + offs_d[None, :], mask=col_ok, other=0.0)
+    A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
+    n_act = A * Sq
+    if CAUSAL:
+        # rows before start_m see none of these keys; rows from mid on see all of them
+        first_pos = tl.maximum(n0 - (Sk - Sq), 0)
+        start_m = (first_pos * A // BLOCK_M) * BLOCK_M
+        last_key = tl.minimum(n0 + BLOCK_N, Sk) - 1
+        full_pos = tl.maximum(last_key - (Sk - Sq), 0)
+        mid = tl.maximum(tl.cdiv(tl.minimum(full_pos * A, n_act), BLOCK_M) * BLOCK_M, start_m)
+    else:
+        start_m = 0
+        mid = 0
+
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dk, dv = _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
+                         stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                         start_m, mid, Sq, Sk, Hq, qk_scale, offs_d, G, HAS_SC, True, CAUSAL, BLOCK_M)
+    # Mask-free: every key of the block is visible (keys past Sk only touch rows never stored).
+    dk, dv = _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
+                         stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                         mid, n_act, Sq, Sk, Hq, qk_scale, offs_d, G, HAS_SC, False, CAUSAL, BLOCK_M)
+    out_off = b64 * stride_dkb + g64 * stride_dkh + cols.to(tl.int64)[:, None] * stride_dks + offs_d[None, :]
+    tl.store(DK + out_off, (dk * softmax_scale).to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, start_n, end_n,
+              Sq, Sk, qk_scale, offs_d,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(start_n, end_n, BLOCK_N):
+        cols = n0 + offs_n
+        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :]
+        if MASK:
+            k = tl.load(k_ptrs, mask=(cols < Sk)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(cols < Sk)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = mma(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)) * qk_scale
+        if MASK:
+            vis = (cols < Sk)[None, :]
+            if CAUSAL:
+                vis = vis & (cols[None, :] <= pos[:, None] + (Sk - Sq))
+            s = tl.where(vis, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = mma(do, tl.trans(v), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32))
+        ds = p * (dp - delta[:, None])
+        dq = mma(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.autotune(configs=_configs(_DQ_GPU), key=_KEY,
+                 prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_M", 2, "BLOCK_N", 2, "BLOCK_M", 1)})
+@triton.jit(do_not_specialize=["Sq", "Sk"])
+def _chain_attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, HEADS, CHAINS, SC,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    Sq, Sk, Hq, Hkv, qk_scale, softmax_scale,
+    HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bg = tl.program_id(1)
+    b = pid_bg // Hkv
+    g = pid_bg % Hkv
+    start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
+    n_act = A * Sq
+    pos, mem, act, valid = _packed_rows(start, Sq, n_act, A, G, BLOCK_M, HAS_SC)
+    head = tl.load(HEADS + g * G + mem)
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(_row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d),
+                mask=act[:, None], other=0.0)
+    do = tl.load(_row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d),
+                 mask=act[:, None], other=0.0)
+    row = (b64 * Hq + head.to(tl.int64)) * Sq + pos
+    lse = tl.load(LSE + row, mask=act, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=act, other=0.0)
+    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
+    full, hi = _key_range(start, n_act, A, Sq, Sk, CAUSAL, BLOCK_M, BLOCK_N)
+
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, 0, full,
+                   Sq, Sk, qk_scale, offs_d, False, CAUSAL, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, full, hi,
+                   Sq, Sk, qk_scale, offs_d, True, CAUSAL, BLOCK_N)
+    dq = tl.where(act[:, None], dq * softmax_scale, 0.0)
+    tl.store(_row_ptrs(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d),
+             dq.to(DQ.dtype.element_ty), mask=valid[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher helpers
+# ----------------------------------------------------------------------------------------------
+def fwd_out_shapes(q: torch.Tensor) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Shapes of ``(out, lse)``: ``(B, Sq, Hq, D)`` and ``(B, Hq, Sq)`` (the fake uses this too)."""
+    B, Sq, Hq, _ = q.shape
+    return tuple(q.shape), (B, Hq, Sq)
+
+
+def layout_reasons(n_q: int, n_kv: int, kv_head_index: Sequence[int], head_chain: Sequence[int]) -> List[str]:
+    """Why the kernels cannot pack this head mapping (empty: they can)."""
+    kv = [int(i) for i in kv_head_index]
+    if len(kv) != n_q or len(head_chain) != n_q:
+        return [f"kv_head_index and head_chain must have one entry per query head ({n_q}), "
+                f"got {len(kv)} and {len(head_chain)}"]
+    if n_kv <= 0 or any(not 0 <= i < n_kv for i in kv):
+        return [f"kv_head_index entries must be in [0, {n_kv}), got {kv}"]
+    counts = [kv.count(g) for g in range(n_kv)]
+    if len(set(counts)) != 1:
+        return [f"every kv head must serve the same number of query heads (packed groups), "
+                f"got counts {counts} for kv_head_index={kv}"]
+    return []
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_rows(kv_head_index: Tuple[int, ...], head_chain: Tuple[int, ...], n_kv: int):
+    heads, chains = [], []
+    for g in range(n_kv):
+        members = sorted((h for h, i in enumerate(kv_head_index) if i == g), key=lambda h: (head_chain[h], h))
+        heads.append([h for h in members])
+        chains.append([head_chain[h] for h in members])
+    return heads, chains
+
+
+def group_layout(kv_head_index: Sequence[int], head_chain: Sequence[int], n_kv: int, device):
+    """``(HEADS, CHAINS, G)``: int32 ``(Hkv, G)`` tables of each kv head's query heads (sorted by
+    ``(chain, head)``) and their chains."""
+    heads, chains = _group_rows(tuple(int(i) for i in kv_head_index), tuple(int(c) for c in head_chain), n_kv)
+    return int32_table(heads, device), int32_table(chains, device), len(heads[0])
+
+
+def _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, S, H, D)")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} has dtype {t.dtype}; expected float16/bfloat16/float32")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device})")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not is_pow2_in(int(q.shape[3]), MIN_HEAD_DIM, MAX_HEAD_DIM):
+        raise ValueError(f"head dim {q.shape[3]} must be a power of two in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    reasons = layout_reasons(q.shape[2], k.shape[2], kv_head_index, head_chain)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    if seq_chains is not None:
+        if seq_chains.dim() != 1 or seq_chains.shape[0] != q.shape[0] or seq_chains.is_floating_point():
+            raise ValueError(f"seq_chains must be an integer tensor of shape ({q.shape[0]},)")
+        if seq_chains.device != q.device:
+            raise ValueError(f"seq_chains is on {seq_chains.device} but q is on {q.device}")
+    if not softmax_scale > 0 or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _common(q, k, kv_head_index, head_chain, seq_chains):
+    B, Sq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if B * Hkv > _MAX_GRID_Y:
+        raise ValueError(f"batch * kv heads = {B * Hkv} exceeds {_MAX_GRID_Y} (grid limit)")
+    heads, chains, G = group_layout(kv_head_index, head_chain, Hkv, q.device)
+    has_sc = seq_chains is not None
+    sc = seq_chains.contiguous() if has_sc else heads  # any int tensor when unused
+    meta = dict(HEAD_DIM=D, G=G, G_P2=max(2, triton.next_power_of_2(G)), HAS_SC=has_sc)
+    return heads, chains, sc, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def chain_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_head_index: Sequence[int], head_chain: Sequence[int], causal: bool,
+    seq_chains: Optional[torch.Tensor], softmax_scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``: out ``(B, Sq, Hq, D)`` contiguous in q's dtype, lse fp32 ``(B, Hq, Sq)``
+    (log2 units; +inf for rows with no visible key and for inactive heads)."""
+    _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out_shape, lse_shape = fwd_out_shapes(q)
+    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    if out.numel() == 0:
+        return out, lse
+    heads, chains, sc, meta = _common(q, k, kv_head_index, head_chain, seq_chains)
+    G = meta["G"]
+
+    def grid(m):
+        return (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)
+
+    with device_guard(q.device):
+        _chain_attention_fwd_kernel[grid](
+            q, k, v, out, lse, heads, chains, sc,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            Sq, Sk, Hq, Hkv, float(softmax_scale) * LOG2E,
+            CAUSAL=bool(causal), **meta,
+        )
+    return out, lse
+
+
+def chain_attention_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    kv_head_index: Sequence[int], head_chain: Sequence[int], causal: bool,
+    seq_chains: Optional[torch.Tensor], softmax_scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, contiguous, in the inputs' dtype. ``out``/``lse`` from the forward."""
+    _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
+    if lse.shape != fwd_out_shapes(q)[1] or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {fwd_out_shapes(q)[1]}, got {lse.dtype} {tuple(lse.shape)}")
+    q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    dout = dout.to(q.dtype)
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    if q.numel() == 0 or k.numel() == 0:  # nothing attends: every gradient is zero
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    heads, chains, sc, meta = _common(q, k, kv_head_index, head_chain, seq_chains)
+    G = meta["G"]
+    qk_scale = float(softmax_scale) * LOG2E
+    delta = torch.empty_like(lse)
+    pre_block = 16 if is_interpreter() else 64
+    with device_guard(q.device):
+        _chain_attention_bwd_preprocess_kernel[(triton.cdiv(G * Sq, pre_block), B * Hkv)](
+            out, dout, delta, heads, chains, sc,
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            Sq, Hq, Hkv, BLOCK_M=pre_block, num_warps=4 if not is_interpreter() else 1,
+            HEAD_DIM=meta["HEAD_DIM"], G=G, G_P2=meta["G_P2"], HAS_SC=meta["HAS_SC"],
+        )
+        _chain_attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)](
+            q, k, v, dout, lse, delta, dk, dv, heads, chains, sc,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            Sq, Sk, Hq, Hkv, qk_scale, float(softmax_scale),
+            CAUSAL=bool(causal), **meta,
+        )
+        _chain_attention_bwd_dq_kernel[lambda m: (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)](
+            q, k, v, dout, lse, delta, dq, heads, chains, sc,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            Sq, Sk, Hq, Hkv, qk_scale, float(softmax_scale),
+            CAUSAL=bool(causal), **meta,
+        )
+    return dq, dk, dv
