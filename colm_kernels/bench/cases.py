@@ -41,12 +41,13 @@ def pass_runner(forward: Callable[..., torch.Tensor], x: torch.Tensor, params: S
         return lambda: forward(x, params)
     x = x.detach().requires_grad_(pass_name in ("bwd_x", "fwd+bwd"))
     params = [p.detach().requires_grad_(pass_name in ("bwd_w", "fwd+bwd")) for p in params]
+    # Blocks of inactive chains (elastic rows) are unused: allow_unused below.
     wrt = ([x] if x.requires_grad else []) + [p for p in params if p.requires_grad]
     if pass_name == "fwd+bwd":
         def run():
             y = forward(x, params)
-            return torch.autograd.grad(y, wrt, torch.ones_like(y))
+            return torch.autograd.grad(y, wrt, torch.ones_like(y), allow_unused=True)
         return run
     y = forward(x, params)
     dy = torch.randn_like(y)
-    return lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)
+    return lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True, allow_unused=True)
