@@ -9,11 +9,13 @@
     unavailable_reason()  -> None when usable, else one line saying why
     is_available()        -> unavailable_reason() is None
 
-The answer is computed once per process (torch and the extension are imported on first call).
+The answer is computed once per process (torch and the extension are imported on first call) and
+kept in a module global: ``torch.compile`` then reads it as a constant (it would trace through an
+``lru_cache`` wrapper into the import and break the graph). ``colm_kernels.ops`` computes it at
+import (``backends.preload_available``), before any tracing.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 from types import ModuleType
 
@@ -23,8 +25,17 @@ NOT_BUILT = f"{EXTENSION_NAME} is not built (CPU torch or no nvcc at install tim
 NO_DEVICE = "no CUDA device"
 
 
-@functools.lru_cache(maxsize=None)
+_probed: tuple[ModuleType | None, str | None] | None = None
+
+
 def _probe() -> tuple[ModuleType | None, str | None]:
+    global _probed
+    if _probed is None:
+        _probed = _probe_once()
+    return _probed
+
+
+def _probe_once() -> tuple[ModuleType | None, str | None]:
     try:
         import torch  # the extension links against libtorch: import torch first
     except Exception as exc:  # pragma: no cover - torch is a dependency

@@ -31,8 +31,19 @@ __all__ = ["chain_linear_fwd", "chain_linear_bwd_dx", "chain_linear_bwd_dw"]
 _FUNCTIONS = ("chain_linear_fwd", "chain_linear_bwd_dx", "chain_linear_bwd_dw")
 
 
+_UNSET = object()
+_missing = _UNSET  # computed once; a module global so torch.compile reads it as a constant
+
+
 def missing_reason() -> str | None:
     """Why the extension cannot run chain_linear (None when it can)."""
+    global _missing
+    if _missing is _UNSET:
+        _missing = _missing_once()
+    return _missing
+
+
+def _missing_once() -> str | None:
     reason = _cuda.unavailable_reason()
     if reason:
         return reason
@@ -95,3 +106,6 @@ def chain_linear_bwd_dw(
         [bool(f) for f in needs_bias],
     )
     return list(dws), list(dbs)
+
+
+missing_reason()  # at import (backends.preload_available), never first inside a torch.compile trace
