@@ -28,11 +28,12 @@ class Case:
 
 
 def pass_runner(forward: Callable[..., torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor],
-                pass_name: str) -> Callable[[], object]:
+                pass_name: str, *, grad_params_with_x: bool = False) -> Callable[[], object]:
     """A closure that runs one pass of ``forward(x, params)``.
 
     ``bwd_x``/``bwd_w`` run the forward once, outside the timed region, and time only
     ``autograd.grad`` of the input or of the parameters (the others do not require grad).
+    ``grad_params_with_x``: ``bwd_x`` differentiates the params too (attention: dq, dk, dv).
     """
     if pass_name not in PASSES:
         raise ValueError(f"pass_name must be one of {PASSES}, got {pass_name!r}")
@@ -40,7 +41,8 @@ def pass_runner(forward: Callable[..., torch.Tensor], x: torch.Tensor, params: S
         x, params = x.detach(), [p.detach() for p in params]
         return lambda: forward(x, params)
     x = x.detach().requires_grad_(pass_name in ("bwd_x", "fwd+bwd"))
-    params = [p.detach().requires_grad_(pass_name in ("bwd_w", "fwd+bwd")) for p in params]
+    params_grad = pass_name in ("bwd_w", "fwd+bwd") or (grad_params_with_x and pass_name == "bwd_x")
+    params = [p.detach().requires_grad_(params_grad) for p in params]
     # Blocks of inactive chains (elastic rows) are unused: allow_unused below.
     wrt = ([x] if x.requires_grad else []) + [p for p in params if p.requires_grad]
     if pass_name == "fwd+bwd":

@@ -40,12 +40,15 @@ SWIGLU_SIZES = {
 # (chains, dim, tokens)
 NORM_SIZES = {"default": [((4, 4, 4, 4), 2048, 16384)], "small": [((4, 4, 4, 4), 2048, 4096)],
               "tiny": [((1, 2, 1), 64, 37)]}
-# (chains, n_kv_heads, kv_sharing, seq, head_dim, batch)
+# (chains, n_kv_heads, kv_sharing, seq, head_dim): the 1B layout (D 2048, 16 heads of 128); the
+# batch keeps 16k tokens in flight at every length.
 ATTN_SIZES = {
-    "default": [((4, 4, 4, 4), 4, False, 2048, 128, 1), ((4, 4, 4, 4), 4, True, 2048, 128, 1)],
-    "small": [((4, 4, 4, 4), 4, True, 1024, 128, 1)],
-    "tiny": [((2, 2), 2, True, 33, 16, 1)],
+    "default": [(c, 4, shared, seq, 128) for c in ((4, 4, 4, 4), (8, 8)) for shared in (False, True)
+                for seq in (2048, 4096, 8192, 16384)],
+    "small": [((4, 4, 4, 4), 4, True, 2048, 128)],
+    "tiny": [((2, 2), 2, True, 33, 16)],
 }
+ATTN_TOKENS = 16384
 # (chains, dim, vocab, tokens)
 CE_SIZES = {"default": [((4, 4, 4, 4), 2048, 32000, 4096)], "small": [((4, 4, 4, 4), 1024, 8192, 2048)],
             "tiny": [((1, 2, 1), 64, 101, 37)]}
@@ -172,31 +175,89 @@ def chain_rmsnorm_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> 
                        bytes=moved, peer="paper-naive", note="bytes: x in, y out (+dy, dx, x again)")
 
 
-def chain_attention_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> Iterator[Case]:
-    for chains, n_kv, sharing, seq, hd, batch in ATTN_SIZES[size]:
+def _sdpa(backend=None, gqa_index=None):
+    """SDPA on (B, S, H, D) tensors; ``gqa_index`` materialises K/V per query head (the paper's
+    ``repeat``), otherwise SDPA's own GQA; ``backend`` pins one SDPA kernel (flash, cuDNN)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def forward(q, p):
+        k, v = p
+        if gqa_index is not None:
+            k, v = k.index_select(2, gqa_index), v.index_select(2, gqa_index)
+        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        kwargs = {"is_causal": True, "enable_gqa": k.shape[2] != q.shape[2]}
+        if backend is None:
+            return F.scaled_dot_product_attention(*args, **kwargs).transpose(1, 2)
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return F.scaled_dot_product_attention(*args, **kwargs).transpose(1, 2)
+    return forward
+
+
+def _flex(seq: int, device):
+    """FlexAttention (compiled) with the causal block mask: only unmasked blocks are computed."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = create_block_mask(lambda b, h, q, kv: q >= kv, B=None, H=None, Q_LEN=seq, KV_LEN=seq,
+                             device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def forward(q, p):
+        k, v = p
+        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                       enable_gqa=k.shape[2] != q.shape[2])
+        return out.transpose(1, 2)
+    return forward
+
+
+def chain_attention_cases(size: str, device, dtype, passes=("fwd", "bwd_x", "fwd+bwd")) -> Iterator[Case]:
+    """Causal attention against SDPA (flash, cuDNN), FlexAttention and the paper's repeat + SDPA;
+    ``bwd_x`` times the gradients of q, k and v together. Then every elastic scale against a dense
+    SDPA-flash run with only the active heads."""
+    on_gpu = torch.device(device).type == "cuda"
+    for chains, n_kv, sharing, seq, hd in ATTN_SIZES[size]:
         c = Chains(chains)
-        n_q = c.total
-        q = torch.randn(batch, seq, n_q, hd, device=device, dtype=dtype)
+        batch = max(1, ATTN_TOKENS // seq) if size == "default" else 1
+        q = torch.randn(batch, seq, c.total, hd, device=device, dtype=dtype)
         k = torch.randn(batch, seq, n_kv, hd, device=device, dtype=dtype)
         v = torch.randn_like(k)
         kv_index = torch.tensor(c.kv_head_map(n_kv, kv_sharing=sharing), device=device)
-        label = f"B{batch}-S{seq}-H{n_q}-KV{n_kv}-D{hd}-{'shared' if sharing else 'gqa'}"
-        flops = 4.0 * batch * n_q * seq * seq * hd / 2  # causal: half the score matrix
+        label = (f"B{batch}-S{seq}-C{'.'.join(map(str, chains))}-KV{n_kv}-D{hd}-"
+                 f"{'shared' if sharing else 'gqa'}")
 
-        def repeat_sdpa(x, p):  # the paper: materialise repeated K/V, then SDPA
-            kk, vv = p[0].index_select(2, kv_index), p[1].index_select(2, kv_index)
-            out = F.scaled_dot_product_attention(x.transpose(1, 2), kk.transpose(1, 2),
-                                                 vv.transpose(1, 2), is_causal=True)
-            return out.transpose(1, 2)
+        def flops(n_heads):
+            return 4.0 * batch * n_heads * seq * seq * hd / 2  # causal: half the score matrix
 
-        providers = {"sdpa-repeat": repeat_sdpa}
-        for b in our_backends("chain_attention", [q, k, v], q=q, k=k, v=v):
+        providers = {"sdpa-repeat": _sdpa(gqa_index=kv_index)}
+        if on_gpu:  # pinned SDPA kernels and FlexAttention exist only on CUDA
+            providers.update({"sdpa-flash": _sdpa("FLASH_ATTENTION"), "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+                              "flex": _flex(seq, device)})
+        peer = "sdpa-flash" if on_gpu else "sdpa-repeat"
+        ours = our_backends("chain_attention", [q, k, v], q=q, k=k, v=v, kv_head_index=kv_index.tolist(),
+                            head_chain=list(c.head_chain()), causal=True, seq_chains=None,
+                            softmax_scale=hd ** -0.5)
+        for b in ours:
             providers[f"ours-{b}"] = _ours(
                 lambda x, p: chain_attention(x, p[0], p[1], c, kv_sharing=sharing), b)
+        scale = {"fwd": 1.0, "bwd_x": 2.5, "fwd+bwd": 3.5}
         for pass_name, (name, fwd) in itertools.product(passes, providers.items()):
-            yield Case("chain_attention", name, label, pass_name, pass_runner(fwd, q, [k, v], pass_name),
-                       flops=flops * (3.5 if pass_name == "fwd+bwd" else 1.0), peer="sdpa-repeat",
-                       note="causal FLOPs (half the scores); fwd+bwd = 3.5x fwd")
+            yield Case("chain_attention", name, label, pass_name,
+                       pass_runner(fwd, q, [k, v], pass_name, grad_params_with_x=True),
+                       flops=flops(c.total) * scale[pass_name], peer=peer,
+                       note="causal FLOPs (half the scores); bwd = 2.5x fwd")
+        # Elastic scales: q holds the active chains' heads (and, without sharing, their kv heads).
+        for kk in range(c.n - 1):
+            n_q = sum(chains[: kk + 1])
+            n_k = n_kv if sharing else n_q * n_kv // c.total
+            qa, ka, va = q[:, :, :n_q].contiguous(), k[:, :, :n_k].contiguous(), v[:, :, :n_k].contiguous()
+            elastic = {"sdpa-flash": _sdpa("FLASH_ATTENTION")} if on_gpu else {"sdpa": _sdpa()}
+            for b in ours:
+                elastic[f"ours-{b}"] = _ours(
+                    lambda x, p: chain_attention(x, p[0], p[1], c, kv_sharing=sharing), b)
+            for name, fwd in elastic.items():
+                yield Case("chain_attention_elastic", name, f"{label}-k{kk}", "fwd+bwd",
+                           pass_runner(fwd, qa, [ka, va], "fwd+bwd", grad_params_with_x=True),
+                           flops=flops(n_q) * 3.5, peer=next(iter(elastic)),
+                           note=f"chain={kk}: {n_q} active query heads")
 
 
 def multi_chain_cross_entropy_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> Iterator[Case]:
