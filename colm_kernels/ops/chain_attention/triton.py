@@ -4,8 +4,9 @@ Ops (namespace ``colm_kernels``):
 - ``chain_attention_triton_fwd(q, k, v, kv_head_index, head_chain, causal, seq_chains,
   softmax_scale) -> (out, lse)``: custom op (opaque to ``torch.compile``) with a fake and autograd;
   ``lse`` (fp32 ``(B, Hq, Sq)``) is saved for the backward and is not differentiable.
-- ``chain_attention_triton_bwd(dout, q, k, v, out, lse, ...) -> (dq, dk, dv)``: custom op with a
-  fake (delta preprocess, dK/dV kernel reducing each kv head's query heads in-kernel, dQ kernel).
+- ``chain_attention_triton_bwd(dout, q, k, v, out, lse, ..., need_dq, need_dkv) -> (dq, dk, dv)``:
+  custom op with a fake (delta preprocess, dK/dV kernel reducing each kv head's query heads
+  in-kernel, dQ kernel); only the kernels autograd needs run (e.g. no dK/dV for frozen shared KV).
 - ``chain_attention_triton``: the reference op's schema ``(q, k, v, int[] kv_head_index,
   int[] head_chain, bool causal, Tensor? seq_chains, float softmax_scale) -> Tensor``, registered
   CompositeImplicitAutograd as ``chain_attention_triton_fwd(...)[0]``, so autograd (and the
@@ -42,15 +43,19 @@ def _(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale):
 def chain_attention_triton_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     kv_head_index: list[int], head_chain: list[int], causal: bool,
-    seq_chains: Optional[Tensor], softmax_scale: float,
+    seq_chains: Optional[Tensor], softmax_scale: float, need_dq: bool, need_dkv: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels.chain_attention_bwd(dout, q, k, v, out, lse, kv_head_index, head_chain, causal,
-                                       seq_chains, softmax_scale)
+    """``(dq, dk, dv)``; a gradient that is not needed is an empty tensor (its kernel never runs)."""
+    dq, dk, dv = kernels.chain_attention_bwd(dout, q, k, v, out, lse, kv_head_index, head_chain, causal,
+                                             seq_chains, softmax_scale, need_dq, need_dkv)
+    # Outputs of a custom op may not alias each other: one fresh empty tensor per gap.
+    return tuple(ref.new_empty(0) if g is None else g for g, ref in ((dq, q), (dk, k), (dv, v)))
 
 
 @chain_attention_triton_bwd.register_fake
-def _(dout, q, k, v, out, lse, kv_head_index, head_chain, causal, seq_chains, softmax_scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, out, lse, kv_head_index, head_chain, causal, seq_chains, softmax_scale, need_dq, need_dkv):
+    return (q.new_empty(q.shape if need_dq else 0), k.new_empty(k.shape if need_dkv else 0),
+            v.new_empty(v.shape if need_dkv else 0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -66,9 +71,10 @@ def _backward(ctx, dout, _dlse):
     kv_head_index, head_chain, causal, softmax_scale = ctx.args
     if dout is None:
         return (None,) * 8
-    dq, dk, dv = chain_attention_triton_bwd(dout, q, k, v, out, lse, kv_head_index, head_chain, causal,
-                                            seq_chains, softmax_scale)
     needs = ctx.needs_input_grad
+    need_dq, need_dkv = bool(needs[0]), bool(needs[1] or needs[2])
+    dq, dk, dv = chain_attention_triton_bwd(dout, q, k, v, out, lse, kv_head_index, head_chain, causal,
+                                            seq_chains, softmax_scale, need_dq, need_dkv)
     return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
             None, None, None, None, None)
 

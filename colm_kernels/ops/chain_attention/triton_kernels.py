@@ -572,23 +572,27 @@ def chain_attention_bwd(
     out: torch.Tensor, lse: torch.Tensor,
     kv_head_index: Sequence[int], head_chain: Sequence[int], causal: bool,
     seq_chains: Optional[torch.Tensor], softmax_scale: float,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)``, contiguous, in the inputs' dtype. ``out``/``lse`` from the forward."""
+    need_dq: bool = True, need_dkv: bool = True,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dq, dk, dv)``, contiguous, in the inputs' dtype. ``out``/``lse`` from the forward.
+    ``need_dq`` / ``need_dkv`` False: that kernel is not launched and its gradients are None."""
     _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale)
     if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
-    if lse.shape != fwd_out_shapes(q)[1] or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 of shape {fwd_out_shapes(q)[1]}, got {lse.dtype} {tuple(lse.shape)}")
+        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape "
+                         f"{tuple(q.shape)}")
+    lse_shape = fwd_out_shapes(q)[1]
+    if lse.shape != lse_shape or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {lse_shape}, got {lse.dtype} {tuple(lse.shape)}")
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
     dout = dout.to(q.dtype)
     lse = lse.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_dq else None
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if need_dkv else None
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if need_dkv else None
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    if q.numel() == 0 or k.numel() == 0:  # nothing attends: every gradient is zero
-        return dq.zero_(), dk.zero_(), dv.zero_()
+    if q.numel() == 0 or k.numel() == 0 or not (need_dq or need_dkv):  # nothing attends: zeros
+        return tuple(None if t is None else t.zero_() for t in (dq, dk, dv))
     heads, chains, sc, meta = _common(q, k, kv_head_index, head_chain, seq_chains)
     G = meta["G"]
     qk_scale = float(softmax_scale) * LOG2E
@@ -602,24 +606,26 @@ def chain_attention_bwd(
             Sq, Hq, Hkv, BLOCK_M=pre_block, num_warps=4 if not is_interpreter() else 1,
             HEAD_DIM=meta["HEAD_DIM"], G=G, G_P2=meta["G_P2"], HAS_SC=meta["HAS_SC"],
         )
-        _chain_attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)](
-            q, k, v, dout, lse, delta, dk, dv, heads, chains, sc,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            Sq, Sk, Hq, Hkv, qk_scale, float(softmax_scale),
-            CAUSAL=bool(causal), **meta,
-        )
-        _chain_attention_bwd_dq_kernel[lambda m: (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)](
-            q, k, v, dout, lse, delta, dq, heads, chains, sc,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            Sq, Sk, Hq, Hkv, qk_scale, float(softmax_scale),
-            CAUSAL=bool(causal), **meta,
-        )
+        if need_dkv:
+            _chain_attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)](
+                q, k, v, dout, lse, delta, dk, dv, heads, chains, sc,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                dk.stride(0), dk.stride(1), dk.stride(2),
+                Sq, Sk, Hq, Hkv, qk_scale, float(softmax_scale),
+                CAUSAL=bool(causal), **meta,
+            )
+        if need_dq:
+            _chain_attention_bwd_dq_kernel[lambda m: (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)](
+                q, k, v, dout, lse, delta, dq, heads, chains, sc,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                Sq, Sk, Hq, Hkv, qk_scale, float(softmax_scale),
+                CAUSAL=bool(causal), **meta,
+            )
     return dq, dk, dv
