@@ -1,0 +1,42 @@
+"""The whole model on the kernel backends: ``models.CoLM`` with some (or all) ops on ``triton``
+(the interpreter on CPU) gives the reference backend's logits and parameter gradients."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors run
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import colm_kernels as ck  # noqa: E402
+from colm_kernels import backends  # noqa: E402
+from colm_kernels.models import CoLM, CoLMConfig  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Ops a forward pass runs (decode attention runs only inside generate).
+TRITON_OPS = sorted(op for op in backends.ops()
+                    if "triton" in backends.registered(op) and op != "chain_attention_decode")
+
+
+@pytest.mark.parametrize("kv_sharing", [False, True], ids=["gqa", "shared"])
+@pytest.mark.parametrize("ops", [[op] for op in TRITON_OPS] + [TRITON_OPS],
+                         ids=lambda ops: "all" if len(ops) > 1 else ops[0])
+def test_model_matches_reference_backend(ops, kv_sharing):
+    cfg = CoLMConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=29, chains=(2, 2),
+                     ffn_hidden_dim=64, kv_sharing=kv_sharing, kv_mapping="chain_group")
+    model = CoLM(cfg).to(DEVICE)
+    tokens = torch.randint(0, 29, (2, 7), device=DEVICE)
+    params = list(model.parameters())
+    for chain in (0, 1):
+        with ck.use_backend("reference"):
+            ref = model(tokens, chain)
+        grads_ref = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
+        with ck.use_backend("triton", ops=ops):  # the other ops keep ``auto``
+            out = model(tokens, chain)
+        grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        for g, gr in zip(grads, grads_ref):
+            assert (g is None) == (gr is None)
+            if g is not None:
+                torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-5)
