@@ -1,7 +1,7 @@
 """colm_kernels: kernels for Chain-of-Model language models (CoLM, CoLM-Air; arXiv 2505.11820).
 
 Ops: ``chain_linear``, ``chain_swiglu``, ``chain_rmsnorm``, ``chain_attention``,
-``multi_chain_cross_entropy``.
+``chain_attention_decode`` (KV-cache decoding), ``multi_chain_cross_entropy``.
 Backends: ``set_backend`` / ``use_backend`` / ``COLM_KERNELS_BACKEND`` with ``auto``, ``cuda``,
 ``triton``, ``reference``. Modules in ``colm_kernels.nn``, models in ``colm_kernels.models``, the
 plain reference model in ``colm_kernels.reference``.
@@ -9,6 +9,7 @@ plain reference model in ``colm_kernels.reference``.
 from .backends import BackendError, get_backend, set_backend, use_backend
 from .chains import Chains
 from .ops.chain_attention.api import chain_attention
+from .ops.chain_attention_decode.api import chain_attention_decode
 from .ops.chain_linear.api import chain_linear
 from .ops.chain_rmsnorm.api import chain_rmsnorm
 from .ops.chain_swiglu.api import chain_swiglu
@@ -20,6 +21,7 @@ __all__ = [
     "BackendError",
     "Chains",
     "chain_attention",
+    "chain_attention_decode",
     "chain_linear",
     "chain_rmsnorm",
     "chain_swiglu",

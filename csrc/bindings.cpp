@@ -24,6 +24,14 @@
 // only when torch.backends.cuda.matmul.allow_tf32 is set).
 // COLM_KERNELS_CHAIN_LINEAR_GEMM=loop issues one cublasGemmEx per GEMM instead of grouped calls
 // (default "auto"; see csrc/chain_linear/chain_linear.cu).
+//
+//   chain_attention_decode_fwd(q (B, Sq, Hq, D), k_cache, v_cache (B, S_max, Hkv_cache, D),
+//                              cache_seqlens int32 (B,), group_heads int32 (Hkv, G),
+//                              group_chains int32 (Hkv, G), head_chain int32 (Hq,),
+//                              seq_chains int32 (B,) or None, softmax_scale, num_splits)
+//       -> out (B, Sq, Hq, D) contiguous, q.dtype. Split-K decode attention over the first Hkv kv
+//       heads of the caches (Hkv * G = Hq); num_splits 0 = automatic. Caches: any strides that
+//       are multiples of 16 bytes, unit last stride; D in {64, 128, 256}; 1 <= Sq <= 16.
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -49,6 +57,7 @@
 #define COLM_KERNELS_TORCH_BLAS_HANDLE 0
 #endif
 
+#include "chain_attention_decode/chain_attention_decode.h"
 #include "chain_linear/chain_linear.h"
 #include "chain_rmsnorm/chain_rmsnorm.h"
 #include "common/types.h"
@@ -408,6 +417,96 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> chain_linear_bwd_dw
   return {dws, dbs};
 }
 
+// ------------------------------------------------------------------------------------------
+// chain_attention_decode
+// ------------------------------------------------------------------------------------------
+const int32_t* int32_vector(const at::Tensor& t, const at::Tensor& q, int64_t numel,
+                            const char* op, const char* name) {
+  check_cuda(t, op, name, &q, "q");
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() == numel, op, ": ", name,
+                    " must be contiguous with ", numel, " elements, got shape ", t.sizes(),
+                    " and strides ", t.strides());
+  return t.data_ptr<int32_t>();
+}
+
+at::Tensor chain_attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                      const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                      const at::Tensor& group_heads,
+                                      const at::Tensor& group_chains,
+                                      const at::Tensor& head_chain,
+                                      const std::optional<at::Tensor>& seq_chains,
+                                      double softmax_scale, int64_t num_splits) {
+  constexpr const char* op = "chain_attention_decode_fwd";
+  check_cuda(q, op, "q");
+  check_cuda(k_cache, op, "k_cache", &q, "q");
+  check_cuda(v_cache, op, "v_cache", &q, "q");
+  const DType dtype = to_dtype(q, op, "q");
+  check_same_dtype(k_cache, q, op, "k_cache", "q");
+  check_same_dtype(v_cache, q, op, "v_cache", "q");
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D (B, Sq, Hq, D), got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), op,
+                    ": k_cache and v_cache must be 4-D (B, S_max, Hkv, D) of one shape, got ",
+                    k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
+  TORCH_CHECK_VALUE(k_cache.size(0) == B && k_cache.size(3) == D, op, ": k_cache ",
+                    k_cache.sizes(), " must have q's batch ", B, " and head dim ", D);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"},
+                                {&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+    TORCH_CHECK_VALUE(t->size(3) <= 1 || t->stride(3) == 1, op, ": ", name,
+                      " must be contiguous along its last dimension, got strides ", t->strides());
+  }
+  TORCH_CHECK_VALUE(group_heads.dim() == 2 && group_chains.sizes() == group_heads.sizes(), op,
+                    ": group_heads and group_chains must be (Hkv, G) of one shape, got ",
+                    group_heads.sizes(), " and ", group_chains.sizes());
+  const int64_t Hkv = group_heads.size(0), G = group_heads.size(1);
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hkv * G == Hq, op, ": group_heads ", group_heads.sizes(),
+                    " must list the ", Hq, " query heads of q");
+  TORCH_CHECK_VALUE(Hkv <= k_cache.size(2), op, ": ", Hkv, " kv heads read but the caches hold ",
+                    k_cache.size(2));
+
+  colm_kernels::ChainAttentionDecodeArgs a;
+  a.q = q.data_ptr();
+  a.q_stride_b = q.stride(0);
+  a.q_stride_s = q.stride(1);
+  a.q_stride_h = q.stride(2);
+  a.k = k_cache.data_ptr();
+  a.k_stride_b = k_cache.stride(0);
+  a.k_stride_s = k_cache.stride(1);
+  a.k_stride_h = k_cache.stride(2);
+  a.v = v_cache.data_ptr();
+  a.v_stride_b = v_cache.stride(0);
+  a.v_stride_s = v_cache.stride(1);
+  a.v_stride_h = v_cache.stride(2);
+  a.cache_seqlens = int32_vector(cache_seqlens, q, B, op, "cache_seqlens");
+  a.group_heads = int32_vector(group_heads, q, Hq, op, "group_heads");
+  a.group_chains = int32_vector(group_chains, q, Hq, op, "group_chains");
+  a.head_chain = int32_vector(head_chain, q, Hq, op, "head_chain");
+  a.seq_chains = seq_chains.has_value() ? int32_vector(*seq_chains, q, B, op, "seq_chains") : nullptr;
+  a.batch = B;
+  a.sq = Sq;
+  a.hq = Hq;
+  a.hkv = Hkv;
+  a.s_max = k_cache.size(1);
+  a.head_dim = D;
+  a.softmax_scale = softmax_scale;
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({B, Sq, Hq, D}, q.options());
+  if (out.numel() == 0) return out;
+  a.out = out.data_ptr();
+  const colm_kernels::ChainAttentionDecodePlan plan =
+      colm_kernels::chain_attention_decode_plan(a, num_splits);
+  const int64_t ws_floats = colm_kernels::chain_attention_decode_workspace_floats(a, plan);
+  at::Tensor ws;
+  if (ws_floats > 0) ws = at::empty({ws_floats}, q.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  colm_kernels::launch_chain_attention_decode(
+      a, plan, ws.defined() ? ws.data_ptr<float>() : nullptr, ws_floats, dtype, stream);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -433,4 +532,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weights"), pybind11::arg("needs_weight"), pybind11::arg("needs_bias"),
         "Chain-of-Linear weight and bias gradients -> (dW list, db list); dW_i = dy_i^T x[:, :P_i] "
         "(d_i, P_i), db_i = column sums of dy_i; an empty (0,) tensor where not needed.");
+  m.def("chain_attention_decode_fwd", &chain_attention_decode_fwd, pybind11::arg("q"),
+        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("cache_seqlens"),
+        pybind11::arg("group_heads"), pybind11::arg("group_chains"), pybind11::arg("head_chain"),
+        pybind11::arg("seq_chains"), pybind11::arg("softmax_scale"), pybind11::arg("num_splits"),
+        "Split-K decode attention over a KV cache: q (B, Sq, Hq, D), caches (B, S_max, Hkv, D), "
+        "cache_seqlens int32 (B,) (new tokens included), head tables int32, seq_chains int32 (B,) "
+        "or None, softmax_scale, num_splits (0: automatic) -> out (B, Sq, Hq, D).");
 }

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..chains import KV_MAPPINGS, ChainsLike, as_chains
 from ..ops.chain_attention.api import chain_attention
+from ..ops.chain_attention_decode.api import MAX_DECODE_TOKENS, chain_attention_decode
 from .kv_cache import KVCache
 from .linear import ChainLinear
 from .rope import apply_rotary, rope_angles
@@ -61,7 +63,9 @@ class ChainAttention(nn.Module):
 
     def forward(self, x: Tensor, chain=None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
         """``x``: ``(B, S, >= P_(chain+1))``. With ``cache``, the new tokens follow the cached
-        ones (their K/V are appended to layer ``layer`` of it)."""
+        ones (their K/V are appended to layer ``layer`` of it). A decode step (a non-empty cache,
+        at most 16 new tokens, no gradient needed) reads the cache in place through
+        ``chain_attention_decode``."""
         k = self.chains.check_chain(chain)
         seqlen = x.shape[1]
         start = 0 if cache is None else cache.length
@@ -71,7 +75,18 @@ class ChainAttention(nn.Module):
         keys = apply_rotary(keys.unflatten(-1, (-1, self.head_dim)), angles)
         values = values.unflatten(-1, (-1, self.head_dim))
         if cache is not None:
+            # The decode op is inference-only: a step that needs gradients takes chain_attention.
+            decode = (cache.length > 0 and seqlen <= MAX_DECODE_TOKENS
+                      and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)))
             keys, values = cache.update(layer, keys, values, k)
+            if decode:
+                k_cache, v_cache, seqlens = cache.layer_cache(layer, seqlen)
+                # Lengths come from the cache, valid by construction: no host sync per layer.
+                out = chain_attention_decode(
+                    q, k_cache, v_cache, seqlens, self.chains, kv_sharing=self.kv_sharing,
+                    kv_mapping=self.kv_mapping, check_values=False,
+                )
+                return self.wo(out.flatten(-2), k)
         out = chain_attention(
             q, keys, values, self.chains, causal=True, kv_sharing=self.kv_sharing,
             kv_mapping=self.kv_mapping,

@@ -25,6 +25,7 @@ class KVCache:
         # kv heads that exist at each scale (without sharing, a prefix of them).
         self.kv_heads_per_scale = tuple(kv_heads_per_scale)
         self.complete_chain: Optional[int] = None  # None: empty cache
+        self._seqlens: Optional[tuple[int, Tensor]] = None  # (end, (B,) int32 tensor of end)
 
     def check_scale(self, chain: int) -> None:
         if self.kv_sharing or self.complete_chain is None or chain <= self.complete_chain:
@@ -45,6 +46,16 @@ class KVCache:
         self.k[layer][:, self.length:end, :heads] = keys
         self.v[layer][:, self.length:end, :heads] = values
         return self.k[layer][:, :end, :heads], self.v[layer][:, :end, :heads]
+
+    def layer_cache(self, layer: int, seqlen: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(k, v, cache_seqlens)`` for a decode step of ``seqlen`` new tokens, after ``update``:
+        the layer's whole ``(B, max_len, n_kv, hd)`` tensors and the ``(B,)`` int32 lengths
+        (``length + seqlen`` for every sequence; one tensor per step, shared by the layers)."""
+        end = self.length + seqlen
+        if self._seqlens is None or self._seqlens[0] != end:
+            k = self.k[layer]
+            self._seqlens = (end, torch.full((k.shape[0],), end, dtype=torch.int32, device=k.device))
+        return self.k[layer], self.v[layer], self._seqlens[1]
 
     def advance(self, seqlen: int, chain: int) -> None:
         """Called once per model step, after every layer has written its K/V."""

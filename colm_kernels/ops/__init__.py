@@ -6,6 +6,7 @@ Importing this package registers every op's backends. The public functions are r
 """
 from .. import backends as _backends
 from .chain_attention import api as _chain_attention_api  # noqa: F401
+from .chain_attention_decode import api as _chain_attention_decode_api  # noqa: F401
 from .chain_linear import api as _chain_linear_api  # noqa: F401
 from .chain_rmsnorm import api as _chain_rmsnorm_api  # noqa: F401
 from .chain_swiglu import api as _chain_swiglu_api  # noqa: F401

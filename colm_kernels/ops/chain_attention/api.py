@@ -5,6 +5,11 @@ so its head count selects the scale. Without KV sharing ``k``/``v`` carry the ma
 (ordinary GQA, query head j reads kv head ``j // (n_q / n_kv)``); with KV sharing (CoLM-Air) they
 carry all shared kv heads and ``kv_mapping`` (``tile`` or ``chain_group``) says which one each query
 head reads.
+
+Variable-length packed batches follow flash-attn's convention: ``q`` ``(total_q, Hq, D)``, ``k``/``v``
+``(total_k, Hkv, D)``, int32 ``cu_seqlens_q``/``cu_seqlens_k`` ``(n_seq + 1,)`` cumulative offsets
+from 0, and ``max_seqlen_q``/``max_seqlen_k`` upper bounds of the lengths (they size the kernels'
+grids; a bucketed value is fine).
 """
 from __future__ import annotations
 
@@ -20,9 +25,12 @@ from .._library import register_reference_op
 from . import reference
 
 OP = "chain_attention"
+# Varlen rides on the trailing optional arguments: ``cu_seqlens_q``/``cu_seqlens_k`` None (and the
+# max lengths 0) is the padded ``(B, S, H, D)`` layout.
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, int[] kv_head_index, int[] head_chain, bool causal, "
-    "Tensor? seq_chains, float softmax_scale) -> Tensor"
+    "Tensor? seq_chains, float softmax_scale, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+    "int max_seqlen_q=0, int max_seqlen_k=0) -> Tensor"
 )
 
 chain_attention_reference = register_reference_op(
@@ -32,36 +40,104 @@ backends.register(OP, "reference", __name__, "chain_attention_reference")
 backends.register(OP, "triton", "colm_kernels.ops.chain_attention.triton", "chain_attention_triton", reasons_fn="not_supported_reasons")
 
 
-def head_maps(chains, n_q: int, n_kv: int, kv_sharing: bool, kv_mapping: str):
-    """``(scale, kv_head_index, head_chain)`` for ``n_q`` active query heads and ``n_kv`` kv heads."""
+def head_maps(chains, n_q: int, n_kv: int, kv_sharing: bool, kv_mapping: str, *,
+              q_heads: str = "q.shape[2]", k_heads: str = "k.shape[2]"):
+    """``(scale, kv_head_index, head_chain)`` for ``n_q`` active query heads and ``n_kv`` kv heads.
+    ``q_heads`` / ``k_heads`` name the head dims in errors (``q.shape[1]`` for packed varlen)."""
     chains = as_chains(chains)
     if kv_mapping not in KV_MAPPINGS:
         raise ValueError(f"kv_mapping must be one of {KV_MAPPINGS}, got {kv_mapping!r}")
     head_prefixes = tuple(itertools.accumulate(chains.sizes))
     if n_q not in head_prefixes:
         raise ValueError(
-            f"q.shape[2]={n_q} query heads is not the head count of any scale of "
+            f"{q_heads}={n_q} query heads is not the head count of any scale of "
             f"chains={chains.sizes}: expected one of {head_prefixes}"
         )
     scale = head_prefixes.index(n_q)
     if kv_sharing:
-        chains.check_kv_sharing(n_kv, name="k.shape[2] (shared kv heads)")
+        chains.check_kv_sharing(n_kv, name=f"{k_heads} (shared kv heads)")
         kv_index = chains.kv_head_map(n_kv, kv_sharing=True, kv_mapping=kv_mapping, chain=scale)
     else:
         if n_kv <= 0 or n_q % n_kv:
             raise ValueError(
-                f"k.shape[2]={n_kv} kv heads must divide q.shape[2]={n_q} query heads (GQA)"
+                f"{k_heads}={n_kv} kv heads must divide {q_heads}={n_q} query heads (GQA)"
             )
         group = n_q // n_kv
         if chains.total % group:
             raise ValueError(
-                f"GQA group size {group} (q.shape[2]={n_q} / k.shape[2]={n_kv}) does not divide "
+                f"GQA group size {group} ({q_heads}={n_q} / {k_heads}={n_kv}) does not divide "
                 f"sum(chains)={chains.total} for chains={chains.sizes}"
             )
         n_kv_total = chains.total // group
-        chains.kv_head_counts(n_kv_total, name=f"n_kv_heads (from k.shape[2]={n_kv})")
+        chains.kv_head_counts(n_kv_total, name=f"n_kv_heads (from {k_heads}={n_kv})")
         kv_index = chains.kv_head_map(n_kv_total, chain=scale)
     return scale, list(kv_index), list(chains.head_chain()[:n_q])
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, total: int, tensor_name: str, q: Tensor) -> int | None:
+    """Shape, dtype and device of one ``cu_seqlens_*``; when not compiling also its values (one
+    host sync), returning the longest sequence's length (None when compiling)."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor (flash-attn convention), got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D of shape (n_seq + 1,), got shape {tuple(cu.shape)}")
+    check_like("q", q, dtype=False, **{name: cu})
+    if torch.compiler.is_compiling():
+        return None
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0]={values[0]}")
+    steps = [b - a for a, b in zip(values[:-1], values[1:])]
+    if any(s < 0 for s in steps):
+        i = next(i for i, s in enumerate(steps) if s < 0)
+        raise ValueError(f"{name} must be non-decreasing, got {name}[{i}]={values[i]} > "
+                         f"{name}[{i + 1}]={values[i + 1]}")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1]={values[-1]} must equal {tensor_name}.shape[0]={total} "
+                         f"(the total number of packed tokens)")
+    return max(steps, default=0)
+
+
+def _check_max_seqlen(name: str, value, longest: int | None, cu_name: str) -> None:
+    if value is None:
+        raise ValueError(f"{name} is required with {cu_name} (an upper bound of the sequence lengths)")
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if longest is not None and value < longest:
+        raise ValueError(f"{name}={value} is smaller than the longest sequence in {cu_name} ({longest})")
+
+
+def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> bool:
+    """Whether the call is varlen; raises naming the argument when the pair is inconsistent."""
+    given = {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
+    if all(t is None for t in given.values()):
+        for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if value is not None:
+                raise ValueError(f"{name} is only used with cu_seqlens_q and cu_seqlens_k (varlen); "
+                                 f"got {name}={value!r} without them")
+        return False
+    for name, t in given.items():
+        if t is None:
+            other = "cu_seqlens_k" if name == "cu_seqlens_q" else "cu_seqlens_q"
+            raise ValueError(f"{name} must be given together with {other} (varlen needs both)")
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim) with cu_seqlens, "
+                             f"got shape {tuple(t.shape)}")
+    longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", q)
+    longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", q)
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+            f"{cu_seqlens_q.shape[0] - 1} and {cu_seqlens_k.shape[0] - 1} (shapes "
+            f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)})")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, longest_q, "cu_seqlens_q")
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k, longest_k, "cu_seqlens_k")
+    return True
 
 
 def chain_attention(
@@ -74,6 +150,11 @@ def chain_attention(
     kv_mapping: str = "tile",
     seq_chains: Tensor | None = None,
     softmax_scale: float | None = None,
+    *,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> Tensor:
     """Attention of ``q`` ``(B, Sq, Hq, D)`` over ``k``, ``v`` ``(B, Sk, Hkv, D)``.
 
@@ -82,33 +163,52 @@ def chain_attention(
         causal: causal mask, bottom-right aligned when ``Sq != Sk`` (KV cache); query rows that
             see no key (``Sq > Sk``) output zeros.
         kv_sharing: CoLM-Air: ``k``/``v`` hold all shared kv heads, mapped by ``kv_mapping``.
-        seq_chains: optional integer tensor ``(B,)``: the last active chain of each sequence
-            (at most the scale selected by ``Hq``); heads beyond it output exact zeros.
+        seq_chains: optional integer tensor ``(B,)`` (``(n_seq,)`` for varlen): the last active
+            chain of each sequence (at most the scale selected by ``Hq``); heads beyond it output
+            exact zeros.
         softmax_scale: defaults to ``D ** -0.5``.
+        cu_seqlens_q, cu_seqlens_k: variable-length packed batch (flash-attn convention, keyword
+            only, both or neither): int32 ``(n_seq + 1,)`` cumulative offsets starting at 0 and
+            ending at ``total_q`` / ``total_k``. Then ``q`` is ``(total_q, Hq, D)``, ``k``/``v``
+            ``(total_k, Hkv, D)``, and sequence b is ``q[cu_q[b]:cu_q[b+1]]`` attending to
+            ``k[cu_k[b]:cu_k[b+1]]`` (causal bottom-right aligned per sequence; empty sequences
+            allowed).
+        max_seqlen_q, max_seqlen_k: required with ``cu_seqlens_*``: upper bounds of the
+            sequence lengths (they size the kernels' grids; checked when not compiling).
 
-    Returns ``(B, Sq, Hq, D)`` in ``q``'s dtype.
+    Returns ``(B, Sq, Hq, D)`` (varlen: ``(total_q, Hq, D)``) in ``q``'s dtype.
     """
     chains = as_chains(chains)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
+        check_tensor(name, t)
+    varlen = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    ndim = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=ndim)
     check_like("q", q, k=k, v=v)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k.shape[0]={k.shape[0]} (batch) must equal q.shape[0]={q.shape[0]}")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"k.shape[3]={k.shape[3]} (head_dim) must equal q.shape[3]={q.shape[3]}")
+    if varlen:
+        head_dim, q_heads, k_heads, n_seq = 2, "q.shape[1]", "k.shape[1]", cu_seqlens_q.shape[0] - 1
+    else:
+        head_dim, q_heads, k_heads, n_seq = 3, "q.shape[2]", "k.shape[2]", q.shape[0]
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k.shape[0]={k.shape[0]} (batch) must equal q.shape[0]={q.shape[0]}")
+    if k.shape[head_dim] != q.shape[head_dim]:
+        raise ValueError(f"k.shape[{head_dim}]={k.shape[head_dim]} (head_dim) must equal "
+                         f"q.shape[{head_dim}]={q.shape[head_dim]}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if not isinstance(kv_sharing, bool):
         raise TypeError(f"kv_sharing must be a bool, got {kv_sharing!r}")
-    scale, kv_index, head_chain = head_maps(chains, q.shape[2], k.shape[2], kv_sharing, kv_mapping)
+    scale, kv_index, head_chain = head_maps(chains, q.shape[head_dim - 1], k.shape[head_dim - 1],
+                                            kv_sharing, kv_mapping, q_heads=q_heads, k_heads=k_heads)
     if seq_chains is not None:
         check_tensor("seq_chains", seq_chains, ndim=1, kind="int")
         check_like("q", q, dtype=False, seq_chains=seq_chains)
-        if seq_chains.shape[0] != q.shape[0]:
+        if seq_chains.shape[0] != n_seq:
             raise ValueError(
-                f"seq_chains must have one entry per sequence ({q.shape[0]}), got {seq_chains.shape[0]}"
+                f"seq_chains must have one entry per sequence ({n_seq}), got {seq_chains.shape[0]}"
             )
         if not torch.compiler.is_compiling() and seq_chains.numel():
             lo, hi = int(seq_chains.min()), int(seq_chains.max())
@@ -118,13 +218,17 @@ def chain_attention(
                     f"got values in [{lo}, {hi}]"
                 )
     if softmax_scale is None:
-        softmax_scale = q.shape[3] ** -0.5
+        softmax_scale = q.shape[-1] ** -0.5
     elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
           or not 0 < softmax_scale < float("inf")):
         raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
     tensors = [q, k, v] + ([seq_chains] if seq_chains is not None else [])
-    op = backends.dispatch(
-        OP, tensors, q=q, k=k, v=v, kv_head_index=kv_index, head_chain=head_chain,
-        causal=causal, seq_chains=seq_chains, softmax_scale=float(softmax_scale),
-    )
-    return op(q, k, v, kv_index, head_chain, causal, seq_chains, float(softmax_scale))
+    args = (q, k, v, kv_index, head_chain, causal, seq_chains, float(softmax_scale))
+    inputs = dict(q=q, k=k, v=v, kv_head_index=kv_index, head_chain=head_chain, causal=causal,
+                  seq_chains=seq_chains, softmax_scale=float(softmax_scale))
+    if not varlen:
+        return backends.dispatch(OP, tensors, **inputs)(*args)
+    tensors += [cu_seqlens_q, cu_seqlens_k]
+    extra = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
+                 max_seqlen_k=int(max_seqlen_k))
+    return backends.dispatch(OP, tensors, **inputs, **extra)(*args, **extra)

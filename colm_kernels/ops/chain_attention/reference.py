@@ -5,6 +5,13 @@
 ``j <= i + Sk - Sq``); a query row that sees no key outputs zeros. With ``seq_chains``, head ``h`` of
 sequence ``b`` is active only when ``head_chain[h] <= seq_chains[b]``; inactive heads output exact
 zeros and pass no gradient. Scores and softmax in float32 (float64 for float64 inputs).
+
+Variable-length packed batches (flash-attn's convention): with ``cu_seqlens_q`` / ``cu_seqlens_k``
+(int32 ``(n_seq + 1,)`` offsets from 0), ``q`` is ``(total_q, H, D)`` and ``k``, ``v`` are
+``(total_k, Hkv, D)``; sequence ``b`` is ``q[cu_q[b]:cu_q[b+1]]`` over ``k[cu_k[b]:cu_k[b+1]]``.
+Each sequence runs through the same per-batch math as a batch of one (causal bottom-right aligned
+per sequence, ``seq_chains[b]`` its scale). ``max_seqlen_*`` are grid bounds for the kernels; the
+reference does not need them.
 """
 from __future__ import annotations
 
@@ -14,16 +21,8 @@ import torch
 from torch import Tensor
 
 
-def chain_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kv_head_index: Sequence[int],
-    head_chain: Sequence[int],
-    causal: bool,
-    seq_chains: Optional[Tensor],
-    softmax_scale: float,
-) -> Tensor:
+def _attend(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale) -> Tensor:
+    """The per-batch math: ``(B, Sq, H, D)`` over ``(B, Sk, Hkv, D)``."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     index = torch.tensor(list(kv_head_index), device=q.device, dtype=torch.long)
     keys = k.index_select(2, index).to(compute)  # (B, Sk, H, D): the paper's repeated K
@@ -46,3 +45,31 @@ def chain_attention(
         active = chain_of_head[None, :] <= seq_chains.to(q.device)[:, None]  # (B, H)
         out = torch.where(active[:, None, :, None], out, torch.zeros((), dtype=compute, device=q.device))
     return out.to(q.dtype)
+
+
+def chain_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_head_index: Sequence[int],
+    head_chain: Sequence[int],
+    causal: bool,
+    seq_chains: Optional[Tensor],
+    softmax_scale: float,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+) -> Tensor:
+    if cu_seqlens_q is None and cu_seqlens_k is None:
+        return _attend(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale)
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = [q[:0]]  # keeps dtype, device and head layout when there is no sequence
+    for b in range(len(starts_q) - 1):
+        qs = q[starts_q[b]:starts_q[b + 1]][None]
+        ks, vs = (t[starts_k[b]:starts_k[b + 1]][None] for t in (k, v))
+        sc = None if seq_chains is None else seq_chains[b:b + 1]
+        outs.append(_attend(qs, ks, vs, kv_head_index, head_chain, causal, sc, softmax_scale)[0])
+    return torch.cat(outs, dim=0)

@@ -15,6 +15,16 @@ contiguous last dim (the outputs are allocated contiguous). ``lse`` and ``delta`
 ``(B, Hq, Sq)`` in log2 units (``lse = log2 sum_j 2^(S_ij * log2 e)``; ``+inf`` for a row with no
 visible key and for inactive heads, so their backward probabilities are exactly 0).
 
+Variable-length packed batches (flash-attn convention, ``VARLEN`` constexpr, same kernels): q,
+out, dout, dq are ``(total_q, Hq, D)``, k, v, dk, dv ``(total_k, Hkv, D)`` and lse / delta
+``(Hq, total_q)``; int32 ``CU_Q`` / ``CU_K`` ``(n_seq + 1,)`` hold the sequences' first rows. The
+grid's batch index is the sequence: each program reads its sequence's start offsets and lengths
+in-kernel and uses them as that program's ``Sq``/``Sk`` (causal bottom-right aligned per sequence);
+the launch's ``Sq``/``Sk`` are only the max lengths that size the grid (runtime ints, never
+constexpr, so a new max length never recompiles). Programs whose row (key) block lies past their
+sequence's length return at once; the others write exactly the rows of their sequence, so every
+output row is written once (a sequence with keys but no query writes zero dK/dV).
+
 KV-head packing. Every kv head ``g`` owns the same number G of query heads, listed (sorted by
 ``(head_chain, h)``) in an int32 table ``HEADS (Hkv, G)``; ``CHAINS (Hkv, G)`` holds their chains.
 One program handles (batch b, kv head g, BLOCK_M packed rows), packed row ``r`` = (query position
@@ -34,8 +44,9 @@ Kernels:
   rows (all G query heads of the kv head), so dK/dV are reduced over the group inside the kernel.
 - ``_chain_attention_bwd_dq_kernel``: grid as the forward; atomics-free.
 All products accumulate in fp32 (fp32 inputs use IEEE dots); outputs are written once in the
-input dtype. Autotune keys: head dim, G, causal, seq_chains flag (and Triton adds the dtypes);
-never a sequence length (``Sq``, ``Sk`` are not specialised either). Offsets are int64.
+input dtype. Autotune keys: head dim, G, causal, seq_chains and varlen flags (and Triton adds the
+dtypes); never a sequence length (``Sq``, ``Sk`` and the lse strides are not specialised
+either). Offsets are int64.
 
 This file holds kernels and launchers only; the ops are registered in ``triton.py``.
 """
@@ -112,7 +123,7 @@ def _smem_pruner(resident: str, n_resident: int, stream: str, n_stream: int, acc
     return prune
 
 
-_KEY = ["HEAD_DIM", "G", "CAUSAL", "HAS_SC"]
+_KEY = ["HEAD_DIM", "G", "CAUSAL", "HAS_SC", "VARLEN"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +141,20 @@ def _active_members(SC, CHAINS, b, g, G: tl.constexpr, G_P2: tl.constexpr, HAS_S
     else:
         n = G
     return n
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN: tl.constexpr):
+    """``(first query row, Sq, first key row, Sk)`` of sequence b: read from the cu_seqlens tables
+    when VARLEN (the launch's ``Sq``/``Sk`` are then only the grid's bounds), else ``(0, Sq, 0, Sk)``."""
+    q_off = b.to(tl.int64) * 0
+    k_off = q_off
+    if VARLEN:
+        q_off = tl.load(CU_Q + b).to(tl.int64)
+        Sq = (tl.load(CU_Q + b + 1).to(tl.int64) - q_off).to(tl.int32)
+        k_off = tl.load(CU_K + b).to(tl.int64)
+        Sk = (tl.load(CU_K + b + 1).to(tl.int64) - k_off).to(tl.int32)
+    return q_off, Sq, k_off, Sk
 
 
 @triton.jit
@@ -218,21 +243,31 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, star
 # ----------------------------------------------------------------------------------------------
 @triton.autotune(configs=_configs(_FWD_GPU), key=_KEY,
                  prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_M", 1, "BLOCK_N", 2, "BLOCK_M", 1)})
-@triton.jit(do_not_specialize=["Sq", "Sk"])
+@triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_fwd_kernel(
-    Q, K, V, O, LSE, HEADS, CHAINS, SC,
+    Q, K, V, O, LSE, HEADS, CHAINS, SC, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    Sq, Sk, Hq, Hkv, qk_scale,
+    stride_lb, stride_lh,
+    Sq, Sk, Hkv, qk_scale,
     HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_SC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
     start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # late (long) rows first
+    q_off, Sq, k_off, Sk = _seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    if VARLEN:
+        if start >= G * Sq:  # past this sequence's rows: they belong to no program of it
+            return
+        Q += q_off * stride_qs
+        O += q_off * stride_os
+        LSE += q_off
+        K += k_off * stride_ks
+        V += k_off * stride_vs
     A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
     n_act = A * Sq
     pos, mem, act, valid = _packed_rows(start, Sq, n_act, A, G, BLOCK_M, HAS_SC)
@@ -260,23 +295,31 @@ def _chain_attention_fwd_kernel(
     tl.store(_row_ptrs(O, b64, pos, head, stride_ob, stride_os, stride_oh, offs_d),
              out.to(O.dtype.element_ty), mask=valid[:, None])
     lse = tl.where(empty | (act == 0), float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + (b64 * Hq + head.to(tl.int64)) * Sq + pos, lse, mask=valid)
+    tl.store(LSE + b64 * stride_lb + head.to(tl.int64) * stride_lh + pos, lse, mask=valid)
 
 
-@triton.jit(do_not_specialize=["Sq"])
+@triton.jit(do_not_specialize=["Sq", "stride_lb", "stride_lh"])
 def _chain_attention_bwd_preprocess_kernel(
-    O, DO, DELTA, HEADS, CHAINS, SC,
+    O, DO, DELTA, HEADS, CHAINS, SC, CU_Q,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
-    Sq, Hq, Hkv,
+    stride_lb, stride_lh,
+    Sq, Hkv,
     HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, HAS_SC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO * O over the active packed rows (inactive rows are never read)."""
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
     start = tl.program_id(0) * BLOCK_M
+    q_off, Sq, _, _ = _seq_bounds(CU_Q, CU_Q, b, Sq, Sq, VARLEN)
+    if VARLEN:
+        if start >= G * Sq:
+            return
+        O += q_off * stride_os
+        DO += q_off * stride_dos
+        DELTA += q_off
     A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
     pos, mem, act, valid = _packed_rows(start, Sq, A * Sq, A, G, BLOCK_M, HAS_SC)
     head = tl.load(HEADS + g * G + mem)
@@ -287,13 +330,13 @@ def _chain_attention_bwd_preprocess_kernel(
     do = tl.load(_row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d),
                  mask=act[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + (b64 * Hq + head.to(tl.int64)) * Sq + pos, delta, mask=act)
+    tl.store(DELTA + b64 * stride_lb + head.to(tl.int64) * stride_lh + pos, delta, mask=act)
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
-                stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
-                start_m, end_m, Sq, Sk, Hq, qk_scale, offs_d,
+                stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+                start_m, end_m, Sq, Sk, qk_scale, offs_d,
                 G: tl.constexpr, HAS_SC: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr):
     for m0 in range(start_m, end_m, BLOCK_M):
@@ -303,7 +346,7 @@ def _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
                     mask=act[:, None], other=0.0)
         do = tl.load(_row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d),
                      mask=act[:, None], other=0.0)
-        row = (b64 * Hq + head.to(tl.int64)) * Sq + pos
+        row = b64 * stride_lb + head.to(tl.int64) * stride_lh + pos
         lse = tl.load(LSE + row, mask=act, other=float("inf"))  # +inf: probability 0
         delta = tl.load(DELTA + row, mask=act, other=0.0)
         s_t = mma(k, tl.trans(q), tl.zeros((k.shape[0], BLOCK_M), dtype=tl.float32)) * qk_scale
@@ -322,23 +365,37 @@ def _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
 
 @triton.autotune(configs=_configs(_DKDV_GPU), key=_KEY,
                  prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_N", 2, "BLOCK_M", 2, "BLOCK_N", 2)})
-@triton.jit(do_not_specialize=["Sq", "Sk"])
+@triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, CHAINS, SC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, CHAINS, SC, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
-    Sq, Sk, Hq, Hkv, qk_scale, softmax_scale,
+    stride_lb, stride_lh,
+    Sq, Sk, Hkv, qk_scale, softmax_scale,
     HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_SC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of one (b, kv head, key block), summed over the active rows of all G query heads."""
+    """dK, dV of one (b, kv head, key block), summed over the active rows of all G query heads.
+    A sequence with no query (varlen) still writes its keys' zeros."""
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
     n0 = tl.program_id(0) * BLOCK_N
+    q_off, Sq, k_off, Sk = _seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    if VARLEN:
+        if n0 >= Sk:  # past this sequence's keys
+            return
+        Q += q_off * stride_qs
+        DO += q_off * stride_dos
+        LSE += q_off
+        DELTA += q_off
+        K += k_off * stride_ks
+        V += k_off * stride_vs
+        DK += k_off * stride_dks
+        DV += k_off * stride_dks
     b64 = b.to(tl.int64)
     g64 = g.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -364,12 +421,12 @@ def _chain_attention_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dk, dv = _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
-                         stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
-                         start_m, mid, Sq, Sk, Hq, qk_scale, offs_d, G, HAS_SC, True, CAUSAL, BLOCK_M)
+                         stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb,
+                         stride_lh, start_m, mid, Sq, Sk, qk_scale, offs_d, G, HAS_SC, True, CAUSAL, BLOCK_M)
     # Mask-free: every key of the block is visible (keys past Sk only touch rows never stored).
     dk, dv = _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
-                         stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
-                         mid, n_act, Sq, Sk, Hq, qk_scale, offs_d, G, HAS_SC, False, CAUSAL, BLOCK_M)
+                         stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb,
+                         stride_lh, mid, n_act, Sq, Sk, qk_scale, offs_d, G, HAS_SC, False, CAUSAL, BLOCK_M)
     out_off = b64 * stride_dkb + g64 * stride_dkh + cols.to(tl.int64)[:, None] * stride_dks + offs_d[None, :]
     tl.store(DK + out_off, (dk * softmax_scale).to(DK.dtype.element_ty), mask=col_ok)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok)
@@ -405,22 +462,34 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, 
 
 @triton.autotune(configs=_configs(_DQ_GPU), key=_KEY,
                  prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_M", 2, "BLOCK_N", 2, "BLOCK_M", 1)})
-@triton.jit(do_not_specialize=["Sq", "Sk"])
+@triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, HEADS, CHAINS, SC,
+    Q, K, V, DO, LSE, DELTA, DQ, HEADS, CHAINS, SC, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
-    Sq, Sk, Hq, Hkv, qk_scale, softmax_scale,
+    stride_lb, stride_lh,
+    Sq, Sk, Hkv, qk_scale, softmax_scale,
     HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_SC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
     start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    q_off, Sq, k_off, Sk = _seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    if VARLEN:
+        if start >= G * Sq:
+            return
+        Q += q_off * stride_qs
+        DO += q_off * stride_dos
+        DQ += q_off * stride_dqs
+        LSE += q_off
+        DELTA += q_off
+        K += k_off * stride_ks
+        V += k_off * stride_vs
     A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
     n_act = A * Sq
     pos, mem, act, valid = _packed_rows(start, Sq, n_act, A, G, BLOCK_M, HAS_SC)
@@ -431,7 +500,7 @@ def _chain_attention_bwd_dq_kernel(
                 mask=act[:, None], other=0.0)
     do = tl.load(_row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d),
                  mask=act[:, None], other=0.0)
-    row = (b64 * Hq + head.to(tl.int64)) * Sq + pos
+    row = b64 * stride_lb + head.to(tl.int64) * stride_lh + pos
     lse = tl.load(LSE + row, mask=act, other=float("inf"))
     delta = tl.load(DELTA + row, mask=act, other=0.0)
     k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
@@ -451,8 +520,12 @@ def _chain_attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launcher helpers
 # ----------------------------------------------------------------------------------------------
-def fwd_out_shapes(q: torch.Tensor) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Shapes of ``(out, lse)``: ``(B, Sq, Hq, D)`` and ``(B, Hq, Sq)`` (the fake uses this too)."""
+def fwd_out_shapes(q: torch.Tensor, varlen: bool = False) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Shapes of ``(out, lse)``: ``(B, Sq, Hq, D)`` and ``(B, Hq, Sq)``; varlen ``(total_q, Hq, D)``
+    and ``(Hq, total_q)`` (the fake uses this too)."""
+    if varlen:
+        total_q, Hq, _ = q.shape
+        return tuple(q.shape), (Hq, total_q)
     B, Sq, Hq, _ = q.shape
     return tuple(q.shape), (B, Hq, Sq)
 
@@ -489,44 +562,86 @@ def group_layout(kv_head_index: Sequence[int], head_chain: Sequence[int], n_kv: 
     return int32_table(heads, device), int32_table(chains, device), len(heads[0])
 
 
-def _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale) -> None:
+def _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
+                  cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0) -> bool:
+    """Shape, dtype and device checks (no host sync: the values of ``cu_seqlens_*`` are checked by
+    the public function). Returns whether the call is varlen."""
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    ndim = 3 if varlen else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (B, S, H, D)")
+        if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+            layout = "(total, H, D) with cu_seqlens" if varlen else "(B, S, H, D)"
+            raise ValueError(f"{name} must be a {ndim}-D tensor {layout}")
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"{name} has dtype {t.dtype}; expected float16/bfloat16/float32")
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device})")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+    if k.shape != v.shape or k.shape[-1] != q.shape[-1] or (not varlen and k.shape[0] != q.shape[0]):
         raise ValueError(f"inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not is_pow2_in(int(q.shape[3]), MIN_HEAD_DIM, MAX_HEAD_DIM):
-        raise ValueError(f"head dim {q.shape[3]} must be a power of two in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
-    reasons = layout_reasons(q.shape[2], k.shape[2], kv_head_index, head_chain)
+    if not is_pow2_in(int(q.shape[-1]), MIN_HEAD_DIM, MAX_HEAD_DIM):
+        raise ValueError(f"head dim {q.shape[-1]} must be a power of two in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    reasons = layout_reasons(q.shape[-2], k.shape[-2], kv_head_index, head_chain)
     if reasons:
         raise ValueError("; ".join(reasons))
+    n_seq = q.shape[0]
+    if varlen:
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if cu is None:
+                raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+            if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 1:
+                raise ValueError(f"{name} must be an int32 tensor of shape (n_seq + 1,), got "
+                                 f"{cu.dtype} {tuple(cu.shape)}")
+            if cu.device != q.device:
+                raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+        if cu_seqlens_q.shape != cu_seqlens_k.shape:
+            raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
+                             f"{tuple(cu_seqlens_k.shape)} must describe the same number of sequences")
+        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if not isinstance(m, int) or m < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {m!r}")
+        n_seq = cu_seqlens_q.shape[0] - 1
     if seq_chains is not None:
-        if seq_chains.dim() != 1 or seq_chains.shape[0] != q.shape[0] or seq_chains.is_floating_point():
-            raise ValueError(f"seq_chains must be an integer tensor of shape ({q.shape[0]},)")
+        if seq_chains.dim() != 1 or seq_chains.shape[0] != n_seq or seq_chains.is_floating_point():
+            raise ValueError(f"seq_chains must be an integer tensor of shape ({n_seq},)")
         if seq_chains.device != q.device:
             raise ValueError(f"seq_chains is on {seq_chains.device} but q is on {q.device}")
     if not softmax_scale > 0 or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
+    return varlen
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _common(q, k, kv_head_index, head_chain, seq_chains):
-    B, Sq, Hq, D = q.shape
-    Hkv = k.shape[2]
+def _bsh(t: torch.Tensor, varlen: bool) -> Tuple[int, int, int]:
+    """(batch, position, head) strides; a packed varlen tensor has no batch dim (stride 0: the
+    kernels offset by the sequence's first row instead)."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _geometry(q, k, varlen, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """``(B, Sq, Sk, Hq, Hkv, (stride_lb, stride_lh))`` of a launch. Varlen: B is n_seq and Sq / Sk
+    the max lengths (grid bounds; the kernels read each sequence's own from cu_seqlens); lse and
+    delta are ``(Hq, total_q)``."""
+    if varlen:
+        B, Sq, Sk, Hq, Hkv = cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, q.shape[1], k.shape[1]
+        return B, Sq, Sk, Hq, Hkv, (0, q.shape[0])
+    B, Sq, Hq, _ = q.shape
+    return B, Sq, k.shape[1], Hq, k.shape[2], (Hq * Sq, Sq)
+
+
+def _common(q, k, kv_head_index, head_chain, seq_chains, cu_seqlens_q, cu_seqlens_k, B, Hkv, varlen):
     if B * Hkv > _MAX_GRID_Y:
         raise ValueError(f"batch * kv heads = {B * Hkv} exceeds {_MAX_GRID_Y} (grid limit)")
     heads, chains, G = group_layout(kv_head_index, head_chain, Hkv, q.device)
     has_sc = seq_chains is not None
     sc = seq_chains.contiguous() if has_sc else heads  # any int tensor when unused
-    meta = dict(HEAD_DIM=D, G=G, G_P2=max(2, triton.next_power_of_2(G)), HAS_SC=has_sc)
-    return heads, chains, sc, meta
+    cu_q = cu_seqlens_q.contiguous() if varlen else heads
+    cu_k = cu_seqlens_k.contiguous() if varlen else heads
+    meta = dict(HEAD_DIM=q.shape[-1], G=G, G_P2=max(2, triton.next_power_of_2(G)), HAS_SC=has_sc,
+                VARLEN=varlen)
+    return heads, chains, sc, cu_q, cu_k, meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,19 +651,23 @@ def chain_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kv_head_index: Sequence[int], head_chain: Sequence[int], causal: bool,
     seq_chains: Optional[torch.Tensor], softmax_scale: float,
+    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: out ``(B, Sq, Hq, D)`` contiguous in q's dtype, lse fp32 ``(B, Hq, Sq)``
-    (log2 units; +inf for rows with no visible key and for inactive heads)."""
-    _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale)
+    (log2 units; +inf for rows with no visible key and for inactive heads). Varlen (``cu_seqlens_*``
+    given): out ``(total_q, Hq, D)``, lse ``(Hq, total_q)``."""
+    varlen = _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
+                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out_shape, lse_shape = fwd_out_shapes(q)
+    out_shape, lse_shape = fwd_out_shapes(q, varlen)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    B, Sq, Hq, D = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
-    if out.numel() == 0:
+    B, Sq, Sk, Hq, Hkv, lse_strides = _geometry(q, k, varlen, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    if out.numel() == 0 or Sq == 0:
         return out, lse
-    heads, chains, sc, meta = _common(q, k, kv_head_index, head_chain, seq_chains)
+    heads, chains, sc, cu_q, cu_k, meta = _common(q, k, kv_head_index, head_chain, seq_chains,
+                                                  cu_seqlens_q, cu_seqlens_k, B, Hkv, varlen)
     G = meta["G"]
 
     def grid(m):
@@ -556,12 +675,9 @@ def chain_attention_fwd(
 
     with device_guard(q.device):
         _chain_attention_fwd_kernel[grid](
-            q, k, v, out, lse, heads, chains, sc,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            Sq, Sk, Hq, Hkv, float(softmax_scale) * LOG2E,
+            q, k, v, out, lse, heads, chains, sc, cu_q, cu_k,
+            *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lse_strides,
+            Sq, Sk, Hkv, float(softmax_scale) * LOG2E,
             CAUSAL=bool(causal), **meta,
         )
     return out, lse
@@ -573,14 +689,17 @@ def chain_attention_bwd(
     kv_head_index: Sequence[int], head_chain: Sequence[int], causal: bool,
     seq_chains: Optional[torch.Tensor], softmax_scale: float,
     need_dq: bool = True, need_dkv: bool = True,
+    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(dq, dk, dv)``, contiguous, in the inputs' dtype. ``out``/``lse`` from the forward.
     ``need_dq`` / ``need_dkv`` False: that kernel is not launched and its gradients are None."""
-    _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale)
+    varlen = _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
+                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape "
                          f"{tuple(q.shape)}")
-    lse_shape = fwd_out_shapes(q)[1]
+    lse_shape = fwd_out_shapes(q, varlen)[1]
     if lse.shape != lse_shape or lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32 of shape {lse_shape}, got {lse.dtype} {tuple(lse.shape)}")
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
@@ -589,43 +708,37 @@ def chain_attention_bwd(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_dq else None
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if need_dkv else None
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if need_dkv else None
-    B, Sq, Hq, D = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
+    B, Sq, Sk, Hq, Hkv, lse_strides = _geometry(q, k, varlen, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     if q.numel() == 0 or k.numel() == 0 or not (need_dq or need_dkv):  # nothing attends: zeros
         return tuple(None if t is None else t.zero_() for t in (dq, dk, dv))
-    heads, chains, sc, meta = _common(q, k, kv_head_index, head_chain, seq_chains)
+    heads, chains, sc, cu_q, cu_k, meta = _common(q, k, kv_head_index, head_chain, seq_chains,
+                                                  cu_seqlens_q, cu_seqlens_k, B, Hkv, varlen)
     G = meta["G"]
     qk_scale = float(softmax_scale) * LOG2E
     delta = torch.empty_like(lse)
     pre_block = 16 if is_interpreter() else 64
     with device_guard(q.device):
-        _chain_attention_bwd_preprocess_kernel[(triton.cdiv(G * Sq, pre_block), B * Hkv)](
-            out, dout, delta, heads, chains, sc,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            Sq, Hq, Hkv, BLOCK_M=pre_block, num_warps=4 if not is_interpreter() else 1,
-            HEAD_DIM=meta["HEAD_DIM"], G=G, G_P2=meta["G_P2"], HAS_SC=meta["HAS_SC"],
-        )
-        if need_dkv:
+        if Sq > 0:
+            _chain_attention_bwd_preprocess_kernel[(triton.cdiv(G * Sq, pre_block), B * Hkv)](
+                out, dout, delta, heads, chains, sc, cu_q,
+                *_bsh(out, varlen), *_bsh(dout, varlen), *lse_strides,
+                Sq, Hkv, BLOCK_M=pre_block, num_warps=4 if not is_interpreter() else 1,
+                HEAD_DIM=meta["HEAD_DIM"], G=G, G_P2=meta["G_P2"], HAS_SC=meta["HAS_SC"], VARLEN=varlen,
+            )
+        if need_dkv and Sk > 0:
             _chain_attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)](
-                q, k, v, dout, lse, delta, dk, dv, heads, chains, sc,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                dout.stride(0), dout.stride(1), dout.stride(2),
-                dk.stride(0), dk.stride(1), dk.stride(2),
-                Sq, Sk, Hq, Hkv, qk_scale, float(softmax_scale),
+                q, k, v, dout, lse, delta, dk, dv, heads, chains, sc, cu_q, cu_k,
+                *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen),
+                *_bsh(dk, varlen), *lse_strides,
+                Sq, Sk, Hkv, qk_scale, float(softmax_scale),
                 CAUSAL=bool(causal), **meta,
             )
-        if need_dq:
+        if need_dq and Sq > 0:
             _chain_attention_bwd_dq_kernel[lambda m: (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)](
-                q, k, v, dout, lse, delta, dq, heads, chains, sc,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                dout.stride(0), dout.stride(1), dout.stride(2),
-                dq.stride(0), dq.stride(1), dq.stride(2),
-                Sq, Sk, Hq, Hkv, qk_scale, float(softmax_scale),
+                q, k, v, dout, lse, delta, dq, heads, chains, sc, cu_q, cu_k,
+                *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen),
+                *_bsh(dq, varlen), *lse_strides,
+                Sq, Sk, Hkv, qk_scale, float(softmax_scale),
                 CAUSAL=bool(causal), **meta,
             )
     return dq, dk, dv

@@ -1,0 +1,170 @@
+"""``chain_attention_decode``: chain attention of a few new tokens over a KV cache (flash-decoding).
+
+Like flash-attn's ``flash_attn_with_kvcache``: the new tokens' K/V are already in the cache, each
+sequence has its own valid length, and the mask is causal bottom-right per sequence. Inference
+only (no autograd).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ... import backends
+from ...chains import ChainsLike, as_chains
+from .._checks import check_like, check_tensor
+from .._library import register_reference_op
+from ..chain_attention.api import head_maps
+from . import reference
+
+OP = "chain_attention_decode"
+MAX_DECODE_TOKENS = 16
+SCHEMA = (
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, int[] kv_head_index, "
+    "int[] head_chain, Tensor? seq_chains, float softmax_scale) -> Tensor"
+)
+
+chain_attention_decode_reference = register_reference_op(
+    f"{OP}_reference", reference.chain_attention_decode, lambda q, *args: q.new_empty(q.shape), SCHEMA
+)
+backends.register(OP, "reference", __name__, "chain_attention_decode_reference")
+backends.register(OP, "triton", "colm_kernels.ops.chain_attention_decode.triton",
+                  "chain_attention_decode_triton", reasons_fn="not_supported_reasons")
+backends.register(OP, "cuda", "colm_kernels.ops.chain_attention_decode.cuda",
+                  "chain_attention_decode_cuda", reasons_fn="not_supported_reasons")
+
+
+def decode_head_maps(chains, n_q: int, n_kv_cache: int, kv_sharing: bool, kv_mapping: str):
+    """``(scale, kv_head_index, head_chain, n_kv)`` for ``n_q`` active query heads over a cache
+    holding ``n_kv_cache`` kv heads; the kernels read kv heads ``0 .. n_kv - 1`` only.
+
+    With KV sharing the cache holds the shared kv heads and every one is read. Without it the cache
+    holds the whole model's kv heads (GQA group ``sum(chains) / n_kv_cache``) and the active scale
+    reads the prefix owned by its chains, ``n_q / group`` heads.
+    """
+    chains = as_chains(chains)
+    if kv_sharing:
+        n_kv = n_kv_cache
+    else:
+        if n_kv_cache <= 0 or chains.total % n_kv_cache:
+            raise ValueError(
+                f"k_cache.shape[2]={n_kv_cache} must be the model's n_kv_heads, a divisor of "
+                f"sum(chains)={chains.total} for chains={chains.sizes} (without kv_sharing the cache "
+                "holds every chain's kv heads)"
+            )
+        group = chains.total // n_kv_cache
+        if n_q % group:
+            raise ValueError(
+                f"q.shape[2]={n_q} query heads is not a multiple of the GQA group size {group} "
+                f"(sum(chains)={chains.total} / k_cache.shape[2]={n_kv_cache})"
+            )
+        n_kv = n_q // group
+    scale, kv_index, head_chain = head_maps(chains, n_q, n_kv, kv_sharing, kv_mapping)
+    return scale, kv_index, head_chain, n_kv
+
+
+def _check_values(name: str, t: Tensor, lo: int, hi: int) -> None:
+    """Host check of integer values (one sync); skipped under ``torch.compile`` and CUDA-graph
+    capture (the kernels clamp lengths to the cache, so a bad value never reads out of bounds)."""
+    if torch.compiler.is_compiling() or not t.numel():
+        return
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    a, b = (int(x) for x in torch.stack([t.min(), t.max()]).tolist())
+    if a < lo or b > hi:
+        raise ValueError(f"{name} values must be in [{lo}, {hi}], got values in [{a}, {b}]")
+
+
+def chain_attention_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    chains: ChainsLike,
+    kv_sharing: bool = False,
+    kv_mapping: str = "tile",
+    seq_chains: Tensor | None = None,
+    softmax_scale: float | None = None,
+    *,
+    check_values: bool = True,
+) -> Tensor:
+    """Attention of ``q`` ``(B, Sq, Hq, D)`` (``1 <= Sq <= 16`` new tokens per sequence) over a KV
+    cache ``k_cache``, ``v_cache`` ``(B, S_max, Hkv_cache, D)``.
+
+    Args:
+        cache_seqlens: integer ``(B,)``: valid length of each sequence, the ``Sq`` new tokens
+            (already written into the cache) included, in ``[0, S_max]``. Query ``i`` of sequence
+            ``b`` sees keys ``j < cache_seqlens[b] - Sq + i + 1``; a row that sees no key outputs
+            zeros. Cache positions at or past a sequence's length are never read.
+        chains: chain configuration; ``Hq`` (a prefix head count) selects the scale.
+        kv_sharing: CoLM-Air: the cache holds the shared kv heads, mapped by ``kv_mapping``.
+            Without it the cache holds the whole model's kv heads (``Hkv_cache`` = the model's
+            ``n_kv_heads``, GQA group ``sum(chains) / Hkv_cache``) and only the first
+            ``Hq / group`` of them (the active chains') are read.
+        seq_chains: optional integer ``(B,)``: the last active chain of each sequence (at most the
+            scale selected by ``Hq``); heads beyond it output exact zeros and cost no work.
+        softmax_scale: defaults to ``D ** -0.5``.
+        check_values: check the values of ``cache_seqlens`` / ``seq_chains`` on the host (one
+            GPU sync each). A decode loop whose lengths are valid by construction (the models'
+            ``KVCache``) passes False; the kernels clamp lengths to the cache either way.
+
+    The caches may have any strides with a unit last dim (a view of a larger buffer is read in
+    place). Returns ``(B, Sq, Hq, D)`` in ``q``'s dtype. Forward only: inputs that require grad
+    (with grad mode on) raise ``RuntimeError``.
+    """
+    chains = as_chains(chains)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, ndim=4)
+    check_like("q", q, k_cache=k_cache, v_cache=v_cache)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.shape[0] != q.shape[0]:
+        raise ValueError(f"k_cache.shape[0]={k_cache.shape[0]} (batch) must equal q.shape[0]={q.shape[0]}")
+    if k_cache.shape[3] != q.shape[3]:
+        raise ValueError(f"k_cache.shape[3]={k_cache.shape[3]} (head_dim) must equal q.shape[3]={q.shape[3]}")
+    if not 1 <= q.shape[1] <= MAX_DECODE_TOKENS:
+        raise ValueError(
+            f"q.shape[1]={q.shape[1]} new tokens must be in [1, {MAX_DECODE_TOKENS}] "
+            "(use chain_attention for prefill)"
+        )
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
+    if not isinstance(kv_sharing, bool):
+        raise TypeError(f"kv_sharing must be a bool, got {kv_sharing!r}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise RuntimeError(
+            "chain_attention_decode is inference-only (no backward): call it under torch.no_grad() "
+            "or torch.inference_mode(), or use chain_attention for training"
+        )
+    scale, kv_index, head_chain, _ = decode_head_maps(chains, q.shape[2], k_cache.shape[2], kv_sharing, kv_mapping)
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, kind="int")
+    check_like("q", q, dtype=False, cache_seqlens=cache_seqlens)
+    if cache_seqlens.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"cache_seqlens must have one entry per sequence ({q.shape[0]}), got {cache_seqlens.shape[0]}"
+        )
+    if check_values:
+        _check_values("cache_seqlens", cache_seqlens, 0, k_cache.shape[1])
+    if seq_chains is not None:
+        check_tensor("seq_chains", seq_chains, ndim=1, kind="int")
+        check_like("q", q, dtype=False, seq_chains=seq_chains)
+        if seq_chains.shape[0] != q.shape[0]:
+            raise ValueError(
+                f"seq_chains must have one entry per sequence ({q.shape[0]}), got {seq_chains.shape[0]}"
+            )
+        if check_values:
+            _check_values("seq_chains", seq_chains, 0, scale)
+    if softmax_scale is None:
+        softmax_scale = q.shape[3] ** -0.5
+    elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+          or not 0 < softmax_scale < float("inf")):
+        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
+    tensors = [q, k_cache, v_cache] + ([seq_chains] if seq_chains is not None else [])
+    op = backends.dispatch(
+        OP, tensors, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+        kv_head_index=kv_index, head_chain=head_chain, seq_chains=seq_chains,
+        softmax_scale=float(softmax_scale),
+    )
+    return op(q, k_cache, v_cache, cache_seqlens, kv_index, head_chain, seq_chains, float(softmax_scale))

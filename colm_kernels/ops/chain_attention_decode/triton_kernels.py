@@ -1,0 +1,418 @@
+"""Triton split-K flash-decoding kernels for chain attention over a KV cache.
+
+Math (matches ``reference.chain_attention_decode``). Named dimensions: B batch, Sq new tokens per
+sequence (1..16), S_max cache capacity, Hq query heads, Hkv kv heads read (a prefix of the cache's
+heads), D head dim, G = Hq / Hkv query heads per kv head, NS splits. ``L_b = cache_seqlens[b]``
+(the Sq new tokens included), clamped to ``[0, S_max]`` in the kernel. Query head ``h`` reads kv
+head ``kv_head_index[h]``; query ``i`` of sequence ``b`` sees keys ``j < L_b - Sq + i + 1``:
+
+    O[b, i, h] = softmax_j(softmax_scale * q[b, i, h] . k[b, j, g]) @ v[b, :, g]   (g = kv head)
+
+a row that sees no key outputs zeros. With ``seq_chains`` head ``h`` of sequence ``b`` is active
+iff ``head_chain[h] <= seq_chains[b]``: inactive heads output exact zeros and load no K/V.
+
+Layouts: q ``(B, Sq, Hq, D)``, caches ``(B, S_max, Hkv_cache, D)``: any strides, unit last dim;
+out ``(B, Sq, Hq, D)`` contiguous. Partials (split mode): ``PART_O`` fp32 ``(B, Sq * Hq, NS, D)``
+(each split's normalised output) and ``PART_LSE`` fp32 ``(B, Sq * Hq, NS)`` (log2 units, ``-inf``
+for a row that sees none of the split's keys).
+
+Kernels:
+- ``_decode_split_kernel``: grid ``(NS, Hkv * row_blocks, B)``. A program owns one split of the
+  keys ``[s * split_size, min((s + 1) * split_size, L_b))`` of kv head g and up to BLOCK_M packed
+  rows: the Sq new tokens x the G query heads of g, active heads first (``(i, member)``, member
+  sorted by chain, as in the training kernels), so every K/V tile of the split is loaded once for
+  all the rows. Online softmax in fp32 (exp2); the key loop is a mask-free part and a masked
+  causal tail. ``SPLIT=False`` (one split) writes ``out`` directly, zeros for inactive heads
+  included; ``SPLIT=True`` writes partials, and programs whose split starts at or past ``L_b`` (or
+  whose rows are all inactive) load nothing and write nothing.
+- ``_decode_reduce_kernel``: grid ``(cdiv(Sq * Hq, BLOCK_R), B)``: combines the
+  ``cdiv(L_b, split_size)`` valid splits of each row by their lse; zeros for inactive heads and
+  rows that see no key.
+
+The number of splits comes from the cache capacity ``S_max`` and the SM count
+(``num_splits_heuristic``, a power of two), never from the lengths in the batch: it changes
+neither with the step nor with the lengths, and ``split_size`` is a runtime argument. Constexprs:
+head dim, G, the seq_chains flag, the split flag and block sizes (BLOCK_M from ``G * Sq``, rounded
+to a power of two). Offsets that meet a stride are int64.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from colm_kernels._triton.utils import device_guard, int32_table, is_interpreter, is_pow2_in, mma
+
+__all__ = [
+    "chain_attention_decode_fwd",
+    "decode_plan",
+    "layout_reasons",
+    "num_splits_heuristic",
+    "MAX_DECODE_TOKENS",
+    "MIN_HEAD_DIM",
+    "MAX_HEAD_DIM",
+]
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MAX_DECODE_TOKENS = 16
+MAX_SPLITS = 64
+LOG2E = 1.4426950408889634
+_MAX_GRID_YZ = 65535
+_NOT_A_CHAIN = tl.constexpr(2**30)  # table padding: never <= a sequence's chain
+_INTERPRETER_SMS = 4  # pretend SM count on CPU (the heuristic then runs, with its small numbers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _active_members(SC, CHAINS, b, g, G: tl.constexpr, G_P2: tl.constexpr, HAS_SC: tl.constexpr):
+    """How many of kv head g's G query heads are active for sequence b (a prefix: members are
+    sorted by chain); G without ``seq_chains``."""
+    if HAS_SC:
+        sc = tl.load(SC + b).to(tl.int32)
+        m = tl.arange(0, G_P2)
+        ch = tl.load(CHAINS + g * G + m, mask=m < G, other=_NOT_A_CHAIN)
+        n = tl.sum((ch <= sc).to(tl.int32), axis=0)
+    else:
+        n = G
+    return n
+
+
+@triton.jit
+def _seq_len(SEQLENS, b, S_max):
+    """``cache_seqlens[b]`` clamped to ``[0, S_max]``: never a read outside the cache."""
+    n = tl.load(SEQLENS + b).to(tl.int32)
+    return tl.minimum(tl.maximum(n, 0), S_max)
+
+
+@triton.jit
+def _split_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, lim, lo, hi, end,
+                 qk_scale, offs_d, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over key blocks ``[lo, hi)``. ``MASK``: keys ``>= end`` are not loaded and
+    row r sees key j only if ``j < lim[r]`` (causal); without it every key is visible to every row."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :]
+        if MASK:
+            in_split = cols < end
+            k = tl.load(k_ptrs, mask=in_split[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = mma(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)) * qk_scale
+        if MASK:
+            vis = in_split[None, :] & (cols[None, :] < lim[:, None])
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(v_ptrs, mask=in_split[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["Sq", "S_max", "split_size", "n_splits"])
+def _decode_split_kernel(
+    Q, K, V, OUT, PART_O, PART_LSE, SEQLENS, SC, HEADS, CHAINS,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    Sq, Hq, S_max, split_size, n_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, HAS_SC: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0)
+    n_rb = tl.cdiv(G * Sq, BLOCK_M)
+    g = tl.program_id(1) // n_rb
+    start_row = (tl.program_id(1) % n_rb) * BLOCK_M
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    L = _seq_len(SEQLENS, b, S_max)
+
+    # Packed rows: active (position, member) pairs first, position-major; then inactive ones.
+    A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
+    n_act = A * Sq
+    r = start_row + tl.arange(0, BLOCK_M)
+    act = r < n_act
+    ri = r - n_act
+    a_div = tl.maximum(A, 1)
+    i_div = tl.maximum(G - A, 1)
+    pos = tl.where(act, r // a_div, ri // i_div)
+    mem = tl.where(act, r % a_div, A + ri % i_div)
+    valid = r < G * Sq
+    head = tl.load(HEADS + g * G + mem, mask=valid, other=0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_off = pos.to(tl.int64)[:, None] * stride_os + head.to(tl.int64)[:, None] * stride_oh
+
+    # This program's keys: [start, end). In split mode a split past L_b does no work.
+    if SPLIT:
+        start = split * split_size
+        end = tl.minimum(start + split_size, L)
+    else:
+        start = split * 0
+        end = L
+    any_act = start_row < n_act
+    work = any_act & (start < end)
+    # Causal: row at position i sees keys < lim = L - Sq + i + 1. Keys below the smallest lim of
+    # the block's active rows are visible to all of them (mask-free blocks).
+    lim = L - Sq + pos + 1
+    pos_lo = start_row // a_div
+    pos_hi = (tl.minimum(start_row + BLOCK_M, n_act) - 1) // a_div
+    hi = tl.minimum(end, L - Sq + pos_hi + 1)
+    full = tl.minimum(hi, L - Sq + pos_lo + 1)
+    full = tl.where(full > start, start + ((full - start) // BLOCK_N) * BLOCK_N, start)
+    hi = tl.where(work, tl.maximum(hi, full), start)
+    full = tl.where(work, full, start)
+
+    q = tl.load(Q + b64 * stride_qb + pos.to(tl.int64)[:, None] * stride_qs
+                + head.to(tl.int64)[:, None] * stride_qh + offs_d[None, :],
+                mask=act[:, None], other=0.0)
+    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, lim,
+                                 start, full, end, qk_scale, offs_d, False, BLOCK_N)
+    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, lim,
+                                 full, hi, end, qk_scale, offs_d, True, BLOCK_N)
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    o = tl.where(act[:, None], acc / l_safe[:, None], 0.0)
+    if SPLIT:
+        prow = (b64 * Sq + pos.to(tl.int64)) * Hq + head.to(tl.int64)  # row of (B, Sq * Hq)
+        slot = prow * n_splits + split
+        keep = act & (start < end)
+        tl.store(PART_O + slot[:, None] * HEAD_DIM + offs_d[None, :], o, mask=keep[:, None])
+        lse = tl.where(has, m_i + tl.math.log2(l_safe), float("-inf"))
+        tl.store(PART_LSE + slot, lse, mask=keep)
+    else:
+        # Active rows get their output, inactive heads their zeros.
+        tl.store(OUT + b64 * stride_ob + row_off + offs_d[None, :], o.to(OUT.dtype.element_ty),
+                 mask=valid[:, None])
+
+
+@triton.jit(do_not_specialize=["Sq", "S_max", "split_size", "n_splits"])
+def _decode_reduce_kernel(
+    PART_O, PART_LSE, OUT, SEQLENS, SC, HEAD_CHAIN,
+    stride_ob, stride_os, stride_oh,
+    Sq, Hq, S_max, split_size, n_splits,
+    HEAD_DIM: tl.constexpr, HAS_SC: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    b = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # pos * Hq + h
+    valid = rows < Sq * Hq
+    pos = rows // Hq
+    h = rows % Hq
+    L = _seq_len(SEQLENS, b, S_max)
+    n_valid = tl.minimum(tl.cdiv(L, split_size), n_splits)
+    act = valid
+    if HAS_SC:
+        sc = tl.load(SC + b).to(tl.int32)
+        ch = tl.load(HEAD_CHAIN + h, mask=valid, other=_NOT_A_CHAIN)
+        act = act & (ch <= sc)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = (b64 * Sq * Hq + rows.to(tl.int64)) * n_splits
+    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
+    for s in range(0, n_valid):
+        lse = tl.load(PART_LSE + base + s, mask=act, other=float("-inf"))
+        o = tl.load(PART_O + (base + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=act[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_use)
+        w = tl.math.exp2(lse - m_use)
+        l = l * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    has = l > 0.0
+    out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
+    ptrs = (OUT + b64 * stride_ob + pos.to(tl.int64)[:, None] * stride_os
+            + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :])
+    tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=valid[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plan
+# ----------------------------------------------------------------------------------------------
+def num_splits_heuristic(programs: int, n_key_blocks: int, num_sms: int, *,
+                         min_blocks_per_split: int = 1, max_splits: int = MAX_SPLITS) -> int:
+    """Splits of the key axis: 1 when ``programs`` (batch x kv heads x row blocks) already fill
+    80% of the SMs; else about two waves of programs, at most one split per
+    ``min_blocks_per_split`` key blocks and ``max_splits``, rounded down to a power of two."""
+    if programs <= 0 or n_key_blocks <= 1 or 5 * programs >= 4 * num_sms:
+        return 1
+    n = min(triton.cdiv(2 * num_sms, programs), n_key_blocks // max(1, min_blocks_per_split), max_splits)
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _blocks(head_dim: int, rows: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M: the packed rows ``G * Sq`` rounded up
+    to a power of two (tl.dot needs 16), capped so that the fp32 accumulator stays in registers."""
+    if is_interpreter():
+        return 16, 16, 1, 1
+    cap = 64 if head_dim <= 128 else 32
+    block_m = min(max(16, triton.next_power_of_2(rows)), cap)
+    block_n = 64 if head_dim <= 128 else 32
+    return block_m, block_n, 4, 2
+
+
+def decode_plan(batch: int, n_kv: int, rows: int, s_max: int, head_dim: int, device,
+                num_splits: Optional[int] = None) -> dict:
+    """Block sizes and the split of the key axis for one launch. ``num_splits`` forces a split
+    count (tests); the split size is then ``cdiv(key blocks, num_splits)`` key blocks."""
+    block_m, block_n, warps, stages = _blocks(head_dim, rows)
+    n_rb = triton.cdiv(rows, block_m)
+    n_blocks = max(1, triton.cdiv(s_max, block_n))
+    if num_splits is None:
+        if device.type == "cuda":
+            sms, min_blocks = _num_sms(device.index if device.index is not None else torch.cuda.current_device()), 2
+        else:
+            sms, min_blocks = _INTERPRETER_SMS, 1
+        num_splits = num_splits_heuristic(batch * n_kv * n_rb, n_blocks, sms, min_blocks_per_split=min_blocks)
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    split_blocks = triton.cdiv(n_blocks, min(num_splits, n_blocks))
+    split_size = split_blocks * block_n
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                row_blocks=n_rb, split_size=split_size, num_splits=triton.cdiv(n_blocks, split_blocks))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+def layout_reasons(n_q: int, n_kv: int, kv_head_index: Sequence[int], head_chain: Sequence[int]) -> List[str]:
+    """Why the kernels cannot pack this head mapping (empty: they can)."""
+    kv = [int(i) for i in kv_head_index]
+    if len(kv) != n_q or len(head_chain) != n_q:
+        return [f"kv_head_index and head_chain must have one entry per query head ({n_q}), "
+                f"got {len(kv)} and {len(head_chain)}"]
+    if n_kv <= 0 or any(not 0 <= i < n_kv for i in kv):
+        return [f"kv_head_index entries must be in [0, {n_kv}) (the cache's kv heads), got {kv}"]
+    used = max(kv) + 1
+    counts = [kv.count(g) for g in range(used)]
+    if len(set(counts)) != 1:
+        return [f"every kv head must serve the same number of query heads (packed groups), "
+                f"got counts {counts} for kv_head_index={kv}"]
+    return []
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_rows(kv_head_index: Tuple[int, ...], head_chain: Tuple[int, ...]):
+    heads, chains = [], []
+    for g in range(max(kv_head_index) + 1):
+        members = sorted((h for h, i in enumerate(kv_head_index) if i == g), key=lambda h: (head_chain[h], h))
+        heads.append(members)
+        chains.append([head_chain[h] for h in members])
+    return heads, chains
+
+
+def _check_inputs(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains, softmax_scale):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} has dtype {t.dtype}; expected float16/bfloat16/float32")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device})")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
+    B, Sq, Hq, D = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"inconsistent shapes q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
+                         f"v_cache {tuple(v_cache.shape)}")
+    if not 1 <= Sq <= MAX_DECODE_TOKENS:
+        raise ValueError(f"q.shape[1]={Sq} new tokens must be in [1, {MAX_DECODE_TOKENS}]")
+    if not is_pow2_in(int(D), MIN_HEAD_DIM, MAX_HEAD_DIM):
+        raise ValueError(f"head dim {D} must be a power of two in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    reasons = layout_reasons(Hq, k_cache.shape[2], kv_head_index, head_chain)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    for name, t in (("cache_seqlens", cache_seqlens), ("seq_chains", seq_chains)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != B or t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor of shape ({B},)")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if not softmax_scale > 0 or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
+
+
+def chain_attention_decode_fwd(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    kv_head_index: Sequence[int], head_chain: Sequence[int], seq_chains: Optional[torch.Tensor],
+    softmax_scale: float, *, num_splits: Optional[int] = None,
+) -> torch.Tensor:
+    """``out (B, Sq, Hq, D)``, contiguous, in q's dtype. ``num_splits`` forces the number of
+    splits of the key axis (default: ``num_splits_heuristic``)."""
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains, softmax_scale)
+    if q.shape[-1] > 1 and q.stride(-1) != 1:
+        q = q.contiguous()
+    B, Sq, Hq, D = q.shape
+    S_max = k_cache.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    heads, chains = _group_rows(tuple(int(i) for i in kv_head_index), tuple(int(c) for c in head_chain))
+    Hkv, G = len(heads), len(heads[0])
+    plan = decode_plan(B, Hkv, G * Sq, S_max, D, q.device, num_splits)
+    n_splits, n_rb = plan["num_splits"], plan["row_blocks"]
+    if B > _MAX_GRID_YZ or Hkv * n_rb > _MAX_GRID_YZ:
+        raise ValueError(f"batch {B} and kv heads x row blocks {Hkv * n_rb} must be <= {_MAX_GRID_YZ} (grid limit)")
+    heads_t, chains_t = int32_table(heads, q.device), int32_table(chains, q.device)
+    seqlens = cache_seqlens.contiguous()
+    has_sc = seq_chains is not None
+    sc = seq_chains.contiguous() if has_sc else seqlens  # any int tensor when unused
+    split = n_splits > 1
+    if split:
+        part_o = torch.empty((B, Sq * Hq, n_splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, Sq * Hq, n_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    meta = dict(HEAD_DIM=D, G=G, G_P2=max(2, triton.next_power_of_2(G)), HAS_SC=has_sc)
+    with device_guard(q.device):
+        _decode_split_kernel[(n_splits, Hkv * n_rb, B)](
+            q, k_cache, v_cache, out, part_o, part_lse, seqlens, sc, heads_t, chains_t,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            Sq, Hq, S_max, plan["split_size"], n_splits, float(softmax_scale) * LOG2E,
+            SPLIT=split, BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"],
+            num_warps=plan["num_warps"], num_stages=plan["num_stages"], **meta,
+        )
+        if split:
+            block_r = 16 if is_interpreter() else max(1, min(64, 4096 // D))
+            head_chain_t = int32_table([list(head_chain)], q.device)
+            _decode_reduce_kernel[(triton.cdiv(Sq * Hq, block_r), B)](
+                part_o, part_lse, out, seqlens, sc, head_chain_t,
+                out.stride(0), out.stride(1), out.stride(2),
+                Sq, Hq, S_max, plan["split_size"], n_splits,
+                HEAD_DIM=D, HAS_SC=has_sc, BLOCK_R=block_r, num_warps=1 if is_interpreter() else 4,
+            )
+    return out
