@@ -6,10 +6,11 @@ from typing import Callable
 
 import torch
 
-from .. import backends
 from ..chains import Chains
-from .. import chain_attention, chain_linear, chain_rmsnorm, chain_swiglu, multi_chain_cross_entropy
+from .. import (backends, chain_attention, chain_attention_decode, chain_linear, chain_rmsnorm, chain_swiglu,
+               multi_chain_cross_entropy)
 
+FORWARD_ONLY = {"chain_attention_decode"}  # inference ops: no gradient to check
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
 
 
@@ -38,10 +39,18 @@ def _inputs(op: str, gen: torch.Generator):
         t = torch.randint(0, 53, (37,), generator=gen)
         t[::7] = -100
         return [rnd(37, 48), rnd(53, 48) / 4], lambda h, w: multi_chain_cross_entropy(h, w, t, c)
+    if op == "chain_attention_decode":
+        c = Chains((2, 2))
+        lengths = torch.tensor([5, 40, 17], dtype=torch.int32)  # cache of 40, uneven lengths
+        return ([rnd(3, 2, 4, 16), rnd(3, 40, 2, 16), rnd(3, 40, 2, 16)],
+                lambda q, k, v: chain_attention_decode(q, k, v, lengths, c, kv_sharing=True))
     raise ValueError(f"unknown op {op!r}")
 
 
-def _run(fn: Callable, inputs, cotangent_seed: int):
+def _run(fn: Callable, inputs, cotangent_seed: int, grads: bool = True):
+    if not grads:
+        with torch.no_grad():
+            return fn(*inputs), ()
     leaves = [t.detach().requires_grad_(True) for t in inputs]
     out = fn(*leaves)
     gen = torch.Generator().manual_seed(cotangent_seed)
@@ -53,17 +62,18 @@ def _run(fn: Callable, inputs, cotangent_seed: int):
 def check(op: str, backend: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     inputs, fn = _inputs(op, gen)
+    with_grads = op not in FORWARD_ONLY
     with backends.use_backend("reference"):
-        ref_out, ref_grads = _run(fn, inputs, seed)
+        ref_out, ref_grads = _run(fn, inputs, seed, with_grads)
     with backends.use_backend(backend):
-        out, grads = _run(fn, [t.to(device=device, dtype=dtype) for t in inputs], seed)
+        out, grads = _run(fn, [t.to(device=device, dtype=dtype) for t in inputs], seed, with_grads)
 
     def rel_err(a, b):
         a, b = a.detach().double().cpu(), b.detach()
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
     err_fwd = rel_err(out, ref_out)
-    err_grad = max(rel_err(g, r) for g, r in zip(grads, ref_grads))
+    err_grad = max((rel_err(g, r) for g, r in zip(grads, ref_grads)), default=0.0)
     tol = TOLERANCE[dtype]
     return {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
             "max_rel_err_fwd": err_fwd, "max_rel_err_grad": err_grad, "tolerance": tol,

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-OPS = ("chain_linear", "chain_swiglu", "chain_rmsnorm", "chain_attention", "multi_chain_cross_entropy")
+OPS = ("chain_linear", "chain_swiglu", "chain_rmsnorm", "chain_attention", "chain_attention_decode",
+       "multi_chain_cross_entropy")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -22,8 +23,9 @@ def parse_args(argv):
         prog="colm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "sizes: 'default' = the issue's shapes (ChainLinear C=(1,1,1,1) 4096x4096 and C=8x(1) "
-            "8192x8192 at M=8192 tokens; SwiGLU FFN C=(1,1,1,1) D=4096 H=11008 M=8192; attention 1B layout at 2k tokens, hd 128; RMSNorm D=2048; "
-            "CE V=32000), a few minutes on an H100; 'small' for a quick look; 'tiny' to exercise "
+            "8192x8192 at M=8192 tokens; SwiGLU FFN C=(1,1,1,1) D=4096 H=11008 M=8192; attention in "
+            "the 1B layout (16 heads of 128, C=(4,4,4,4) and (8,8)) at 2k-16k tokens; decode at "
+            "batch 1-64 over 1k-128k caches; RMSNorm D=2048; CE V=32000), minutes on an H100; 'small' for a quick look; 'tiny' to exercise "
             "the timing path on CPU (--device cpu).\n"
             "output: <out>/results.json (rows + device, commit, date, command), <out>/table.txt, "
             "<out>/<op>.png (needs matplotlib: pip install 'colm-kernels[bench]')."
@@ -54,14 +56,15 @@ def run_timings(args, device) -> list[dict]:
     import torch
 
     from .ops import CASES
+    from .report import H100_CEILINGS
     from .timing import measure_ms
 
     dtype = getattr(torch, DTYPES[args.dtype]) if device.type == "cuda" else torch.float32
     size = args.sizes or "default"
     rows = []
     for op in args.ops:
-        cases = list(CASES[op](size, device, dtype))
-        for i, case in enumerate(cases, 1):
+        # Cases are built one at a time: a default-size case can hold gigabytes of inputs.
+        for i, case in enumerate(CASES[op](size, device, dtype), 1):
             t0 = time.perf_counter()
             try:
                 ms = measure_ms(case.run, device, warmup=args.warmup, rep=args.rep)
@@ -74,9 +77,12 @@ def run_timings(args, device) -> list[dict]:
             if ms:
                 row["tflops"] = case.flops / ms / 1e9 if case.flops else None
                 row["gb_s"] = case.bytes / ms / 1e6 if case.bytes else None
+                # Share of the H100's measured ceilings (bf16 tensor cores, or HBM bandwidth).
+                row["pct_of_h100_peak"] = 100 * (row["tflops"] / H100_CEILINGS["bf16_tflops"] if case.flops
+                                                 else row["gb_s"] / 1e3 / H100_CEILINGS["hbm_tb_s"])
             rows.append(row)
             status = f"{ms:9.3f} ms" if ms else f"FAILED {error}"
-            print(f"[{op} {i}/{len(cases)}] {case.provider:<16} {case.shape:<36} {case.pass_name:<8} "
+            print(f"[{op} {i}] {case.provider:<16} {case.shape:<36} {case.pass_name:<8} "
                   f"{status} ({time.perf_counter() - t0:.1f}s)", flush=True)
             del case.run
     for r in rows:  # time relative to the peer in the same run, same shape and pass
@@ -132,6 +138,7 @@ def main(argv=None) -> int:
         table = format_table(rows, [
             ("op", "op", ""), ("provider", "provider", ""), ("shape", "shape", ""), ("pass", "pass", ""),
             ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("gb_s", "GB/s", ".0f"),
+            ("pct_of_h100_peak", "% H100 peak", ".0f"),
             ("ratio", "time/peer", ".2f"), ("peer", "peer", "")])
         meta = provenance(device)
         meta["mode"] = "timings"

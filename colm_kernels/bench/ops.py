@@ -13,9 +13,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .. import backends
+from .. import (backends, chain_attention, chain_attention_decode, chain_linear, chain_rmsnorm,
+               chain_swiglu, multi_chain_cross_entropy)
 from ..chains import Chains
-from .. import chain_attention, chain_linear, chain_rmsnorm, chain_swiglu, multi_chain_cross_entropy
 from .cases import PASSES, Case, pass_runner
 
 # (chains, out_features, in_features, tokens) per size preset; issue targets use "default".
@@ -175,7 +175,7 @@ def chain_rmsnorm_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> 
                        bytes=moved, peer="paper-naive", note="bytes: x in, y out (+dy, dx, x again)")
 
 
-def _sdpa(backend=None, gqa_index=None):
+def _sdpa(backend=None, gqa_index=None, causal=True):
     """SDPA on (B, S, H, D) tensors; ``gqa_index`` materialises K/V per query head (the paper's
     ``repeat``), otherwise SDPA's own GQA; ``backend`` pins one SDPA kernel (flash, cuDNN)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -185,7 +185,7 @@ def _sdpa(backend=None, gqa_index=None):
         if gqa_index is not None:
             k, v = k.index_select(2, gqa_index), v.index_select(2, gqa_index)
         args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        kwargs = {"is_causal": True, "enable_gqa": k.shape[2] != q.shape[2]}
+        kwargs = {"is_causal": causal, "enable_gqa": k.shape[2] != q.shape[2]}
         if backend is None:
             return F.scaled_dot_product_attention(*args, **kwargs).transpose(1, 2)
         with sdpa_kernel(getattr(SDPBackend, backend)):
@@ -260,6 +260,45 @@ def chain_attention_cases(size: str, device, dtype, passes=("fwd", "bwd_x", "fwd
                            note=f"chain={kk}: {n_q} active query heads")
 
 
+# (chains, n_kv_heads, kv_sharing, batch, cache length, head_dim); one new token per sequence.
+DECODE_SIZES = {
+    "default": [((4, 4, 4, 4), 4, shared, b, L, 128) for shared in (True, False)
+                for b in (1, 16, 64) for L in (1024, 16384, 131072)],
+    "small": [((4, 4, 4, 4), 4, True, 8, 8192, 128)],
+    "tiny": [((2, 2), 2, True, 2, 40, 16)],
+}
+
+
+def chain_attention_decode_cases(size: str, device, dtype, passes=("fwd",)) -> Iterator[Case]:
+    """One decode step over a KV cache; GB/s counts the K/V bytes the step must read (the
+    kernel's floor), so it reads directly against HBM bandwidth. Peer: SDPA over the cache with
+    the paper's repeated K/V; also SDPA's own GQA."""
+    for chains, n_kv, sharing, batch, length, hd in DECODE_SIZES[size]:
+        c = Chains(chains)
+        q = torch.randn(batch, 1, c.total, hd, device=device, dtype=dtype)
+        k = torch.randn(batch, length, n_kv, hd, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        lengths = torch.full((batch,), length, device=device, dtype=torch.int32)
+        kv_index = torch.tensor(c.kv_head_map(n_kv, kv_sharing=sharing), device=device)
+        label = f"B{batch}-L{length}-C{'.'.join(map(str, chains))}-KV{n_kv}-D{hd}-{'shared' if sharing else 'gqa'}"
+        moved = 2 * k.numel() * k.element_size()
+        # One query over the whole cache sees every key: the peers run unmasked (SDPA's causal
+        # mask would align top-left).
+        providers = {"sdpa-repeat": _sdpa(gqa_index=kv_index, causal=False), "sdpa-gqa": _sdpa(causal=False)}
+        ours = our_backends("chain_attention_decode", [q, k, v], q=q, k_cache=k, v_cache=v,
+                            cache_seqlens=lengths, kv_head_index=kv_index.tolist(),
+                            head_chain=list(c.head_chain()), seq_chains=None, softmax_scale=hd ** -0.5)
+        for b in ours:
+            def decode(x, p, b=b):
+                with backends.use_backend(b):
+                    return chain_attention_decode(x, p[0], p[1], lengths, c, kv_sharing=sharing,
+                                                  check_values=False)
+            providers[f"ours-{b}"] = decode
+        for name, fwd in providers.items():
+            yield Case("chain_attention_decode", name, label, "fwd", pass_runner(fwd, q, [k, v], "fwd"),
+                       bytes=moved, peer="sdpa-repeat", note="bytes: K and V read once (the floor)")
+
+
 def multi_chain_cross_entropy_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> Iterator[Case]:
     for chains, dim, vocab, m in CE_SIZES[size]:
         c = Chains(chains)
@@ -291,4 +330,5 @@ CASES = {
     "chain_rmsnorm": chain_rmsnorm_cases,
     "chain_attention": chain_attention_cases,
     "multi_chain_cross_entropy": multi_chain_cross_entropy_cases,
+    "chain_attention_decode": chain_attention_decode_cases,
 }
