@@ -79,3 +79,20 @@ def require_extension() -> ModuleType:
     if module is None:
         raise RuntimeError(f"colm_kernels CUDA backend is unavailable: {reason}")
     return module
+
+
+_functions_reason: dict[tuple[str, ...], str | None] = {}  # plain dict: torch.compile reads it
+
+
+def functions_unavailable_reason(op: str, names: tuple[str, ...]) -> str | None:
+    """Why ``op``'s extension functions ``names`` cannot be used (None when they can): the
+    extension is unavailable, or was built from sources without them. Computed once."""
+    if names not in _functions_reason:
+        reason = unavailable_reason()
+        if reason is None:
+            missing = [n for n in names if not hasattr(load_extension(), n)]
+            if missing:
+                reason = (f"{EXTENSION_NAME} was built without {op} ({', '.join(missing)} missing): "
+                          "rebuild with `pip install -e . --no-build-isolation`")
+        _functions_reason[names] = reason
+    return _functions_reason[names]

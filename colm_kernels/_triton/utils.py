@@ -3,13 +3,16 @@
 Host side:
 - ``is_interpreter()``: whether kernels run under ``TRITON_INTERPRET=1`` (CPU tensors, numpy).
 - ``TORCH_TO_TL`` / ``tl_dtype``: the floating dtypes kernels accept and their Triton types.
-- ``int64_table``: a small cached device table of per-chain ints (pointers, widths, strides, offsets).
+- ``int64_table`` / ``int32_table``: a small cached device table of per-chain ints (pointers,
+  widths, strides, offsets; int32: index tables), one content-keyed cache for both.
 - ``table_aligned``: whether pointers and ints of a table are 16-byte friendly (enables hints).
 - ``tile_count``: host-side count of the tiles of a list of per-chain extents.
 - ``gemm_configs`` / ``make_gemm_pruner``: autotune configs (H100 list, one small interpreter
   config) and a pruner that clamps blocks to the problem's extents (never to the token count).
 - ``check_tensor``: uniform argument validation with errors that name the argument.
 - ``device_guard``: make a tensor's CUDA device current around a launch.
+- ``is_pow2_in`` / ``last_dim_contiguous``: head-dim check; a unit last-dim stride (copy if not).
+- ``interpreter_dtype_reasons``: the dtypes the interpreter cannot run (bfloat16 ``tl.dot``).
 
 Device side (``@triton.jit``):
 - ``grouped_tile``: GROUP_M-swizzled (m, n) tile order for L2 reuse.
@@ -37,6 +40,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "tl_dtype",
     "int64_table",
+    "int32_table",
     "clear_table_cache",
     "table_aligned",
     "tile_count",
@@ -82,6 +86,35 @@ _TABLE_CACHE_SIZE = 512
 _TABLE_LOCK = threading.Lock()
 
 
+def _device_table(rows: Sequence[Iterable[int]], dtype: torch.dtype, device) -> torch.Tensor:
+    """A contiguous ``dtype`` tensor of shape ``(len(rows), len(rows[0]))`` on ``device``, from
+    one content-keyed LRU cache shared by every table (``int64_table``, ``int32_table``)."""
+    name = "int32_table" if dtype == torch.int32 else "int64_table"
+    content = tuple(tuple(int(v) for v in r) for r in rows)
+    if not content or not content[0] or any(len(r) != len(content[0]) for r in content):
+        raise ValueError(f"{name}: rows must be non-empty and of equal length, got {content}")
+    if dtype == torch.int32 and any(not -2**31 <= v < 2**31 for r in content for v in r):
+        raise ValueError("int32_table: every entry must fit in int32")
+    dev = torch.device(device)
+    key = (dev, dtype, content)
+    with _TABLE_LOCK:
+        hit = _TABLE_CACHE.get(key)
+        if hit is not None:
+            _TABLE_CACHE.move_to_end(key)
+            return hit[0]
+    if dev.type == "cuda":
+        host = torch.tensor(content, dtype=dtype, pin_memory=True)
+        table = host.to(dev, non_blocking=True)
+    else:
+        host = None
+        table = torch.tensor(content, dtype=dtype, device=dev)
+    with _TABLE_LOCK:
+        _TABLE_CACHE[key] = (table, host)
+        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    return table
+
+
 def int64_table(rows: Sequence[Iterable[int]], device) -> torch.Tensor:
     """A contiguous int64 tensor of shape ``(len(rows), len(rows[0]))`` on ``device``.
 
@@ -92,27 +125,13 @@ def int64_table(rows: Sequence[Iterable[int]], device) -> torch.Tensor:
     always exact. On CUDA a miss copies from pinned host memory without blocking the host (the
     pinned buffer is kept with the table). Tables are read-only: never write into one.
     """
-    content = tuple(tuple(int(v) for v in r) for r in rows)
-    if not content or not content[0] or any(len(r) != len(content[0]) for r in content):
-        raise ValueError(f"int64_table: rows must be non-empty and of equal length, got {content}")
-    dev = torch.device(device)
-    key = (dev, content)
-    with _TABLE_LOCK:
-        hit = _TABLE_CACHE.get(key)
-        if hit is not None:
-            _TABLE_CACHE.move_to_end(key)
-            return hit[0]
-    if dev.type == "cuda":
-        host = torch.tensor(content, dtype=torch.int64, pin_memory=True)
-        table = host.to(dev, non_blocking=True)
-    else:
-        host = None
-        table = torch.tensor(content, dtype=torch.int64, device=dev)
-    with _TABLE_LOCK:
-        _TABLE_CACHE[key] = (table, host)
-        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
-    return table
+    return _device_table(rows, torch.int64, device)
+
+
+def int32_table(rows: Sequence[Iterable[int]], device) -> torch.Tensor:
+    """Like ``int64_table`` but int32 (small index tables read once per program, e.g. the query
+    heads of each kv head); every entry must fit in int32. Same cache; read-only."""
+    return _device_table(rows, torch.int32, device)
 
 
 def clear_table_cache() -> None:
@@ -319,37 +338,23 @@ def mma(a, b, acc):
 # ----------------------------------------------------------------------------------------------
 # Appended helpers (attention kernels)
 # ----------------------------------------------------------------------------------------------
-def int32_table(rows: Sequence[Iterable[int]], device) -> torch.Tensor:
-    """Like ``int64_table`` but int32 (small index tables read once per program, e.g. the query
-    heads of each kv head). Shares ``int64_table``'s content-keyed cache; read-only."""
-    content = tuple(tuple(int(v) for v in r) for r in rows)
-    if not content or not content[0] or any(len(r) != len(content[0]) for r in content):
-        raise ValueError(f"int32_table: rows must be non-empty and of equal length, got {content}")
-    if any(not -2**31 <= v < 2**31 for r in content for v in r):
-        raise ValueError("int32_table: every entry must fit in int32")
-    dev = torch.device(device)
-    key = (dev, "int32", content)
-    with _TABLE_LOCK:
-        hit = _TABLE_CACHE.get(key)
-        if hit is not None:
-            _TABLE_CACHE.move_to_end(key)
-            return hit[0]
-    if dev.type == "cuda":
-        host = torch.tensor(content, dtype=torch.int32, pin_memory=True)
-        table = host.to(dev, non_blocking=True)
-    else:
-        host = None
-        table = torch.tensor(content, dtype=torch.int32, device=dev)
-    with _TABLE_LOCK:
-        _TABLE_CACHE[key] = (table, host)
-        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
-    return table
-
-
 def is_pow2_in(n: int, lo: int, hi: int) -> bool:
     """``n`` is a power of two with ``lo <= n <= hi`` (head dims, block sizes)."""
     return isinstance(n, int) and lo <= n <= hi and n & (n - 1) == 0
 
 
-__all__ += ["int32_table", "is_pow2_in"]
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has a unit stride (or at most one element), else a
+    contiguous copy: what kernels that read rows with any other strides need."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def interpreter_dtype_reasons(dtype: torch.dtype) -> List[str]:
+    """Why the Triton interpreter cannot run a kernel with ``tl.dot`` on ``dtype`` inputs (empty:
+    it can, or kernels run on a GPU): it computes bfloat16 dots wrongly."""
+    if is_interpreter() and dtype == torch.bfloat16:
+        return ["the Triton interpreter computes bfloat16 tl.dot wrongly: bfloat16 needs a GPU"]
+    return []
+
+
+__all__ += ["is_pow2_in", "last_dim_contiguous", "interpreter_dtype_reasons"]

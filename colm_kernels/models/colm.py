@@ -65,15 +65,9 @@ class CoLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config
-        if cfg.kv_sharing:
-            per_scale = [cfg.n_kv_heads] * cfg.n_chains
-        else:
-            counts = self.chains.kv_head_counts(cfg.n_kv_heads)
-            per_scale = [sum(counts[: i + 1]) for i in range(cfg.n_chains)]
         w = self.tok_embeddings.weight
         return KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim,
-                       kv_sharing=cfg.kv_sharing, kv_heads_per_scale=per_scale,
-                       dtype=w.dtype, device=w.device)
+                       kv_sharing=cfg.kv_sharing, dtype=w.dtype, device=w.device)
 
     @torch.no_grad()
     def generate(

@@ -15,15 +15,13 @@ from torch import Tensor
 
 class KVCache:
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 *, kv_sharing: bool, kv_heads_per_scale, dtype=None, device=None):
+                 *, kv_sharing: bool, dtype=None, device=None):
         shape = (batch, max_len, n_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0
         self.kv_sharing = kv_sharing
-        # kv heads that exist at each scale (without sharing, a prefix of them).
-        self.kv_heads_per_scale = tuple(kv_heads_per_scale)
         self.complete_chain: Optional[int] = None  # None: empty cache
         self._seqlens: Optional[tuple[int, Tensor]] = None  # (end, (B,) int32 tensor of end)
 

@@ -35,3 +35,38 @@ def check_like(ref_name: str, ref: Tensor, *, dtype: bool = True, **others: Tens
 def check_dim(name: str, got: int, expected: int, what: str) -> None:
     if got != expected:
         raise ValueError(f"{name} must be {expected} ({what}), got {got}")
+
+
+def check_int_values(name: str, t: Tensor, lo: int, hi: int) -> None:
+    """Every value of the integer tensor ``t`` is in ``[lo, hi]``: one host sync, skipped while
+    compiling or capturing a CUDA graph (data-dependent checks cannot run there)."""
+    if torch.compiler.is_compiling() or not t.numel():
+        return
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    a, b = (int(x) for x in torch.stack([t.min(), t.max()]).tolist())
+    if a < lo or b > hi:
+        raise ValueError(f"{name} values must be in [{lo}, {hi}], got values in [{a}, {b}]")
+
+
+def check_seq_chains(seq_chains, q: Tensor, n_seq: int, scale: int, check_values: bool) -> None:
+    """``seq_chains``: None, or an integer ``(n_seq,)`` tensor on ``q``'s device with values in
+    ``[0, scale]`` (values checked on the host only with ``check_values``)."""
+    if seq_chains is None:
+        return
+    check_tensor("seq_chains", seq_chains, ndim=1, kind="int")
+    check_like("q", q, dtype=False, seq_chains=seq_chains)
+    if seq_chains.shape[0] != n_seq:
+        raise ValueError(f"seq_chains must have one entry per sequence ({n_seq}), got {seq_chains.shape[0]}")
+    if check_values:
+        check_int_values("seq_chains", seq_chains, 0, scale)
+
+
+def softmax_scale_or_default(softmax_scale, head_dim: int) -> float:
+    """``softmax_scale`` as a float: ``head_dim ** -0.5`` when None, else a positive finite number."""
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+            or not 0 < softmax_scale < float("inf")):
+        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
+    return float(softmax_scale)

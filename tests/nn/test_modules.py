@@ -284,14 +284,8 @@ def test_chain_attention_keys_load_and_forward(name, gen):
 
 
 def _new_cache(attn, batch, max_len):
-    chains, n_kv = attn.chains, attn.n_kv_heads
-    if attn.kv_sharing:
-        per_scale = [n_kv] * chains.n
-    else:
-        counts = chains.kv_head_counts(n_kv)
-        per_scale = [sum(counts[: i + 1]) for i in range(chains.n)]
-    return KVCache(1, batch, max_len, n_kv, attn.head_dim, kv_sharing=attn.kv_sharing,
-                   kv_heads_per_scale=per_scale, dtype=F64)
+    return KVCache(1, batch, max_len, attn.n_kv_heads, attn.head_dim, kv_sharing=attn.kv_sharing,
+                   dtype=F64)
 
 
 @pytest.mark.parametrize("name", ["C1.2.1-MHA", "C4.4-air-group"])

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ... import backends
 from ...chains import KV_MAPPINGS, ChainsLike, as_chains
-from .._checks import check_like, check_tensor
+from .._checks import check_like, check_seq_chains, check_tensor, softmax_scale_or_default
 from .._library import register_reference_op
 from . import reference
 
@@ -74,9 +74,10 @@ def head_maps(chains, n_q: int, n_kv: int, kv_sharing: bool, kv_mapping: str, *,
     return scale, list(kv_index), list(chains.head_chain()[:n_q])
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, total: int, tensor_name: str, q: Tensor) -> int | None:
-    """Shape, dtype and device of one ``cu_seqlens_*``; when not compiling also its values (one
-    host sync), returning the longest sequence's length (None when compiling)."""
+def _check_cu_seqlens(name: str, cu: Tensor, total: int, tensor_name: str, q: Tensor,
+                      check_values: bool) -> int | None:
+    """Shape, dtype and device of one ``cu_seqlens_*``; with ``check_values`` (and not compiling)
+    also its values (one host sync), returning the longest sequence's length (else None)."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -84,7 +85,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, tensor_name: str, q: Te
     if cu.dim() != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D of shape (n_seq + 1,), got shape {tuple(cu.shape)}")
     check_like("q", q, dtype=False, **{name: cu})
-    if torch.compiler.is_compiling():
+    if not check_values or torch.compiler.is_compiling():
         return None
     values = cu.tolist()
     if values[0] != 0:
@@ -111,7 +112,7 @@ def _check_max_seqlen(name: str, value, longest: int | None, cu_name: str) -> No
         raise ValueError(f"{name}={value} is smaller than the longest sequence in {cu_name} ({longest})")
 
 
-def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> bool:
+def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, check_values) -> bool:
     """Whether the call is varlen; raises naming the argument when the pair is inconsistent."""
     given = {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
     if all(t is None for t in given.values()):
@@ -128,8 +129,8 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) 
         if t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim) with cu_seqlens, "
                              f"got shape {tuple(t.shape)}")
-    longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", q)
-    longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", q)
+    longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", q, check_values)
+    longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", q, check_values)
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
@@ -155,6 +156,7 @@ def chain_attention(
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    check_values: bool = True,
 ) -> Tensor:
     """Attention of ``q`` ``(B, Sq, Hq, D)`` over ``k``, ``v`` ``(B, Sk, Hkv, D)``.
 
@@ -175,13 +177,16 @@ def chain_attention(
             allowed).
         max_seqlen_q, max_seqlen_k: required with ``cu_seqlens_*``: upper bounds of the
             sequence lengths (they size the kernels' grids; checked when not compiling).
+        check_values: check the values of ``seq_chains`` and ``cu_seqlens_*`` on the host (a GPU
+            sync each). A training loop whose metadata is valid by construction may pass False:
+            the kernels then trust it.
 
     Returns ``(B, Sq, Hq, D)`` (varlen: ``(total_q, Hq, D)``) in ``q``'s dtype.
     """
     chains = as_chains(chains)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
-    varlen = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    varlen = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, check_values)
     ndim = 3 if varlen else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=ndim)
@@ -203,25 +208,8 @@ def chain_attention(
         raise TypeError(f"kv_sharing must be a bool, got {kv_sharing!r}")
     scale, kv_index, head_chain = head_maps(chains, q.shape[head_dim - 1], k.shape[head_dim - 1],
                                             kv_sharing, kv_mapping, q_heads=q_heads, k_heads=k_heads)
-    if seq_chains is not None:
-        check_tensor("seq_chains", seq_chains, ndim=1, kind="int")
-        check_like("q", q, dtype=False, seq_chains=seq_chains)
-        if seq_chains.shape[0] != n_seq:
-            raise ValueError(
-                f"seq_chains must have one entry per sequence ({n_seq}), got {seq_chains.shape[0]}"
-            )
-        if not torch.compiler.is_compiling() and seq_chains.numel():
-            lo, hi = int(seq_chains.min()), int(seq_chains.max())
-            if lo < 0 or hi > scale:
-                raise ValueError(
-                    f"seq_chains values must be in [0, {scale}] (the scale q's heads select), "
-                    f"got values in [{lo}, {hi}]"
-                )
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
-    elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-          or not 0 < softmax_scale < float("inf")):
-        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
+    check_seq_chains(seq_chains, q, n_seq, scale, check_values)
+    softmax_scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     tensors = [q, k, v] + ([seq_chains] if seq_chains is not None else [])
     args = (q, k, v, kv_index, head_chain, causal, seq_chains, float(softmax_scale))
     inputs = dict(q=q, k=k, v=v, kv_head_index=kv_index, head_chain=head_chain, causal=causal,

@@ -52,7 +52,6 @@ This file holds kernels and launchers only; the ops are registered in ``triton.p
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -60,13 +59,22 @@ import torch
 import triton
 import triton.language as tl
 
+from colm_kernels._triton.attention import active_members as _active_members
 from colm_kernels._triton.utils import (
     SMEM_BUDGET,
     device_guard,
     int32_table,
     is_interpreter,
     is_pow2_in,
+    last_dim_contiguous,
     mma,
+)
+from colm_kernels.ops.chain_attention.heads import (
+    LOG2E,
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    group_rows,
+    layout_reasons,
 )
 
 __all__ = [
@@ -79,10 +87,7 @@ __all__ = [
     "MAX_HEAD_DIM",
 ]
 
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
-_NOT_A_CHAIN = tl.constexpr(2**30)  # table padding: never <= a sequence's chain
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,20 +134,6 @@ _KEY = ["HEAD_DIM", "G", "CAUSAL", "HAS_SC", "VARLEN"]
 # ----------------------------------------------------------------------------------------------
 # Device helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _active_members(SC, CHAINS, b, g, G: tl.constexpr, G_P2: tl.constexpr, HAS_SC: tl.constexpr):
-    """A: how many members of kv head g's group are active for sequence b (a prefix: members are
-    sorted by chain). Without ``seq_chains`` every member is (A = G)."""
-    if HAS_SC:
-        sc = tl.load(SC + b).to(tl.int32)
-        m = tl.arange(0, G_P2)
-        ch = tl.load(CHAINS + g * G + m, mask=m < G, other=_NOT_A_CHAIN)
-        n = tl.sum((ch <= sc).to(tl.int32), axis=0)
-    else:
-        n = G
-    return n
-
-
 @triton.jit
 def _seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN: tl.constexpr):
     """``(first query row, Sq, first key row, Sk)`` of sequence b: read from the cu_seqlens tables
@@ -530,35 +521,10 @@ def fwd_out_shapes(q: torch.Tensor, varlen: bool = False) -> Tuple[Tuple[int, ..
     return tuple(q.shape), (B, Hq, Sq)
 
 
-def layout_reasons(n_q: int, n_kv: int, kv_head_index: Sequence[int], head_chain: Sequence[int]) -> List[str]:
-    """Why the kernels cannot pack this head mapping (empty: they can)."""
-    kv = [int(i) for i in kv_head_index]
-    if len(kv) != n_q or len(head_chain) != n_q:
-        return [f"kv_head_index and head_chain must have one entry per query head ({n_q}), "
-                f"got {len(kv)} and {len(head_chain)}"]
-    if n_kv <= 0 or any(not 0 <= i < n_kv for i in kv):
-        return [f"kv_head_index entries must be in [0, {n_kv}), got {kv}"]
-    counts = [kv.count(g) for g in range(n_kv)]
-    if len(set(counts)) != 1:
-        return [f"every kv head must serve the same number of query heads (packed groups), "
-                f"got counts {counts} for kv_head_index={kv}"]
-    return []
-
-
-@functools.lru_cache(maxsize=1024)
-def _group_rows(kv_head_index: Tuple[int, ...], head_chain: Tuple[int, ...], n_kv: int):
-    heads, chains = [], []
-    for g in range(n_kv):
-        members = sorted((h for h, i in enumerate(kv_head_index) if i == g), key=lambda h: (head_chain[h], h))
-        heads.append([h for h in members])
-        chains.append([head_chain[h] for h in members])
-    return heads, chains
-
-
 def group_layout(kv_head_index: Sequence[int], head_chain: Sequence[int], n_kv: int, device):
     """``(HEADS, CHAINS, G)``: int32 ``(Hkv, G)`` tables of each kv head's query heads (sorted by
     ``(chain, head)``) and their chains."""
-    heads, chains = _group_rows(tuple(int(i) for i in kv_head_index), tuple(int(c) for c in head_chain), n_kv)
+    heads, chains = group_rows(kv_head_index, head_chain, n_kv)
     return int32_table(heads, device), int32_table(chains, device), len(heads[0])
 
 
@@ -610,10 +576,6 @@ def _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
     return varlen
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def _bsh(t: torch.Tensor, varlen: bool) -> Tuple[int, int, int]:
     """(batch, position, head) strides; a packed varlen tensor has no batch dim (stride 0: the
     kernels offset by the sequence's first row instead)."""
@@ -659,7 +621,7 @@ def chain_attention_fwd(
     given): out ``(total_q, Hq, D)``, lse ``(Hq, total_q)``."""
     varlen = _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     out_shape, lse_shape = fwd_out_shapes(q, varlen)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -702,7 +664,7 @@ def chain_attention_bwd(
     lse_shape = fwd_out_shapes(q, varlen)[1]
     if lse.shape != lse_shape or lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32 of shape {lse_shape}, got {lse.dtype} {tuple(lse.shape)}")
-    q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     dout = dout.to(q.dtype)
     lse = lse.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_dq else None

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ... import backends
 from ...chains import ChainsLike, as_chains
-from .._checks import check_like, check_tensor
+from .._checks import (check_int_values, check_like, check_seq_chains, check_tensor,
+                       softmax_scale_or_default)
 from .._library import register_reference_op
 from ..chain_attention.api import head_maps
 from . import reference
@@ -60,18 +61,6 @@ def decode_head_maps(chains, n_q: int, n_kv_cache: int, kv_sharing: bool, kv_map
         n_kv = n_q // group
     scale, kv_index, head_chain = head_maps(chains, n_q, n_kv, kv_sharing, kv_mapping)
     return scale, kv_index, head_chain, n_kv
-
-
-def _check_values(name: str, t: Tensor, lo: int, hi: int) -> None:
-    """Host check of integer values (one sync); skipped under ``torch.compile`` and CUDA-graph
-    capture (the kernels clamp lengths to the cache, so a bad value never reads out of bounds)."""
-    if torch.compiler.is_compiling() or not t.numel():
-        return
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    a, b = (int(x) for x in torch.stack([t.min(), t.max()]).tolist())
-    if a < lo or b > hi:
-        raise ValueError(f"{name} values must be in [{lo}, {hi}], got values in [{a}, {b}]")
 
 
 def chain_attention_decode(
@@ -146,21 +135,9 @@ def chain_attention_decode(
             f"cache_seqlens must have one entry per sequence ({q.shape[0]}), got {cache_seqlens.shape[0]}"
         )
     if check_values:
-        _check_values("cache_seqlens", cache_seqlens, 0, k_cache.shape[1])
-    if seq_chains is not None:
-        check_tensor("seq_chains", seq_chains, ndim=1, kind="int")
-        check_like("q", q, dtype=False, seq_chains=seq_chains)
-        if seq_chains.shape[0] != q.shape[0]:
-            raise ValueError(
-                f"seq_chains must have one entry per sequence ({q.shape[0]}), got {seq_chains.shape[0]}"
-            )
-        if check_values:
-            _check_values("seq_chains", seq_chains, 0, scale)
-    if softmax_scale is None:
-        softmax_scale = q.shape[3] ** -0.5
-    elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-          or not 0 < softmax_scale < float("inf")):
-        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
+        check_int_values("cache_seqlens", cache_seqlens, 0, k_cache.shape[1])
+    check_seq_chains(seq_chains, q, q.shape[0], scale, check_values)
+    softmax_scale = softmax_scale_or_default(softmax_scale, q.shape[3])
     tensors = [q, k_cache, v_cache] + ([seq_chains] if seq_chains is not None else [])
     op = backends.dispatch(
         OP, tensors, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,

@@ -11,7 +11,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import _cuda
 from . import cuda_kernels as kernels
+
+_FUNCTIONS = ("chain_attention_decode", ("chain_attention_decode_fwd",))
+# Resolved at import (backends.preload_available), never first inside a torch.compile trace.
+_cuda.functions_unavailable_reason(*_FUNCTIONS)
 
 
 @torch.library.custom_op("colm_kernels::chain_attention_decode_cuda", mutates_args=())
@@ -30,6 +35,9 @@ def not_supported_reasons(q, k_cache, v_cache, cache_seqlens, kv_head_index, hea
                           softmax_scale) -> list[str]:
     """Why the CUDA kernels cannot run these inputs (device availability is checked elsewhere)."""
     reasons = []
+    reason = _cuda.functions_unavailable_reason(*_FUNCTIONS)
+    if reason:
+        return [reason]
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"cuda chain_attention_decode supports float16/bfloat16/float32, got {q.dtype}")
         return reasons

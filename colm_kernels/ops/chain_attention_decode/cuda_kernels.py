@@ -13,14 +13,13 @@ output dtype). Contracts (all tensors on one CUDA device):
 - returns ``out (B, Sq, Hq, D)`` contiguous in q's dtype. ``num_splits`` forces the number of
   splits of the key axis (tests); by default the extension picks it from ``S_max`` and the SM count.
 
-The per-kv-head tables live on the device, cached on their content. The extension is loaded on
-first call; ``RuntimeError`` with the reason when it cannot be used.
+The per-kv-head tables live on the device, cached on their content (``_triton.utils.int32_table``,
+the Triton kernels' cache). The extension is loaded on first call; ``RuntimeError`` with the reason
+when it cannot be used.
 """
 from __future__ import annotations
 
 import functools
-import threading
-from collections import OrderedDict
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -29,27 +28,6 @@ from ..._cuda import require_extension
 
 HEAD_DIMS = (64, 128, 256)
 MAX_DECODE_TOKENS = 16
-
-_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_TABLES_LOCK = threading.Lock()
-
-
-def _int32_table(rows: Tuple[Tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
-    """A read-only int32 device tensor of ``rows``, cached on (device, content)."""
-    key = (device, rows)
-    with _TABLES_LOCK:
-        hit = _TABLES.get(key)
-        if hit is not None:
-            _TABLES.move_to_end(key)
-            return hit
-    host = torch.tensor(rows, dtype=torch.int32)
-    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
-    with _TABLES_LOCK:
-        _TABLES[key] = table
-        while len(_TABLES) > 256:
-            _TABLES.popitem(last=False)
-    return table
-
 
 @functools.lru_cache(maxsize=1024)
 def group_rows(kv_head_index: Tuple[int, ...], head_chain: Tuple[int, ...]):
@@ -73,6 +51,10 @@ def chain_attention_decode_fwd(
     softmax_scale: float, *, num_splits: Optional[int] = None,
 ) -> torch.Tensor:
     ext = require_extension()
+    # Imported here, not at module level: importing this module (the backend's reasons) needs no
+    # triton; the launch shares the device-table cache of the Triton kernels.
+    from ..._triton.utils import int32_table
+
     kv = tuple(int(i) for i in kv_head_index)
     hc = tuple(int(c) for c in head_chain)
     heads, chains = group_rows(kv, hc)
@@ -82,8 +64,8 @@ def chain_attention_decode_fwd(
         q = q.contiguous()
     dev = q.device
     return ext.chain_attention_decode_fwd(
-        q, k_cache, v_cache, _int32(cache_seqlens), _int32_table(heads, dev), _int32_table(chains, dev),
-        _int32_table((hc,), dev), None if seq_chains is None else _int32(seq_chains),
+        q, k_cache, v_cache, _int32(cache_seqlens), int32_table(heads, dev), int32_table(chains, dev),
+        int32_table((hc,), dev), None if seq_chains is None else _int32(seq_chains),
         float(softmax_scale), int(num_splits or 0),
     )
 

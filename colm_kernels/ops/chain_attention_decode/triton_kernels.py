@@ -199,7 +199,8 @@ def _decode_split_kernel(
     if SPLIT:
         prow = (b64 * Sq + pos.to(tl.int64)) * Hq + head.to(tl.int64)  # row of (B, Sq * Hq)
         slot = prow * n_splits + split
-        keep = act & (start < end)
+        # A tensor, not a scalar bool: triton 3.9's interpreter rejects `tensor & scalar` masks.
+        keep = act & (start + tl.zeros_like(r) < end)
         tl.store(PART_O + slot[:, None] * HEAD_DIM + offs_d[None, :], o, mask=keep[:, None])
         lse = tl.where(has, m_i + tl.math.log2(l_safe), float("-inf"))
         tl.store(PART_LSE + slot, lse, mask=keep)

@@ -31,30 +31,9 @@ __all__ = ["chain_linear_fwd", "chain_linear_bwd_dx", "chain_linear_bwd_dw"]
 _FUNCTIONS = ("chain_linear_fwd", "chain_linear_bwd_dx", "chain_linear_bwd_dw")
 
 
-_UNSET = object()
-_missing = _UNSET  # computed once; a module global so torch.compile reads it as a constant
-
-
 def missing_reason() -> str | None:
     """Why the extension cannot run chain_linear (None when it can)."""
-    global _missing
-    if _missing is _UNSET:
-        _missing = _missing_once()
-    return _missing
-
-
-def _missing_once() -> str | None:
-    reason = _cuda.unavailable_reason()
-    if reason:
-        return reason
-    ext = _cuda.load_extension()
-    missing = [f for f in _FUNCTIONS if not hasattr(ext, f)]
-    if missing:
-        return (
-            f"{_cuda.EXTENSION_NAME} was built without chain_linear ({', '.join(missing)} missing): "
-            "rebuild with `pip install -e . --no-build-isolation`"
-        )
-    return None
+    return _cuda.functions_unavailable_reason("chain_linear", _FUNCTIONS)
 
 
 def _extension():

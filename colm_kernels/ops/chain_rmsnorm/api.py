@@ -17,7 +17,8 @@ chain_rmsnorm_reference = register_reference_op(
     SCHEMA,
 )
 backends.register(OP, "reference", __name__, "chain_rmsnorm_reference")
-backends.register(OP, "cuda", "colm_kernels.ops.chain_rmsnorm.cuda", "chain_rmsnorm_cuda")
+backends.register(OP, "cuda", "colm_kernels.ops.chain_rmsnorm.cuda", "chain_rmsnorm_cuda",
+                  reasons_fn="not_supported_reasons")
 
 
 def chain_rmsnorm(x: Tensor, weight: Tensor, chains: ChainsLike, eps: float = 1e-5, chain=None) -> Tensor:

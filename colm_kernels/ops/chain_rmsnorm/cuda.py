@@ -8,7 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ... import _cuda
 from . import cuda_kernels as kernels
+
+_FUNCTIONS = ("chain_rmsnorm", ("chain_rmsnorm_fwd", "chain_rmsnorm_bwd"))
+# Resolved at import (backends.preload_available), never first inside a torch.compile trace.
+_cuda.functions_unavailable_reason(*_FUNCTIONS)
 
 
 @torch.library.custom_op("colm_kernels::chain_rmsnorm_cuda_fwd", mutates_args=())
@@ -46,3 +51,14 @@ chain_rmsnorm_cuda_fwd.register_autograd(_backward, setup_context=_setup_context
 
 def chain_rmsnorm_cuda(x: Tensor, weight: Tensor, offsets: list[int], eps: float) -> Tensor:
     return chain_rmsnorm_cuda_fwd(x, weight, offsets, eps)[0]
+
+
+def not_supported_reasons(x: Tensor, weight: Tensor, offsets: list[int], eps: float) -> list[str]:
+    """Why the CUDA kernels cannot run these inputs (empty when they can)."""
+    reasons = []
+    reason = _cuda.functions_unavailable_reason(*_FUNCTIONS)
+    if reason:
+        reasons.append(reason)
+    if len(offsets) - 1 > kernels.MAX_CHAINS:
+        reasons.append(f"cuda chain_rmsnorm handles at most {kernels.MAX_CHAINS} chains, got {len(offsets) - 1}")
+    return reasons

@@ -1,6 +1,7 @@
 """``multi_chain_cross_entropy``: the mean cross-entropy at every scale, the public function."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ... import backends
@@ -24,7 +25,8 @@ backends.register(OP, "reference", __name__, "multi_chain_cross_entropy_referenc
 
 
 def multi_chain_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, chains: ChainsLike, ignore_index: int = -100
+    hidden: Tensor, weight: Tensor, targets: Tensor, chains: ChainsLike, ignore_index: int = -100,
+    *, check_values: bool = True,
 ) -> Tensor:
     """Mean cross-entropy of the output head at every scale, without the caller building logits.
 
@@ -34,6 +36,8 @@ def multi_chain_cross_entropy(
         weight: output head ``(V, D)``; scale j uses its first ``P_(j+1)`` columns.
         targets: integer ``(...)`` matching ``hidden``'s leading dims; ``ignore_index`` entries
             are excluded from every mean.
+        check_values: check on the host (one sync) that every target is a class index or
+            ``ignore_index``.
 
     Returns a 1-D tensor: the loss at each scale ``0..k`` (float32, or float64 for float64 input).
     """
@@ -56,6 +60,14 @@ def multi_chain_cross_entropy(
     offsets = list(offsets[: k + 2])
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1).long()  # any integer dtype in; every backend reads int64
+    if check_values and not torch.compiler.is_compiling() and t1.numel():
+        # One host sync per call: an out-of-range target would be a device-side assert on GPU.
+        bad = (t1 != ignore_index) & ((t1 < 0) | (t1 >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets must be in [0, {weight.shape[0]}) (weight.shape[0] classes) or "
+                f"ignore_index={ignore_index}, got {t1[bad][:5].tolist()}"
+            )
     op = backends.dispatch(OP, [h2, weight, t1], hidden=h2, weight=weight, targets=t1,
                            offsets=offsets, ignore_index=ignore_index)
     return op(h2, weight, t1, offsets, ignore_index)
