@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._triton.utils import is_interpreter, is_pow2_in
+from ..._triton.utils import interpreter_dtype_reasons, is_pow2_in
 from . import triton_kernels as kernels
 
 _NS = "colm_kernels"
@@ -125,8 +125,7 @@ def not_supported_reasons(q, k, v, kv_head_index, head_chain, causal, seq_chains
     reasons = []
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"triton chain_attention supports float16/bfloat16/float32, got {q.dtype}")
-    if is_interpreter() and q.dtype == torch.bfloat16:
-        reasons.append("the Triton interpreter computes bfloat16 tl.dot wrongly: bfloat16 needs a GPU")
+    reasons += interpreter_dtype_reasons(q.dtype)
     d = int(q.shape[-1])
     if not is_pow2_in(d, kernels.MIN_HEAD_DIM, kernels.MAX_HEAD_DIM):
         reasons.append(f"head dim must be a power of two in [{kernels.MIN_HEAD_DIM}, "

@@ -15,10 +15,10 @@ from .._checks import (check_int_values, check_like, check_seq_chains, check_ten
                        softmax_scale_or_default)
 from .._library import register_reference_op
 from ..chain_attention.api import head_maps
+from ..chain_attention.heads import MAX_DECODE_TOKENS
 from . import reference
 
 OP = "chain_attention_decode"
-MAX_DECODE_TOKENS = 16
 SCHEMA = (
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, int[] kv_head_index, "
     "int[] head_chain, Tensor? seq_chains, float softmax_scale) -> Tensor"

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ... import _cuda
+from ..chain_attention.heads import group_counts
 from . import cuda_kernels as kernels
 
 _FUNCTIONS = ("chain_attention_decode", ("chain_attention_decode_fwd",))
@@ -44,8 +45,7 @@ def not_supported_reasons(q, k_cache, v_cache, cache_seqlens, kv_head_index, hea
     d = int(q.shape[-1])
     if d not in kernels.HEAD_DIMS:
         reasons.append(f"cuda chain_attention_decode is compiled for head dims {kernels.HEAD_DIMS}, got {d}")
-    kv = [int(i) for i in kv_head_index]
-    counts = [kv.count(g) for g in range(max(kv) + 1)] if kv else []
+    counts = group_counts(kv_head_index)
     if len(set(counts)) != 1:
         reasons.append(f"every kv head must serve the same number of query heads, got counts {counts}")
     reasons += kernels.alignment_reasons(k_cache, v_cache)

@@ -19,26 +19,14 @@ when it cannot be used.
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
 from ..._cuda import require_extension
+from ..chain_attention.heads import group_rows
 
 HEAD_DIMS = (64, 128, 256)
-MAX_DECODE_TOKENS = 16
-
-@functools.lru_cache(maxsize=1024)
-def group_rows(kv_head_index: Tuple[int, ...], head_chain: Tuple[int, ...]):
-    """``(heads, chains)``: for each kv head, its query heads sorted by (chain, head), and their
-    chains (lists of lists)."""
-    heads, chains = [], []
-    for g in range(max(kv_head_index) + 1):
-        members = sorted((h for h, i in enumerate(kv_head_index) if i == g), key=lambda h: (head_chain[h], h))
-        heads.append(tuple(members))
-        chains.append(tuple(head_chain[h] for h in members))
-    return tuple(heads), tuple(chains)
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:

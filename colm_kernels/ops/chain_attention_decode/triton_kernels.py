@@ -45,7 +45,24 @@ import torch
 import triton
 import triton.language as tl
 
-from colm_kernels._triton.utils import device_guard, int32_table, is_interpreter, is_pow2_in, mma
+from colm_kernels._triton.attention import NOT_A_CHAIN as _NOT_A_CHAIN
+from colm_kernels._triton.attention import active_members as _active_members
+from colm_kernels._triton.utils import (
+    device_guard,
+    int32_table,
+    is_interpreter,
+    is_pow2_in,
+    last_dim_contiguous,
+    mma,
+)
+from colm_kernels.ops.chain_attention.heads import (
+    LOG2E,
+    MAX_DECODE_TOKENS,
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    group_rows,
+)
+from colm_kernels.ops.chain_attention.heads import layout_reasons as _layout_reasons
 
 __all__ = [
     "chain_attention_decode_fwd",
@@ -57,32 +74,14 @@ __all__ = [
     "MAX_HEAD_DIM",
 ]
 
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-MAX_DECODE_TOKENS = 16
 MAX_SPLITS = 64
-LOG2E = 1.4426950408889634
 _MAX_GRID_YZ = 65535
-_NOT_A_CHAIN = tl.constexpr(2**30)  # table padding: never <= a sequence's chain
 _INTERPRETER_SMS = 4  # pretend SM count on CPU (the heuristic then runs, with its small numbers)
 
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _active_members(SC, CHAINS, b, g, G: tl.constexpr, G_P2: tl.constexpr, HAS_SC: tl.constexpr):
-    """How many of kv head g's G query heads are active for sequence b (a prefix: members are
-    sorted by chain); G without ``seq_chains``."""
-    if HAS_SC:
-        sc = tl.load(SC + b).to(tl.int32)
-        m = tl.arange(0, G_P2)
-        ch = tl.load(CHAINS + g * G + m, mask=m < G, other=_NOT_A_CHAIN)
-        n = tl.sum((ch <= sc).to(tl.int32), axis=0)
-    else:
-        n = G
-    return n
-
-
 @triton.jit
 def _seq_len(SEQLENS, b, S_max):
     """``cache_seqlens[b]`` clamped to ``[0, S_max]``: never a read outside the cache."""
@@ -307,29 +306,9 @@ def decode_plan(batch: int, n_kv: int, rows: int, s_max: int, head_dim: int, dev
 # Launcher
 # ----------------------------------------------------------------------------------------------
 def layout_reasons(n_q: int, n_kv: int, kv_head_index: Sequence[int], head_chain: Sequence[int]) -> List[str]:
-    """Why the kernels cannot pack this head mapping (empty: they can)."""
-    kv = [int(i) for i in kv_head_index]
-    if len(kv) != n_q or len(head_chain) != n_q:
-        return [f"kv_head_index and head_chain must have one entry per query head ({n_q}), "
-                f"got {len(kv)} and {len(head_chain)}"]
-    if n_kv <= 0 or any(not 0 <= i < n_kv for i in kv):
-        return [f"kv_head_index entries must be in [0, {n_kv}) (the cache's kv heads), got {kv}"]
-    used = max(kv) + 1
-    counts = [kv.count(g) for g in range(used)]
-    if len(set(counts)) != 1:
-        return [f"every kv head must serve the same number of query heads (packed groups), "
-                f"got counts {counts} for kv_head_index={kv}"]
-    return []
-
-
-@functools.lru_cache(maxsize=1024)
-def _group_rows(kv_head_index: Tuple[int, ...], head_chain: Tuple[int, ...]):
-    heads, chains = [], []
-    for g in range(max(kv_head_index) + 1):
-        members = sorted((h for h, i in enumerate(kv_head_index) if i == g), key=lambda h: (head_chain[h], h))
-        heads.append(members)
-        chains.append([head_chain[h] for h in members])
-    return heads, chains
+    """Why the kernels cannot pack this head mapping (empty: they can); they read the kv heads
+    ``0 .. max(kv_head_index)``, a prefix of the cache's ``n_kv``."""
+    return _layout_reasons(n_q, n_kv, kv_head_index, head_chain, kv_prefix=True)
 
 
 def _check_inputs(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains, softmax_scale):
@@ -372,14 +351,13 @@ def chain_attention_decode_fwd(
     """``out (B, Sq, Hq, D)``, contiguous, in q's dtype. ``num_splits`` forces the number of
     splits of the key axis (default: ``num_splits_heuristic``)."""
     _check_inputs(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains, softmax_scale)
-    if q.shape[-1] > 1 and q.stride(-1) != 1:
-        q = q.contiguous()
+    q = last_dim_contiguous(q)
     B, Sq, Hq, D = q.shape
     S_max = k_cache.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    heads, chains = _group_rows(tuple(int(i) for i in kv_head_index), tuple(int(c) for c in head_chain))
+    heads, chains = group_rows(kv_head_index, head_chain)
     Hkv, G = len(heads), len(heads[0])
     plan = decode_plan(B, Hkv, G * Sq, S_max, D, q.device, num_splits)
     n_splits, n_rb = plan["num_splits"], plan["row_blocks"]

@@ -2,10 +2,9 @@
 (``chain_linear_triton``, ``..._bwd_dx``, ``..._bwd_dw``; see ``backend_ops``)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from ..._triton.utils import is_interpreter
+from ..._triton.utils import interpreter_dtype_reasons
 from . import triton_kernels as kernels
 from .backend_ops import define_backend_ops
 
@@ -16,6 +15,4 @@ chain_linear_triton_bwd_dw = _ops.bwd_dw
 
 
 def not_supported_reasons(x: Tensor, weights, biases) -> list[str]:
-    if is_interpreter() and x.dtype == torch.bfloat16:
-        return ["the Triton interpreter computes bfloat16 tl.dot wrongly: bfloat16 needs a GPU"]
-    return []
+    return interpreter_dtype_reasons(x.dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._triton.utils import is_interpreter
+from ..._triton.utils import interpreter_dtype_reasons
 from ..chain_linear.triton import chain_linear_triton_bwd_dw, chain_linear_triton_bwd_dx
 from . import triton_kernels as kernels
 from .reference import chain_swiglu_out_shape
@@ -93,6 +93,4 @@ def chain_swiglu_triton(x: Tensor, w1: list[Tensor], w3: list[Tensor]) -> Tensor
 
 
 def not_supported_reasons(x: Tensor, w1, w3) -> list[str]:
-    if is_interpreter() and x.dtype == torch.bfloat16:
-        return ["the Triton interpreter computes bfloat16 tl.dot wrongly: bfloat16 needs a GPU"]
-    return []
+    return interpreter_dtype_reasons(x.dtype)
