@@ -57,7 +57,8 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
-    """One PNG per op: time relative to the peer, per shape and pass. Returns the files written."""
+    """One PNG per op: time relative to the peer of the same shape and pass (1.0 = the peer;
+    scale-free, so shapes and passes share one axis). Returns the files written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -67,7 +68,7 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
         return []
     written = []
     for op in sorted({r["op"] for r in rows}):
-        op_rows = [r for r in rows if r["op"] == op and r.get("ms") is not None]
+        op_rows = [r for r in rows if r["op"] == op and r.get("ratio") is not None]
         if not op_rows:
             continue
         groups = sorted({(r["shape"], r["pass"]) for r in op_rows})
@@ -78,11 +79,12 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
             ys = []
             for g in groups:
                 match = [r for r in op_rows if (r["shape"], r["pass"]) == g and r["provider"] == prov]
-                ys.append(match[0]["ms"] if match else 0.0)
+                ys.append(match[0]["ratio"] if match else 0.0)
             ax.bar([i + j * width for i in range(len(groups))], ys, width, label=prov)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
         ax.set_xticklabels([f"{s}\n{p}" for s, p in groups], fontsize=6)
-        ax.set_ylabel("ms (lower is better)")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"time / {op_rows[0]['peer']} (lower is better)")
         ax.set_title(op)
         ax.legend(fontsize=7)
         fig.tight_layout()
