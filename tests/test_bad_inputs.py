@@ -159,6 +159,8 @@ CASES = [
     ("ce-targets-shape", lambda: ce(targets=torch.zeros(4, dtype=torch.long)), ValueError, "targets"),
     ("ce-targets-2d", lambda: ce(targets=torch.zeros(5, 1, dtype=torch.long)), ValueError, "targets"),
     ("ce-targets-float", lambda: ce(targets=torch.zeros(5, dtype=F64)), TypeError, "targets"),
+    ("ce-target-past-vocab", lambda: ce(targets=torch.tensor([0, 1, 7, 2, 3])), ValueError, "targets"),
+    ("ce-target-negative", lambda: ce(targets=torch.tensor([0, -1, 2, 2, 3])), ValueError, "targets"),
     ("ce-hidden-not-a-prefix", lambda: ce(hidden=torch.zeros(5, 5, dtype=F64)), ValueError, r"hidden\.shape\[-1\]"),
     ("ce-weight-1d", lambda: ce(weight=torch.zeros(8, dtype=F64)), ValueError, "weight"),
     ("ce-ignore-index-float", lambda: ce(ignore_index=-100.0), TypeError, "ignore_index"),
@@ -210,3 +212,17 @@ def test_bad_input_raises_naming_the_argument(call, exc, match):
 def test_case_ids_are_unique_and_many():
     ids = [c[0] for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 30
+
+
+def test_ce_ignore_index_is_not_out_of_range():
+    loss = ce(targets=torch.tensor([0, -100, 6, 2, -100]))
+    assert loss.shape == (3,) and torch.isfinite(loss).all()
+
+
+def test_cuda_backends_report_why_they_cannot_run_here():
+    """Named explicitly on CPU tensors, every cuda backend raises BackendError with a reason."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the cuda backends can run")
+    with ck.use_backend("cuda"):
+        with pytest.raises(ck.BackendError, match="chain_rmsnorm: backend 'cuda' cannot run"):
+            ck.chain_rmsnorm(x8(3), torch.ones(8, dtype=F64), C)
