@@ -16,7 +16,7 @@ python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&
     echo "build failed"; tail -50 "$OUT/build.log"; exit 1; }
 python3 -m colm_kernels.info | tee "$OUT/info.txt"
 
-python3 -m pytest tests -q -p no:cacheprovider -x --timeout=900 2>&1 | tee "$OUT/tests.log" | tail -30
+python3 -m pytest tests -q -p no:cacheprovider --timeout=900 2>&1 | tee "$OUT/tests.log" | tail -30
 python3 -m colm_kernels.bench.cli --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | tail -80
 cp "$OUT/bench/results.json" "$OUT/bench/table.txt" "$OUT/" 2>/dev/null
 (cd "$OUT/bench" && tar czf "$OUT/plots.tar.gz" ./*.png 2>/dev/null)

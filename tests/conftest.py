@@ -12,6 +12,11 @@ for _path in (_ROOT, _TESTS):  # ``import colm_kernels`` and ``import utils`` fr
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter. Decided here, before
+# anything imports triton (it reads the variable then); on a GPU the real kernels run.
+if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import colm_kernels  # noqa: E402
 
 # Tiny tensors everywhere: one thread is faster and leaves the shared cores to others.

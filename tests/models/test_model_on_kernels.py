@@ -1,15 +1,12 @@
 """The whole model on the kernel backends: ``models.CoLM`` with some (or all) ops on ``triton``
 (the interpreter on CPU) gives the reference backend's logits and parameter gradients."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors run
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import colm_kernels as ck  # noqa: E402
-from colm_kernels import backends  # noqa: E402
-from colm_kernels.models import CoLM, CoLMConfig  # noqa: E402
+import colm_kernels as ck
+from colm_kernels import backends
+from colm_kernels.models import CoLM, CoLMConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 

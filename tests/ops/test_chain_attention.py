@@ -3,19 +3,16 @@ kernels on GPU): forward and dq/dk/dv against the float64 reference backend with
 of ``numerics.py``; chains, GQA and shared KV (both mappings), every elastic scale, Sq == Sk and
 Sq != Sk (decode-like and rows with no visible key), odd lengths, non-causal, softmax_scale,
 seq_chains (exact zeros and zero gradients for inactive heads), strided inputs, opcheck."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors run
+import itertools
 
-import itertools  # noqa: E402
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import colm_kernels as ck  # noqa: E402
-from colm_kernels import BackendError  # noqa: E402
-from colm_kernels.ops.chain_attention.api import head_maps  # noqa: E402
-from numerics import assert_within_eager_error  # noqa: E402
+import colm_kernels as ck
+from colm_kernels import BackendError
+from colm_kernels.ops.chain_attention.api import head_maps
+from numerics import assert_within_eager_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 

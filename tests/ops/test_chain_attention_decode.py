@@ -9,19 +9,17 @@ and in the kv heads a scale does not read, a strided cache, mixed ``seq_chains``
 more than one split (forced through the launchers' ``num_splits``), the split heuristic, errors,
 opcheck, torch.compile and the model's decode path.
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors run
 
-import itertools  # noqa: E402
+import itertools
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import colm_kernels as ck  # noqa: E402
-from colm_kernels import BackendError, _cuda  # noqa: E402
-from colm_kernels.ops.chain_attention_decode.api import decode_head_maps  # noqa: E402
-from numerics import assert_within_eager_error  # noqa: E402
+import colm_kernels as ck
+from colm_kernels import BackendError, _cuda
+from colm_kernels.ops.chain_attention_decode.api import decode_head_maps
+from numerics import assert_within_eager_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 

@@ -9,18 +9,15 @@ but no query (its dK/dV rows must be written as zeros), GQA and shared KV with b
 elastic scales, mixed ``seq_chains`` (exact zeros for inactive heads), non-causal, float16; bad
 ``cu_seqlens`` / ``max_seqlen`` raise naming the argument; opcheck of the extended ops. Kernel
 outputs are allocated NaN-filled here, so a row that no program writes fails the test."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors run
+import itertools
 
-import itertools  # noqa: E402
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import colm_kernels as ck  # noqa: E402
-from colm_kernels.ops.chain_attention.api import head_maps  # noqa: E402
-from numerics import assert_within_eager_error  # noqa: E402
+import colm_kernels as ck
+from colm_kernels.ops.chain_attention.api import head_maps
+from numerics import assert_within_eager_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 

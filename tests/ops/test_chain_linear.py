@@ -2,16 +2,13 @@
 kernels on GPU): forward and every gradient against the float64 reference, with the accuracy rule
 of ``numerics.py``; elastic scales, frozen chains, both weight layouts, opcheck, torch.compile,
 and the modules and model running on it."""
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors run
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import colm_kernels as ck  # noqa: E402
-from colm_kernels.chains import Chains  # noqa: E402
-from numerics import assert_within_eager_error  # noqa: E402
+import colm_kernels as ck
+from colm_kernels.chains import Chains
+from numerics import assert_within_eager_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 

@@ -6,23 +6,30 @@ plus a small floor. bf16 is not tested here (the interpreter's ``tl.dot`` on bf1
 a GPU-only case. ``torch.empty`` is NaN-filled during these tests so any output element a kernel
 fails to write shows up, and dense weight matrices carry NaN in their upper (never read) blocks.
 """
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+import math
+from dataclasses import dataclass
+from typing import Tuple
 
-import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Tuple  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True)
+def _on_the_gpu_when_there_is_one():
+    """CPU tensors for the interpreter; on a GPU every tensor these tests make lives there."""
+    if torch.cuda.is_available():
+        with torch.device("cuda"):
+            yield
+    else:
+        yield
 
 # the interpreter converts 1-element arrays with int(); numpy >= 1.25 warns on every call
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
-from colm_kernels.ops.chain_linear.triton_kernels import (  # noqa: E402
+from colm_kernels.ops.chain_linear.triton_kernels import (
     chain_linear_bwd_dw,
     chain_linear_bwd_dx,
     chain_linear_fwd,

@@ -6,18 +6,15 @@ frozen blocks (no weight-gradient tiles), gates stored only when autograd needs 
 torch.compile, the reference backend's gradcheck, and ``ChainFeedForward`` on top of it.
 ``torch.empty`` is NaN-filled here, so any output element a kernel leaves unwritten fails.
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors run
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import colm_kernels as ck  # noqa: E402
-from colm_kernels.chains import Chains  # noqa: E402
-from numerics import assert_within_eager_error  # noqa: E402
-from utils import ref_chain_linear  # noqa: E402
+import colm_kernels as ck
+from colm_kernels.chains import Chains
+from numerics import assert_within_eager_error
+from utils import ref_chain_linear
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
