@@ -116,6 +116,11 @@ _BACKEND_AVAILABILITY: dict[str, Callable[[], str | None]] = {
 }
 
 
+def backend_unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine at all (None when it can)."""
+    return _BACKEND_AVAILABILITY[_check_name(name)]() if name != "auto" else None
+
+
 def device_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> list[str]:
     """Reasons shared by every op: which devices and dtypes a kernel backend accepts."""
     if backend == "reference":

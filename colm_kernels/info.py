@@ -36,9 +36,8 @@ def report() -> str:
     lines.append(f"backend      {backends.get_backend()} (set_backend / use_backend / COLM_KERNELS_BACKEND)")
     lines.append("")
     lines.append("backends:")
-    for name, check in (("reference", lambda: None), ("triton", backends.triton_unavailable_reason),
-                        ("cuda", backends.cuda_unavailable_reason)):
-        reason = check()
+    for name in ("reference", "triton", "cuda"):
+        reason = backends.backend_unavailable_reason(name)
         lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
     lines.append("")
     lines.append("ops (backends with a kernel for the op):")
@@ -49,7 +48,7 @@ def report() -> str:
             if name not in impls:
                 cells.append(f"{name}: no kernel yet")
             else:
-                reason = backends._BACKEND_AVAILABILITY[name]()
+                reason = backends.backend_unavailable_reason(name)
                 cells.append(f"{name}: {'yes' if reason is None else 'unavailable'}")
         lines.append(f"  {op:<27} " + " | ".join(cells))
     return "\n".join(lines)
