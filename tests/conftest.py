@@ -52,3 +52,8 @@ def _restore_backend():
     previous = colm_kernels.get_backend()
     yield
     colm_kernels.set_backend(previous)
+
+
+def pytest_configure(config):
+    # Triton's interpreter converts 1-element numpy arrays with int(); numpy >= 1.25 warns each time.
+    config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0:DeprecationWarning")

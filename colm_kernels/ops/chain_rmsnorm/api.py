@@ -19,6 +19,7 @@ chain_rmsnorm_reference = register_reference_op(
 backends.register(OP, "reference", __name__, "chain_rmsnorm_reference")
 backends.register(OP, "cuda", "colm_kernels.ops.chain_rmsnorm.cuda", "chain_rmsnorm_cuda",
                   reasons_fn="not_supported_reasons")
+backends.register(OP, "triton", "colm_kernels.ops.chain_rmsnorm.triton", "chain_rmsnorm_triton", reasons_fn="not_supported_reasons")
 
 
 def chain_rmsnorm(x: Tensor, weight: Tensor, chains: ChainsLike, eps: float = 1e-5, chain=None) -> Tensor:
