@@ -19,7 +19,6 @@ import colm_kernels as ck
 from colm_kernels.ops.chain_attention.api import head_maps
 from numerics import assert_within_eager_error
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -38,18 +37,6 @@ LAYOUTS = {
     "C2.4-shared2-group": ((2, 4), 2, True, "chain_group"),  # G = 1 then 3
 }
 
-
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """``torch.empty`` / ``empty_like`` return NaN-filled floating tensors (rows left unwritten by a
-    kernel then fail the finiteness and accuracy checks)."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() and t.numel() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
 
 
 def _cu(lengths):

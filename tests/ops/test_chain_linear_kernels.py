@@ -27,7 +27,7 @@ def _on_the_gpu_when_there_is_one():
         yield
 
 # the interpreter converts 1-element arrays with int(); numpy >= 1.25 warns on every call
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs are NaN
 
 from colm_kernels.ops.chain_linear.triton_kernels import (
     chain_linear_bwd_dw,
@@ -90,19 +90,6 @@ _TOL_EPS = {torch.float32: 16 * torch.finfo(torch.float32).eps, torch.float16: t
 def _dt(dtype):
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
-
-@pytest.fixture(autouse=True)
-def _nan_empty(monkeypatch):
-    """Make ``torch.empty`` return NaN-filled floating tensors, so unwritten outputs fail."""
-    orig = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = orig(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 # ----------------------------------------------------------------------------------------------

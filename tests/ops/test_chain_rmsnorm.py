@@ -17,6 +17,8 @@ import torch
 import colm_kernels as ck
 from numerics import assert_within_eager_error
 
+pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs are NaN
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -41,19 +43,6 @@ def _prefix(chains, dim, k) -> int:
     s = sum(chains)
     return sum(dim * c // s for c in chains[: k + 1])
 
-
-@pytest.fixture(autouse=True)
-def _nan_empty(monkeypatch):
-    """``torch.empty`` returns NaN-filled floating tensors, so unwritten outputs fail."""
-    orig = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = orig(*args, **kwargs)
-        if t.is_floating_point() and t.device.type != "meta":
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def _run(backend, dtype, x, weight, grad, chains, chain=None, pad=0, weight_grad=True):

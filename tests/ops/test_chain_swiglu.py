@@ -16,7 +16,7 @@ from colm_kernels.chains import Chains
 from numerics import assert_within_eager_error
 from utils import ref_chain_linear
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs are NaN
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 tl.dot is wrong in the interpreter: a GPU-only case.
@@ -36,19 +36,6 @@ def _id(layout):
 def _dt(dtype):
     return str(dtype)[6:]
 
-
-@pytest.fixture(autouse=True)
-def _nan_empty(monkeypatch):
-    """``torch.empty`` returns NaN-filled floating tensors, so unwritten outputs fail."""
-    orig = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = orig(*args, **kwargs)
-        if t.is_floating_point() and t.device.type != "meta":
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def _blocks(dense, chains):

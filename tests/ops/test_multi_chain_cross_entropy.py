@@ -14,7 +14,7 @@ import colm_kernels as ck
 from colm_kernels.backends import BackendError
 from numerics import assert_within_eager_error
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs are NaN
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 tl.dot is wrong in the interpreter: a GPU-only case.
@@ -34,19 +34,6 @@ def _lid(layout):
     chains, d, v = layout
     return f"C{'.'.join(map(str, chains))}-D{d}-V{v}"
 
-
-@pytest.fixture(autouse=True)
-def _nan_empty(monkeypatch):
-    """``torch.empty`` returns NaN-filled floating tensors, so unwritten outputs fail."""
-    orig = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = orig(*args, **kwargs)
-        if t.is_floating_point() and t.device.type != "meta":
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def _offsets(d, chains):
