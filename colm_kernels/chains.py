@@ -49,6 +49,17 @@ class Chains:
     def __setattr__(self, key, value):
         raise AttributeError("Chains is immutable")
 
+    # Immutable: copies may share the instance; pickling rebuilds it through the validating constructor
+    # (so deepcopy, torch.save of a whole module, and multiprocessing all work).
+    def __reduce__(self):
+        return (Chains, (self.sizes,))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
     # -- basic properties -------------------------------------------------------------
     @property
     def n(self) -> int:
