@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
-# One batched GPU session (the device tool's `run`): build the CUDA extension, run the whole test
-# suite on the GPU (bf16/fp16 cases and the 2x-eager-error rule included), then colm-bench at its
-# default sizes. Everything lands in $OUT as at most 8 files (the device tool's limit):
-#   info.txt build.log tests.log bench.log results.json table.txt plots.tar.gz
-# Usage there: OUT=$OUT bash benchmarks/gpu_run.sh [extra colm-bench args, e.g. --ops chain_linear]
-# Then commit results.json, table.txt and the plots under benchmarks/results/<device>-<date>/.
+# GPU session runner (the device tool's `run`): one command = one or more stages, all finishing
+# inside the tool's 10-minute limit (LIMIT_S, default 570 s, shared by the stages in order).
+#
+#   OUT=$OUT bash benchmarks/gpu_run.sh build tests            # ~build, then the whole suite
+#   OUT=$OUT BENCH_ARGS="--ops chain_linear,chain_swiglu" bash benchmarks/gpu_run.sh build bench
+#
+# Stages:
+#   build  pip install --no-build-isolation --no-deps -e . (the image has torch, triton, pytest,
+#          pytest-xdist/-timeout, matplotlib and no network), then `python -m colm_kernels.info`.
+#          Incremental on a machine that is still warm.
+#   tests  pytest $TESTS (default: tests) on 8 xdist workers. conftest sets COLM_KERNELS_AUTOTUNE=0
+#          (one config per kernel); tests/ops/test_triton_configs.py checks every config.
+#   bench  colm-bench $BENCH_ARGS at default sizes.
+# At the time limit pytest and colm-bench get SIGINT: pytest still prints its summary and writes
+# tests.xml; colm-bench writes the rows measured so far. Split TESTS / --ops over calls if needed.
+# $OUT gets at most 8 files (the tool's limit): info.txt build.log tests.log tests.xml bench.log
+# results.json table.txt plots.tar.gz. Commit them under benchmarks/results/<device>-<date>/.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder that comes back}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 COLM_KERNELS_CUDA_ARCHS=${COLM_KERNELS_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16}
+deadline=$(( $(date +%s) + ${LIMIT_S:-570} ))
+left() { echo $(( deadline - $(date +%s) )); }
+rc=0
 
-# The image has torch, triton, numpy, pytest(-benchmark), hypothesis, matplotlib and no network:
-# install without resolving dependencies, building against the torch that is there.
-python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || {
-    echo "build failed"; tail -50 "$OUT/build.log"; exit 1; }
-python3 -m colm_kernels.info | tee "$OUT/info.txt"
-
-python3 -m pytest tests -q -p no:cacheprovider --timeout=900 2>&1 | tee "$OUT/tests.log" | tail -30
-python3 -m colm_kernels.bench.cli --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | tail -80
-cp "$OUT/bench/results.json" "$OUT/bench/table.txt" "$OUT/" 2>/dev/null
-(cd "$OUT/bench" && tar czf "$OUT/plots.tar.gz" ./*.png 2>/dev/null)
-rm -rf "$OUT/bench"
+for stage in "${@:-build}"; do
+    echo "== $stage ($(left) s left)"
+    case "$stage" in
+    build)
+        timeout "$(left)" python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || {
+            echo "build failed"; tail -50 "$OUT/build.log"; exit 1; }
+        python3 -m colm_kernels.info | tee "$OUT/info.txt" ;;
+    tests)
+        # shellcheck disable=SC2086
+        timeout -s INT -k 20 "$(left)" python3 -m pytest ${TESTS:-tests} -q -p no:cacheprovider -n 8 --timeout=500 -rfEs \
+            --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -40 || rc=1 ;;
+    bench)
+        # shellcheck disable=SC2086
+        timeout -s INT -k 20 "$(left)" python3 -m colm_kernels.bench.cli --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 \
+            | tee "$OUT/bench.log" | tail -80 || rc=1
+        cp "$OUT/bench/results.json" "$OUT/bench/table.txt" "$OUT/" 2>/dev/null
+        (cd "$OUT/bench" && tar czf "$OUT/plots.tar.gz" ./*.png 2>/dev/null)
+        rm -rf "$OUT/bench" ;;
+    *) echo "unknown stage '$stage' (build, tests, bench)"; exit 2 ;;
+    esac
+done
+exit $rc

@@ -16,6 +16,10 @@ for _path in (_ROOT, _TESTS):  # ``import colm_kernels`` and ``import utils`` fr
 # anything imports triton (it reads the variable then); on a GPU the real kernels run.
 if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
     os.environ["TRITON_INTERPRET"] = "1"
+# On a GPU, one config per autotuned kernel: tuning every small test layout would spend the run
+# compiling. tests/ops/test_triton_configs.py checks every config. COLM_KERNELS_AUTOTUNE=1 overrides.
+if torch.cuda.is_available():
+    os.environ.setdefault("COLM_KERNELS_AUTOTUNE", "0")
 
 import colm_kernels  # noqa: E402
 

@@ -28,6 +28,26 @@ def test_timing_harness_on_cpu(tmp_path):
     assert (tmp_path / "table.txt").read_text().count("\n") == len(rows) + 2
 
 
+def test_interrupted_timing_run_still_writes_what_it_measured(tmp_path, monkeypatch):
+    # GPU runs end with `timeout -s INT` at the device's time limit: the rows measured stay.
+    from colm_kernels.bench import timing
+    calls = []
+
+    def fake_measure(run, device, warmup, rep):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return 1.0
+
+    monkeypatch.setattr(timing, "measure_ms", fake_measure)
+    rc = cli.main(["--device", "cpu", "--sizes", "tiny", "--no-plots", "--out", str(tmp_path),
+                   "--ops", "chain_linear"])
+    assert rc == 130
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["interrupted"] is True
+    assert [r["ms"] for r in data["rows"]] == [1.0, 1.0]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU colm-bench times instead of checking")
 def test_check_mode_without_gpu(tmp_path):
     rc = cli.main(["--out", str(tmp_path), "--ops", "chain_linear,chain_attention", "--demo-steps", "0"])

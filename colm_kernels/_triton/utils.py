@@ -9,6 +9,9 @@ Host side:
 - ``tile_count``: host-side count of the tiles of a list of per-chain extents.
 - ``gemm_configs`` / ``make_gemm_pruner``: autotune configs (H100 list, one small interpreter
   config) and a pruner that clamps blocks to the problem's extents (never to the token count).
+- ``autotune``: ``triton.autotune`` with an early pruner that ``COLM_KERNELS_AUTOTUNE=0`` reduces to
+  one config (correctness runs on a GPU) and ``force_config(i)`` pins to the i-th (tests of every
+  config).
 - ``check_tensor``: uniform argument validation with errors that name the argument.
 - ``device_guard``: make a tensor's CUDA device current around a launch.
 - ``is_pow2_in`` / ``last_dim_contiguous``: head-dim check; a unit last-dim stride (copy if not).
@@ -46,6 +49,10 @@ __all__ = [
     "tile_count",
     "gemm_configs",
     "make_gemm_pruner",
+    "autotune",
+    "autotune_enabled",
+    "force_config",
+    "autotuned_kernels",
     "check_tensor",
     "device_guard",
     "grouped_tile",
@@ -221,6 +228,57 @@ def make_gemm_pruner(extent_args: Dict[str, str], dtype_arg: str,
         return fitting or [min(out, key=lambda t: t[0])[1]]
 
     return prune
+
+
+_AUTOTUNED: List = []  # every kernel made by ``autotune`` below, for ``force_config``
+_forced_index: Optional[int] = None
+
+
+def autotune_enabled() -> bool:
+    """False when ``COLM_KERNELS_AUTOTUNE=0``: each autotuned kernel then runs the first config its
+    pruner keeps. The GPU test suite sets it (tuning every small test layout would spend its time
+    compiling); ``tests/ops/test_triton_configs.py`` checks every config instead."""
+    return os.environ.get("COLM_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def autotune(configs: List[triton.Config], key: List[str], prune: Callable):
+    """``triton.autotune(configs, key)`` with ``prune`` as its early pruner, narrowed to one config
+    when autotuning is off or a config is forced."""
+
+    def narrowed(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs)
+        if _forced_index is not None:
+            return [kept[min(_forced_index, len(kept) - 1)]]
+        return kept if autotune_enabled() else kept[:1]
+
+    def wrap(fn):
+        tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": narrowed})(fn)
+        _AUTOTUNED.append(tuned)
+        return tuned
+
+    return wrap
+
+
+def autotuned_kernels() -> List:
+    """The autotuners ``autotune`` has made (one per kernel of every imported module)."""
+    return list(_AUTOTUNED)
+
+
+@contextlib.contextmanager
+def force_config(index: int):
+    """Within the block every autotuned kernel runs the ``index``-th config its pruner keeps (the last
+    one when it keeps fewer). Tuning caches are cleared on entry and exit, so no choice leaks."""
+    global _forced_index
+    saved = _forced_index
+    for kernel in _AUTOTUNED:
+        kernel.cache.clear()
+    _forced_index = int(index)
+    try:
+        yield
+    finally:
+        _forced_index = saved
+        for kernel in _AUTOTUNED:
+            kernel.cache.clear()
 
 
 def device_guard(device: torch.device):

@@ -49,19 +49,16 @@ def parse_args(argv):
     if unknown:
         p.error(f"--ops: unknown {unknown}; choose from {list(OPS)}")
     args.ops = ops
+    args.interrupted = False  # set when a timing run is cut short; its rows are still reported
     return args
 
 
-def run_timings(args, device) -> list[dict]:
-    import torch
-
+def _time_cases(args, size, device, dtype, rows: list) -> None:
+    """Time every case of ``args.ops``, appending one row per case to ``rows`` as it finishes."""
     from .ops import CASES
     from .report import H100_CEILINGS
     from .timing import measure_ms
 
-    dtype = getattr(torch, DTYPES[args.dtype]) if device.type == "cuda" else torch.float32
-    size = args.sizes or "default"
-    rows = []
     for op in args.ops:
         # Cases are built one at a time: a default-size case can hold gigabytes of inputs.
         for i, case in enumerate(CASES[op](size, device, dtype), 1):
@@ -85,6 +82,19 @@ def run_timings(args, device) -> list[dict]:
             print(f"[{op} {i}] {case.provider:<16} {case.shape:<36} {case.pass_name:<8} "
                   f"{status} ({time.perf_counter() - t0:.1f}s)", flush=True)
             del case.run
+
+
+def run_timings(args, device) -> list[dict]:
+    import torch
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if device.type == "cuda" else torch.float32
+    size = args.sizes or "default"
+    rows = []
+    try:
+        _time_cases(args, size, device, dtype, rows)
+    except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT` on a time-limited GPU run
+        print(f"\ninterrupted: reporting the {len(rows)} rows measured so far", flush=True)
+        args.interrupted = True
     for r in rows:  # time relative to the peer in the same run, same shape and pass
         peer = next((p for p in rows if (p["op"], p["shape"], p["pass"], p["provider"]) ==
                      (r["op"], r["shape"], r["pass"], r["peer"])), None)
@@ -142,6 +152,7 @@ def main(argv=None) -> int:
             ("ratio", "time/peer", ".2f"), ("peer", "peer", "")])
         meta = provenance(device)
         meta["mode"] = "timings"
+        meta["interrupted"] = args.interrupted
     else:
         # Triton kernels run on CPU tensors only under the interpreter; it must be chosen before
         # the kernels are first imported (import colm_kernels does not import them on a CPU).
@@ -170,7 +181,7 @@ def main(argv=None) -> int:
     if failed:
         print(f"colm-bench: {len(failed)} row(s) failed", file=sys.stderr)
         return 1
-    return 0
+    return 130 if args.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ import triton.language as tl
 from colm_kernels._triton.attention import active_members as _active_members
 from colm_kernels._triton.utils import (
     SMEM_BUDGET,
+    autotune,
     device_guard,
     int32_table,
     is_interpreter,
@@ -232,8 +233,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, star
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(_FWD_GPU), key=_KEY,
-                 prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_M", 1, "BLOCK_N", 2, "BLOCK_M", 1)})
+@autotune(configs=_configs(_FWD_GPU), key=_KEY,
+           prune=_smem_pruner("BLOCK_M", 1, "BLOCK_N", 2, "BLOCK_M", 1))
 @triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_fwd_kernel(
     Q, K, V, O, LSE, HEADS, CHAINS, SC, CU_Q, CU_K,
@@ -354,8 +355,8 @@ def _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV_GPU), key=_KEY,
-                 prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_N", 2, "BLOCK_M", 2, "BLOCK_N", 2)})
+@autotune(configs=_configs(_DKDV_GPU), key=_KEY,
+           prune=_smem_pruner("BLOCK_N", 2, "BLOCK_M", 2, "BLOCK_N", 2))
 @triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, CHAINS, SC, CU_Q, CU_K,
@@ -451,8 +452,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, 
     return dq
 
 
-@triton.autotune(configs=_configs(_DQ_GPU), key=_KEY,
-                 prune_configs_by={"early_config_prune": _smem_pruner("BLOCK_M", 2, "BLOCK_N", 2, "BLOCK_M", 1)})
+@autotune(configs=_configs(_DQ_GPU), key=_KEY,
+           prune=_smem_pruner("BLOCK_M", 2, "BLOCK_N", 2, "BLOCK_M", 1))
 @triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, HEADS, CHAINS, SC, CU_Q, CU_K,

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from colm_kernels._triton.utils import (
+    autotune,
     check_tensor,
     device_guard,
     find_segment,
@@ -72,10 +73,10 @@ _INT32_MAX = 2**31 - 1
 # Kernels
 # ----------------------------------------------------------------------------------------------
 # Forward table rows (each NUM_CHAINS long): 0 W ptr, 1 d_i, 2 P_i, 3 W row stride, 4 o_i, 5 b ptr.
-@triton.autotune(
+@autotune(
     configs=gemm_configs(),
     key=["LAYOUT_KEY", "ALIGN"],
-    prune_configs_by={"early_config_prune": make_gemm_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "X")},
+    prune=make_gemm_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "X"),
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_N", "MAX_K"])
 def _chain_linear_fwd_kernel(
@@ -127,10 +128,10 @@ def _chain_linear_fwd_kernel(
 
 # Input-grad tables. TBL rows (NUM_CHAINS long): 0 W ptr, 1 d_i, 2 W row stride, 3 o_i.
 # SEG rows (NUM_CHAINS + 1 long): 0 segment start P_(j-1), 1 segment width (last: K - P_NC).
-@triton.autotune(
+@autotune(
     configs=gemm_configs(),
     key=["LAYOUT_KEY", "ALIGN"],
-    prune_configs_by={"early_config_prune": make_gemm_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "DY")},
+    prune=make_gemm_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "DY"),
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_N", "MAX_K"])
 def _chain_linear_bwd_dx_kernel(
@@ -181,10 +182,10 @@ def _chain_linear_bwd_dx_kernel(
 
 # Weight-grad table rows (one entry per chain that needs dW): 0 dW ptr, 1 d_i, 2 P_i, 3 o_i.
 # Output tile BLOCK_M (rows of dW_i, over d_i) x BLOCK_N (columns, over P_i); BLOCK_K steps M.
-@triton.autotune(
+@autotune(
     configs=gemm_configs(),
     key=["LAYOUT_KEY", "ALIGN"],
-    prune_configs_by={"early_config_prune": make_gemm_pruner({"BLOCK_M": "MAX_M", "BLOCK_N": "MAX_N"}, "X")},
+    prune=make_gemm_pruner({"BLOCK_M": "MAX_M", "BLOCK_N": "MAX_N"}, "X"),
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_M", "MAX_N"])
 def _chain_linear_bwd_dw_kernel(

@@ -47,6 +47,7 @@ import triton.language as tl
 
 from colm_kernels._triton.utils import (
     SMEM_BUDGET,
+    autotune,
     check_tensor,
     device_guard,
     find_segment,
@@ -131,10 +132,10 @@ def _make_dual_pruner(extent_args, dtype_arg, smem_budget: int = SMEM_BUDGET):
 # ----------------------------------------------------------------------------------------------
 # Forward table rows (each NUM_CHAINS long): 0 W1 ptr, 1 W3 ptr, 2 d_i, 3 P_i, 4 W1 row stride,
 # 5 W3 row stride, 6 o_i.
-@triton.autotune(
+@autotune(
     configs=dual_gemm_configs(),
     key=["LAYOUT_KEY", "ALIGN", "STORE_GATES"],
-    prune_configs_by={"early_config_prune": _make_dual_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "X")},
+    prune=_make_dual_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "X"),
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_N", "MAX_K"])
 def _chain_swiglu_fwd_kernel(
