@@ -33,7 +33,7 @@ for stage in "${@:-build}"; do
         python3 -m colm_kernels.info | tee "$OUT/info.txt" ;;
     tests)
         # shellcheck disable=SC2086
-        timeout -s INT -k 20 "$(left)" python3 -m pytest ${TESTS:-tests} -q -p no:cacheprovider -n 8 --timeout=500 -rfEs \
+        timeout -s INT -k 20 "$(left)" python3 -m pytest ${TESTS:-tests} -q -p no:cacheprovider -n 8 --dist loadgroup --timeout=500 -rfEs \
             --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -40 || rc=1 ;;
     bench)
         # shellcheck disable=SC2086

@@ -74,3 +74,5 @@ def _restore_backend():
 def pytest_configure(config):
     # Triton's interpreter converts 1-element numpy arrays with int(); numpy >= 1.25 warns each time.
     config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+    # pytest-xdist's grouping marker (used by tests/ops/test_int64_offsets.py); known without it too.
+    config.addinivalue_line("markers", "xdist_group(name): run in one xdist worker with --dist loadgroup")
