@@ -11,11 +11,14 @@
 #          Incremental on a machine that is still warm.
 #   tests  pytest $TESTS (default: tests) on 8 xdist workers. conftest sets COLM_KERNELS_AUTOTUNE=0
 #          (one config per kernel); tests/ops/test_triton_configs.py checks every config.
+#   sanitize  compute-sanitizer memcheck over the kernel tests, racecheck over the CUDA ones
+#          (SANITIZE_TESTS / RACECHECK_TESTS / SANITIZE_K narrow them; slow: give it its own call).
 #   bench  colm-bench $BENCH_ARGS at default sizes.
 # At the time limit pytest and colm-bench get SIGINT: pytest still prints its summary and writes
 # tests.xml; colm-bench writes the rows measured so far. Split TESTS / --ops over calls if needed.
-# $OUT gets at most 8 files (the tool's limit): info.txt build.log tests.log tests.xml bench.log
-# results.json table.txt plots.tar.gz. Commit them under benchmarks/results/<device>-<date>/.
+# Files in $OUT: info.txt build.log tests.log tests.xml sanitize.log bench.log results.json
+# table.txt plots.tar.gz; the device tool returns 8 a call, so no call runs all four stages.
+# Commit them under benchmarks/results/<device>-<date>/.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder that comes back}
 mkdir -p "$OUT"
@@ -35,6 +38,19 @@ for stage in "${@:-build}"; do
         # shellcheck disable=SC2086
         timeout -s INT -k 20 "$(left)" python3 -m pytest ${TESTS:-tests} -q -p no:cacheprovider -n 8 --dist loadgroup --timeout=500 -rfEs \
             --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -40 || rc=1 ;;
+    sanitize)
+        # compute-sanitizer over the kernels' GPU tests (small sizes). No caching allocator, so an
+        # access past a tensor's end leaves its allocation; racecheck on the shared-memory kernels.
+        for tool in memcheck racecheck; do
+            files=${SANITIZE_TESTS:-tests/ops/test_chain_rmsnorm_cuda.py tests/ops/test_chain_linear_cuda.py tests/ops/test_chain_attention_decode.py tests/ops/test_chain_linear.py tests/ops/test_chain_attention.py}
+            [ "$tool" = racecheck ] && files=${RACECHECK_TESTS:-tests/ops/test_chain_rmsnorm_cuda.py tests/ops/test_chain_attention_decode.py}
+            # shellcheck disable=SC2086
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 20 "$(left)" compute-sanitizer --tool "$tool" \
+                --error-exitcode 99 --target-processes all python3 -m pytest $files -q -p no:cacheprovider -x \
+                -k "${SANITIZE_K:-not compile and not opcheck}" >>"$OUT/sanitize.log" 2>&1
+            code=$?; echo "$tool: exit $code" | tee -a "$OUT/sanitize.log"; [ $code -eq 0 ] || rc=1
+        done
+        tail -30 "$OUT/sanitize.log" ;;
     bench)
         # shellcheck disable=SC2086
         timeout -s INT -k 20 "$(left)" python3 -m colm_kernels.bench.cli --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 \
@@ -42,7 +58,7 @@ for stage in "${@:-build}"; do
         cp "$OUT/bench/results.json" "$OUT/bench/table.txt" "$OUT/" 2>/dev/null
         (cd "$OUT/bench" && tar czf "$OUT/plots.tar.gz" ./*.png 2>/dev/null)
         rm -rf "$OUT/bench" ;;
-    *) echo "unknown stage '$stage' (build, tests, bench)"; exit 2 ;;
+    *) echo "unknown stage '$stage' (build, tests, sanitize, bench)"; exit 2 ;;
     esac
 done
 exit $rc
