@@ -22,6 +22,15 @@ backends.register(OP, "cuda", "colm_kernels.ops.chain_rmsnorm.cuda", "chain_rmsn
 backends.register(OP, "triton", "colm_kernels.ops.chain_rmsnorm.triton", "chain_rmsnorm_triton", reasons_fn="not_supported_reasons")
 
 
+def save_for_backward(ctx, inputs, output) -> None:
+    """``setup_context`` of the kernel backends' forward ops ``(x, weight, offsets, eps) -> (y, rstd)``:
+    the backward reads x, weight and the saved per-row, per-chain ``rstd`` (never recomputed)."""
+    x, weight, offsets, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.offsets = offsets
+    ctx.mark_non_differentiable(output[1])
+
+
 def chain_rmsnorm(x: Tensor, weight: Tensor, chains: ChainsLike, eps: float = 1e-5, chain=None) -> Tensor:
     """Per-chain RMSNorm of ``x`` (``(..., W)``) with gain ``weight`` (``(D,)``).
 

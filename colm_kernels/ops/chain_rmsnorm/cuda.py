@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ... import _cuda
 from . import cuda_kernels as kernels
+from .api import save_for_backward
 
 _FUNCTIONS = ("chain_rmsnorm", ("chain_rmsnorm_fwd", "chain_rmsnorm_bwd"))
 # Resolved at import (backends.preload_available), never first inside a torch.compile trace.
@@ -33,20 +34,13 @@ def chain_rmsnorm_cuda_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
 chain_rmsnorm_cuda_bwd.register_fake(kernels.chain_rmsnorm_bwd_fake)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, offsets, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
-    ctx.offsets = offsets
-    ctx.mark_non_differentiable(output[1])
-
-
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     dx, dweight = chain_rmsnorm_cuda_bwd(dy.contiguous(), x, weight, rstd, ctx.offsets)
     return dx, dweight, None, None
 
 
-chain_rmsnorm_cuda_fwd.register_autograd(_backward, setup_context=_setup_context)
+chain_rmsnorm_cuda_fwd.register_autograd(_backward, setup_context=save_for_backward)
 
 
 def chain_rmsnorm_cuda(x: Tensor, weight: Tensor, offsets: list[int], eps: float) -> Tensor:

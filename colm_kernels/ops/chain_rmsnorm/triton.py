@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import triton_kernels as kernels
+from .api import save_for_backward
 
 
 @torch.library.custom_op("colm_kernels::chain_rmsnorm_triton_fwd", mutates_args=())
@@ -39,13 +40,6 @@ def _(dy, x, weight, rstd, offsets, needs_x, needs_weight):
                  for shape, dtype in kernels.bwd_shapes(x, weight, needs_x, needs_weight))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, offsets, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
-    ctx.offsets = offsets
-    ctx.mark_non_differentiable(output[1])
-
-
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     needs_x, needs_weight = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
@@ -55,7 +49,7 @@ def _backward(ctx, dy, _drstd):
     return (dx if needs_x else None), (dweight if needs_weight else None), None, None
 
 
-chain_rmsnorm_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+chain_rmsnorm_triton_fwd.register_autograd(_backward, setup_context=save_for_backward)
 
 
 def chain_rmsnorm_triton(x: Tensor, weight: Tensor, offsets: list[int], eps: float) -> Tensor:
