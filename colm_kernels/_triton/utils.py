@@ -182,16 +182,17 @@ _H100_GEMM = (
 _INTERPRETER_GEMM = ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, 1, 1)
 
 
-def gemm_configs() -> List[triton.Config]:
-    """Autotune configs for tiled GEMMs: an H100 list, or one 16x16x16 config (GROUP_M 4) under
-    the interpreter (small tiles keep masking paths exercised and the interpreter fast)."""
+def gemm_configs(h100_table: Sequence[tuple] = _H100_GEMM) -> List[triton.Config]:
+    """Autotune configs for tiled GEMMs from ``h100_table`` rows (BLOCK_M, BLOCK_N, BLOCK_K,
+    num_warps, num_stages; GROUP_M 8), or one 16x16x16 config (GROUP_M 4) under the interpreter
+    (small tiles keep masking paths exercised and the interpreter fast)."""
     if is_interpreter():
         kw, warps, stages = _INTERPRETER_GEMM
         return [triton.Config(dict(kw), num_warps=warps, num_stages=stages)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                       num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in _H100_GEMM
+        for bm, bn, bk, w, s in h100_table
     ]
 
 
@@ -415,4 +416,17 @@ def interpreter_dtype_reasons(dtype: torch.dtype) -> List[str]:
     return []
 
 
-__all__ += ["is_pow2_in", "last_dim_contiguous", "interpreter_dtype_reasons"]
+def attention_input_reasons(op: str, q: torch.Tensor, min_head_dim: int, max_head_dim: int) -> List[str]:
+    """Why a Triton attention kernel cannot take ``q``: its dtype (fp16 / bf16 / fp32, and what the
+    interpreter cannot run) or its head dim (a power of two in ``[min_head_dim, max_head_dim]``)."""
+    reasons = []
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"triton {op} supports float16/bfloat16/float32, got {q.dtype}")
+    reasons += interpreter_dtype_reasons(q.dtype)
+    d = int(q.shape[-1])
+    if not is_pow2_in(d, min_head_dim, max_head_dim):
+        reasons.append(f"head dim must be a power of two in [{min_head_dim}, {max_head_dim}], got {d}")
+    return reasons
+
+
+__all__ += ["is_pow2_in", "last_dim_contiguous", "interpreter_dtype_reasons", "attention_input_reasons"]

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._triton.utils import interpreter_dtype_reasons, is_pow2_in
+from ..._triton.utils import attention_input_reasons
 from . import triton_kernels as kernels
 
 _NS = "colm_kernels"
@@ -122,13 +122,6 @@ chain_attention_triton = torch.ops.colm_kernels.chain_attention_triton.default
 def not_supported_reasons(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale,
                           cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0) -> list[str]:
     """Why the Triton kernels cannot run these inputs (device availability is checked elsewhere)."""
-    reasons = []
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"triton chain_attention supports float16/bfloat16/float32, got {q.dtype}")
-    reasons += interpreter_dtype_reasons(q.dtype)
-    d = int(q.shape[-1])
-    if not is_pow2_in(d, kernels.MIN_HEAD_DIM, kernels.MAX_HEAD_DIM):
-        reasons.append(f"head dim must be a power of two in [{kernels.MIN_HEAD_DIM}, "
-                       f"{kernels.MAX_HEAD_DIM}], got {d}")
+    reasons = attention_input_reasons("chain_attention", q, kernels.MIN_HEAD_DIM, kernels.MAX_HEAD_DIM)
     reasons += kernels.layout_reasons(int(q.shape[-2]), int(k.shape[-2]), kv_head_index, head_chain)
     return reasons

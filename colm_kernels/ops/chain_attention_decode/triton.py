@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._triton.utils import interpreter_dtype_reasons, is_pow2_in
+from ..._triton.utils import attention_input_reasons
 from . import triton_kernels as kernels
 
 
@@ -33,13 +33,6 @@ def _(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains,
 def not_supported_reasons(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains,
                           softmax_scale) -> list[str]:
     """Why the Triton kernels cannot run these inputs (device availability is checked elsewhere)."""
-    reasons = []
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"triton chain_attention_decode supports float16/bfloat16/float32, got {q.dtype}")
-    reasons += interpreter_dtype_reasons(q.dtype)
-    d = int(q.shape[-1])
-    if not is_pow2_in(d, kernels.MIN_HEAD_DIM, kernels.MAX_HEAD_DIM):
-        reasons.append(f"head dim must be a power of two in [{kernels.MIN_HEAD_DIM}, "
-                       f"{kernels.MAX_HEAD_DIM}], got {d}")
+    reasons = attention_input_reasons("chain_attention_decode", q, kernels.MIN_HEAD_DIM, kernels.MAX_HEAD_DIM)
     reasons += kernels.layout_reasons(int(q.shape[2]), int(k_cache.shape[2]), kv_head_index, head_chain)
     return reasons

@@ -101,12 +101,7 @@ _H100_DUAL_GEMM = (
 
 def dual_gemm_configs() -> List[triton.Config]:
     """Configs of the two-accumulator forward; the shared single 16x16x16 one under the interpreter."""
-    if is_interpreter():
-        return gemm_configs()
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in _H100_DUAL_GEMM
-    ]
+    return gemm_configs(_H100_DUAL_GEMM)
 
 
 def _make_dual_pruner(extent_args, dtype_arg, smem_budget: int = SMEM_BUDGET):
