@@ -2,6 +2,8 @@
 
 Host side:
 - ``is_interpreter()``: whether kernels run under ``TRITON_INTERPRET=1`` (CPU tensors, numpy).
+- ``small_tiles()``: whether kernels pick their small interpreter tiles (the interpreter, unless
+  ``COLM_KERNELS_TILES=gpu`` asks for the H100 tiles there, to count the work they execute).
 - ``TORCH_TO_TL`` / ``tl_dtype``: the floating dtypes kernels accept and their Triton types.
 - ``int64_table`` / ``int32_table``: a small cached device table of per-chain ints (pointers,
   widths, strides, offsets; int32: index tables), one content-keyed cache for both.
@@ -39,6 +41,7 @@ import triton.language as tl
 
 __all__ = [
     "is_interpreter",
+    "small_tiles",
     "TORCH_TO_TL",
     "FLOAT_DTYPES",
     "tl_dtype",
@@ -70,6 +73,14 @@ __all__ = [
 def is_interpreter() -> bool:
     """True when Triton kernels run in the numpy interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def small_tiles() -> bool:
+    """True when kernels use their small interpreter tiles and configs: under the interpreter,
+    unless ``COLM_KERNELS_TILES=gpu`` (read at import, like ``TRITON_INTERPRET``) asks for the H100
+    tiles there, so that the work accounting (``colm_kernels.bench.work``) counts what a GPU run
+    executes."""
+    return is_interpreter() and os.environ.get("COLM_KERNELS_TILES", "").strip().lower() != "gpu"
 
 
 TORCH_TO_TL = {
@@ -186,7 +197,7 @@ def gemm_configs(h100_table: Sequence[tuple] = _H100_GEMM) -> List[triton.Config
     """Autotune configs for tiled GEMMs from ``h100_table`` rows (BLOCK_M, BLOCK_N, BLOCK_K,
     num_warps, num_stages; GROUP_M 8), or one 16x16x16 config (GROUP_M 4) under the interpreter
     (small tiles keep masking paths exercised and the interpreter fast)."""
-    if is_interpreter():
+    if small_tiles():
         kw, warps, stages = _INTERPRETER_GEMM
         return [triton.Config(dict(kw), num_warps=warps, num_stages=stages)]
     return [

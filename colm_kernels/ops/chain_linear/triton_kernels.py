@@ -54,12 +54,12 @@ from colm_kernels._triton.utils import (
     gemm_configs,
     grouped_tile,
     int64_table,
-    is_interpreter,
     load_int,
     load_ptr,
     make_gemm_pruner,
     mma,
     segment_tile_count,
+    small_tiles,
     table_aligned,
     tile_count,
 )
@@ -421,7 +421,7 @@ def chain_linear_bwd_dx(dy: torch.Tensor, weights: Sequence[torch.Tensor], in_fe
 
 def _db_block(max_d: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the bias-grad column sum."""
-    if is_interpreter():
+    if small_tiles():
         return 16, 16, 1
     return 64, min(128, max(16, triton.next_power_of_2(max_d))), 4
 

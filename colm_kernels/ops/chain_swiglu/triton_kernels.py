@@ -54,12 +54,12 @@ from colm_kernels._triton.utils import (
     gemm_configs,
     grouped_tile,
     int64_table,
-    is_interpreter,
     load_int,
     load_ptr,
     make_gemm_pruner,
     mma,
     segment_tile_count,
+    small_tiles,
     table_aligned,
     tile_count,
 )
@@ -247,7 +247,7 @@ def gates_shape(x: torch.Tensor, w1: Sequence[torch.Tensor]) -> Tuple[int, int]:
 
 def _gates_block(max_d: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the elementwise gate-grad kernel (no M in it)."""
-    if is_interpreter():
+    if small_tiles():
         return 16, 16, 1
     block_n = min(128, max(16, triton.next_power_of_2(max_d)))
     return max(16, 4096 // block_n), block_n, 4
