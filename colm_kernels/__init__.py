@@ -17,6 +17,24 @@ from .ops.multi_chain_cross_entropy.api import multi_chain_cross_entropy
 
 __version__ = "0.1.0"
 
+# Subpackages reachable as attributes (``ck.nn.ChainLinear``, as ``torch.nn``), imported on first
+# use so that ``import colm_kernels`` stays as light as the ops.
+_LAZY_SUBMODULES = ("nn", "models", "reference")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 __all__ = [
     "BackendError",
     "Chains",

@@ -134,7 +134,7 @@ class Chains:
         prefixes = self.prefixes(dim, name=dim_name)
         if width not in prefixes:
             raise ValueError(
-                f"{name}={width} is not a prefix width of dim={dim} split by chains={self.sizes}: "
+                f"{name}={width} is not a prefix width of {dim_name}={dim} split by chains={self.sizes}: "
                 f"expected one of {prefixes}"
             )
         return prefixes.index(width)

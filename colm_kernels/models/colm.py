@@ -42,8 +42,11 @@ class CoLM(nn.Module):
 
     def hidden(self, tokens: Tensor, chain=None, cache: Optional[KVCache] = None) -> Tensor:
         """Final normed hidden states ``(B, S, P_(chain+1))`` of the sub-model at ``chain``."""
-        check_tokens(tokens, "tokens")
-        k = self.chains.check_chain(chain)
+        check_tokens(tokens, "tokens", self.config.vocab_size)
+        return self._hidden(tokens, self.chains.check_chain(chain), cache)
+
+    def _hidden(self, tokens: Tensor, k: int, cache: Optional[KVCache]) -> Tensor:
+        """``hidden`` without the checks (token values are checked once, by the caller)."""
         width = self.chains.active_width(self.config.dim, k)
         h = self.tok_embeddings(tokens)[..., :width]
         for index, layer in enumerate(self.layers):
@@ -85,7 +88,7 @@ class CoLM(nn.Module):
         prefill's tokens; without KV sharing a decode scale above any cached position's scale
         raises ``ValueError`` (the cache would lack those chains' kv heads).
         """
-        check_tokens(prompt, "prompt")
+        check_tokens(prompt, "prompt", self.config.vocab_size)
         prefill, scales = plan_decoding(self.chains, self.config.kv_sharing, prompt.shape[1],
                                         max_new_tokens, chain, prefill_chain)
         tokens = prompt.clone()
@@ -93,9 +96,9 @@ class CoLM(nn.Module):
             return tokens
         cache = self.new_cache(prompt.shape[0], prompt.shape[1] + len(scales))
         if prompt.shape[1] > 1:
-            self.hidden(prompt[:, :-1], prefill, cache)
+            self._hidden(prompt[:, :-1], prefill, cache)
         for s in scales:
-            h = self.hidden(tokens[:, -1:], s, cache)
+            h = self._hidden(tokens[:, -1:], s, cache)
             logits = F.linear(h[:, -1], self.output.weight[:, : h.shape[-1]])
             tokens = torch.cat([tokens, logits.argmax(dim=-1, keepdim=True)], dim=1)
         return tokens

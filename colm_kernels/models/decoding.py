@@ -9,9 +9,12 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..chains import Chains
+from ..ops._checks import check_int_values
 
 
-def check_tokens(tokens, name: str) -> None:
+def check_tokens(tokens, name: str, vocab_size: Optional[int] = None) -> None:
+    """A non-empty ``(batch, seq)`` LongTensor; with ``vocab_size`` also every id in
+    ``[0, vocab_size)`` (one host sync; an id outside would index past the embedding)."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a LongTensor of shape (batch, seq), got {type(tokens).__name__}")
     if tokens.dtype != torch.long:
@@ -20,6 +23,8 @@ def check_tokens(tokens, name: str) -> None:
         raise ValueError(f"{name} must have shape (batch, seq), got shape {tuple(tokens.shape)}")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(tokens.shape)}")
+    if vocab_size is not None:
+        check_int_values(name, tokens, 0, vocab_size - 1, what=f"token ids of a vocabulary of {vocab_size}")
 
 
 def plan_decoding(

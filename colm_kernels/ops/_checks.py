@@ -1,4 +1,5 @@
-"""Input checks shared by every op's public function: each error names the argument."""
+"""Input checks shared by every op's public function (each error names the argument), and the
+layout normalisation the kernel backends rely on."""
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,7 @@ def check_dim(name: str, got: int, expected: int, what: str) -> None:
         raise ValueError(f"{name} must be {expected} ({what}), got {got}")
 
 
-def check_int_values(name: str, t: Tensor, lo: int, hi: int) -> None:
+def check_int_values(name: str, t: Tensor, lo: int, hi: int, what: str = "") -> None:
     """Every value of the integer tensor ``t`` is in ``[lo, hi]``: one host sync, skipped while
     compiling or capturing a CUDA graph (data-dependent checks cannot run there)."""
     if torch.compiler.is_compiling() or not t.numel():
@@ -46,7 +47,8 @@ def check_int_values(name: str, t: Tensor, lo: int, hi: int) -> None:
         return
     a, b = (int(x) for x in torch.stack([t.min(), t.max()]).tolist())
     if a < lo or b > hi:
-        raise ValueError(f"{name} values must be in [{lo}, {hi}], got values in [{a}, {b}]")
+        what = f" ({what})" if what else ""
+        raise ValueError(f"{name} values must be in [{lo}, {hi}]{what}, got values in [{a}, {b}]")
 
 
 def check_seq_chains(seq_chains, q: Tensor, n_seq: int, scale: int, check_values: bool) -> None:
@@ -70,3 +72,16 @@ def softmax_scale_or_default(softmax_scale, head_dim: int) -> float:
             or not 0 < softmax_scale < float("inf")):
         raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
     return float(softmax_scale)
+
+
+def dense(t: Tensor) -> Tensor:
+    """``t.contiguous()``, except that a zero-element tensor (which ``contiguous()`` returns with its
+    strides unchanged: PyTorch calls it contiguous) becomes a fresh zero tensor of its shape."""
+    return t.contiguous() if t.numel() else t.new_zeros(t.shape)
+
+
+def unit_last_dim(t: Tensor) -> Tensor:
+    """``t`` when its last dim has a unit stride (or at most one element), else ``dense(t)``: the
+    layout every kernel backend reads rows in, so no input is accepted by one backend and refused
+    by another."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else dense(t)

@@ -216,7 +216,7 @@ class CoLM(nn.Module):
         ``cache`` (used by :meth:`generate`) is a per-layer list of ``[K, V]`` that is extended in
         place; the new tokens start at the position after the cached ones.
         """
-        check_tokens(tokens, "tokens")
+        check_tokens(tokens, "tokens", self.config.vocab_size)
         k = self.chains.check_chain(chain)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache must have one [K, V] entry per layer ({len(self.layers)}), got {len(cache)}")
@@ -253,7 +253,7 @@ class CoLM(nn.Module):
         of the scales that computed it, so a step may not use a larger scale than any cached
         position was computed at.
         """
-        check_tokens(prompt, "prompt")
+        check_tokens(prompt, "prompt", self.config.vocab_size)
         # The rules (one scale per step, prefill scale, complete KV cache) are shared with
         # models.CoLM so both models refuse and accept exactly the same requests.
         prefill, scales = plan_decoding(

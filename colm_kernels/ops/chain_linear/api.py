@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ... import backends
 from ...chains import ChainsLike, as_chains
-from .._checks import check_like, check_tensor
+from .._checks import check_like, check_tensor, unit_last_dim
 from .._library import register_reference_op
 from . import reference
 
@@ -54,17 +54,8 @@ def split_weight(weight, bias, chains: ChainsLike, chain=None, *, name: str = "w
             )
         for i, w in enumerate(weight):
             check_tensor(f"{name}[{i}]", w, ndim=2)
-        out_f = sum(w.shape[0] for w in weight)
-        in_f = weight[-1].shape[1]
-        widths = chains.widths(out_f, name=f"out_features (sum of {name}[i].shape[0])")
-        prefixes = chains.prefixes(in_f, name=f"in_features ({name}[-1].shape[1])")
-        for i, w in enumerate(weight):
-            if tuple(w.shape) != (widths[i], prefixes[i]):
-                raise ValueError(
-                    f"{name}[{i}] must have shape (d_{i}_out, P_{i}_in) = {(widths[i], prefixes[i])} "
-                    f"for out_features={out_f}, in_features={in_f}, chains={chains.sizes}; "
-                    f"got {tuple(w.shape)}"
-                )
+        out_f, in_f = _block_layout(chains, [tuple(w.shape) for w in weight], name)
+        widths = chains.widths(out_f)
         blocks = list(weight[: k + 1])
     else:
         raise TypeError(
@@ -96,6 +87,44 @@ def split_weight(weight, bias, chains: ChainsLike, chain=None, *, name: str = "w
     return blocks, biases
 
 
+def _block_layout(chains, shapes: list[tuple[int, int]], name: str) -> tuple[int, int]:
+    """``(out_features, in_features)`` of per-chain blocks of ``shapes``, checked against the
+    paper's layout ``W_i: (d_i_out, P_i_in)``.
+
+    Every block implies an ``(out, in)`` pair; the pair most blocks agree on (the earliest chain
+    breaks ties) is taken as meant, so an error names the blocks that are wrong and the shape each
+    block must have, instead of deriving the dimensions from a wrong block."""
+    sizes, total = chains.sizes, chains.total
+    implied = []
+    for i, (rows, cols) in enumerate(shapes):
+        prefix_chains = sum(sizes[: i + 1])
+        out_f, in_f = rows * total / sizes[i], cols * total / prefix_chains
+        implied.append((int(out_f), int(in_f)) if out_f.is_integer() and in_f.is_integer() else None)
+
+    def expected(out_f, in_f):
+        try:
+            return [(d, p) for d, p in zip(chains.widths(out_f), chains.prefixes(in_f))]
+        except ValueError:
+            return None
+
+    candidates = [pair for pair in implied if pair is not None and expected(*pair) is not None]
+    if candidates:
+        out_f, in_f = max(candidates, key=lambda pair: (candidates.count(pair), -implied.index(pair)))
+        want = expected(out_f, in_f)
+        wrong = [i for i, shape in enumerate(shapes) if shape != want[i]]
+        if not wrong:
+            return out_f, in_f
+        detail = "; ".join(f"{name}[{i}] must be {want[i]}, got {shapes[i]}" for i in wrong)
+        raise ValueError(
+            f"{name} blocks must have shapes (d_i_out, P_i_in) = {want} for out_features={out_f}, "
+            f"in_features={in_f} (the layout most blocks fit), chains={sizes}: {detail}"
+        )
+    raise ValueError(
+        f"{name} blocks must have shapes (d_i_out, P_i_in) = (out * c_i / S, in * (c_1 + ... + c_i) / S) "
+        f"for chains={sizes} (S={total}); no out_features/in_features fits any block of shapes {shapes}"
+    )
+
+
 def as_rows(x: Tensor, width: int) -> Tensor:
     """``x`` ``(..., K)`` as ``(rows, K)`` with a unit last-dim stride (what the kernels read),
     after checking that it is at least ``width`` wide (the input width the active chains read)."""
@@ -104,13 +133,13 @@ def as_rows(x: Tensor, width: int) -> Tensor:
             f"x.shape[-1]={x.shape[-1]} is narrower than the input width the active chains read "
             f"(P_in={width})"
         )
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    return unit_last_dim(x.reshape(-1, x.shape[-1]))
 
 
-def unit_stride(blocks: list[Tensor]) -> list[Tensor]:
-    """Weight blocks with a unit column stride; strided views of dense weights are read in place."""
-    return [w if w.stride(-1) == 1 else w.contiguous() for w in blocks]
+def unit_stride(tensors: list[Tensor]) -> list[Tensor]:
+    """Weight blocks (or biases) with a unit last-dim stride; strided views of dense weights whose
+    rows are unit-stride are read in place."""
+    return [unit_last_dim(t) for t in tensors]
 
 
 def chain_linear(x: Tensor, weight, bias, chains: ChainsLike, chain=None) -> Tensor:
@@ -129,7 +158,7 @@ def chain_linear(x: Tensor, weight, bias, chains: ChainsLike, chain=None) -> Ten
     weights, biases = split_weight(weight, bias, chains, chain)
     check_like("x", x, weight=weights[0])
     x2 = as_rows(x, weights[-1].shape[1])
-    weights = unit_stride(weights)
+    weights, biases = unit_stride(weights), unit_stride(biases)
     op = backends.dispatch(OP, [x2, *weights, *biases], x=x2, weights=weights, biases=biases)
     y = op(x2, weights, biases)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -17,6 +17,7 @@ from types import ModuleType, SimpleNamespace
 import torch
 from torch import Tensor
 
+from .._checks import dense
 from .reference import chain_linear_out_shape
 
 
@@ -66,9 +67,7 @@ def define_backend_ops(backend: str, kernels: ModuleType) -> SimpleNamespace:
         needs_x, needs_w, needs_b = ctx.needs_input_grad
         needs_w = [bool(v) for v in needs_w]
         needs_b = [bool(v) for v in needs_b] if ctx.has_bias else [False] * n
-        # A zero-token gradient may arrive with zero strides: give the kernels a fresh layout.
-        grad = grad.contiguous() if grad.numel() else torch.zeros(grad.shape, dtype=grad.dtype,
-                                                                  device=grad.device)
+        grad = dense(grad)  # a zero-token gradient may arrive with zero strides
         dx = backward_dx(grad, weights, x.shape[1]) if needs_x else None
         dws, dbs = [None] * n, [None] * n
         if any(needs_w) or any(needs_b):

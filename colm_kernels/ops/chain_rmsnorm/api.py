@@ -46,7 +46,13 @@ def chain_rmsnorm(x: Tensor, weight: Tensor, chains: ChainsLike, eps: float = 1e
     dim = weight.shape[0]
     offsets = chains.offsets(dim, name="weight.shape[0]")
     if chain is None:
-        k = chains.scale_of_width(x.shape[-1], dim)
+        if x.shape[-1] > dim:  # a gain shorter than x: the gain is what is wrong
+            raise ValueError(
+                f"weight.shape[0]={dim} is shorter than x.shape[-1]={x.shape[-1]}: weight is the "
+                f"gain of the full width D, of length {x.shape[-1]} for a full-width x (x's width "
+                f"must be one of the prefix widths of D split by chains={chains.sizes})"
+            )
+        k = chains.scale_of_width(x.shape[-1], dim, dim_name="weight.shape[0]")
     else:
         k = chains.check_chain(chain)
         if x.shape[-1] != offsets[k + 1]:

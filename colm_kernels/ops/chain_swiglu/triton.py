@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..._triton.utils import interpreter_dtype_reasons
+from .._checks import dense
 from ..chain_linear.triton import chain_linear_triton_bwd_dw, chain_linear_triton_bwd_dx
 from . import triton_kernels as kernels
 from .reference import chain_swiglu_out_shape
@@ -69,8 +70,7 @@ def _backward(ctx, grad, _grad_gates):
     n = ctx.n_chains
     w1, w3 = ws[:n], ws[n:]
     needs_x, needs_w1, needs_w3, _ = ctx.needs_input_grad
-    # an empty grad may come expanded (strides 0), which .contiguous() keeps: give it real strides
-    grad = grad.contiguous() if grad.numel() else grad.new_zeros(grad.shape)
+    grad = dense(grad)  # an empty grad may come expanded (strides 0)
     dgates = chain_swiglu_triton_bwd_gates(grad, gates, ctx.widths)
     pair = kernels.interleave(w1, w3)
     dx = chain_linear_triton_bwd_dx(dgates, pair, x.shape[1]) if needs_x else None
