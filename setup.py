@@ -256,7 +256,7 @@ setup(
     install_requires=["torch", "triton>=3.6", "numpy<2.3", "ninja", "pybind11"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "bench": ["matplotlib"],
+        "bench": ["matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["colm-bench = colm_kernels.bench.cli:main"]},
     ext_modules=ext_modules,

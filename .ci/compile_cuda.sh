@@ -132,3 +132,30 @@ if [[ $build_rc -ne 0 ]]; then
   exit 1
 fi
 echo "compile_cuda: all ${#SOURCES[@]} CUDA file(s) compile for ${ARCHS}"
+
+# bindings.cpp (the torch glue: tensor checks, allocations, the pybind11 module) is host C++ that
+# only a CUDA torch build compiles. Syntax-check it against the installed torch's headers (a CPU
+# wheel ships the c10/cuda and ATen/cuda headers but not one generated macro header, stubbed here)
+# so a typo in it fails CI instead of the first GPU build. Skipped when torch is not importable.
+PY="${PYTHON:-python}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if TORCH_INC="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' 2>/dev/null)"; then
+  PY_INC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  STUB="$BUILD_DIR/bindings-stub"
+  mkdir -p "$STUB/c10/cuda/impl"
+  [[ -f "$TORCH_INC/c10/cuda/impl/cuda_cmake_macros.h" ]] ||
+    printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$STUB/c10/cuda/impl/cuda_cmake_macros.h"
+  CXX_BIN="${CXX:-g++}"
+  if "$CXX_BIN" -std=c++20 -fsyntax-only -Wall -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
+      -I"$STUB" -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" -I"$PY_INC" \
+      -I"$TOOLKIT_INCLUDE" ${CUBLAS_INCLUDE_DIR:+-I"$CUBLAS_INCLUDE_DIR"} -Icsrc \
+      csrc/bindings.cpp >"$LOG_DIR/bindings.log" 2>&1; then
+    echo "ok   csrc/bindings.cpp (host syntax check against torch $("$PY" -c 'import torch; print(torch.__version__)'))"
+  else
+    grep -E 'error' "$LOG_DIR/bindings.log" | head -n 40
+    echo "compile_cuda: FAILED: csrc/bindings.cpp does not compile against the installed torch headers"
+    exit 1
+  fi
+else
+  echo "compile_cuda: torch is not importable: csrc/bindings.cpp not checked"
+fi

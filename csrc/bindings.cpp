@@ -8,7 +8,8 @@
 // Python API (all tensors on one CUDA device; dtypes float32 / float16 / bfloat16):
 //   chain_rmsnorm_fwd(x (M, W), weight (W,), offsets: list[int], eps: float) -> (y, rstd)
 //       y: (M, W) contiguous, x.dtype;  rstd: (M, n_chains) float32 contiguous
-//   chain_rmsnorm_bwd(dy (M, W), x (M, W), weight (W,), rstd (M, n), offsets) -> (dx, dweight)
+//   chain_rmsnorm_bwd(dy (M, W), x (M, W), weight (W,), rstd (M, n), offsets, needs_weight)
+//       -> (dx, dweight); dweight (0,) when needs_weight is false
 //       dx: (M, W) contiguous, x.dtype;  dweight: (W,), weight.dtype (fp32-accumulated)
 // offsets = [0, o_1, ..., o_n = W], strictly increasing, 1 <= n <= MAX_CHAINS (64).
 // x / dy need a unit stride along W; any non-negative row stride is accepted.
@@ -164,7 +165,8 @@ std::tuple<at::Tensor, at::Tensor> chain_rmsnorm_fwd(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor> chain_rmsnorm_bwd(const at::Tensor& dy, const at::Tensor& x,
                                                      const at::Tensor& weight,
                                                      const at::Tensor& rstd,
-                                                     const std::vector<int64_t>& offsets) {
+                                                     const std::vector<int64_t>& offsets,
+                                                     bool needs_weight) {
   constexpr const char* op = "chain_rmsnorm_bwd";
   check_cuda(x, op, "x");
   check_cuda(dy, op, "dy", &x, "x");
@@ -192,10 +194,12 @@ std::tuple<at::Tensor, at::Tensor> chain_rmsnorm_bwd(const at::Tensor& dy, const
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty({M, W}, x.options());
-  at::Tensor dweight = at::empty({W}, weight.options());
+  // A frozen gain (needs_weight false): an empty dweight, and no dweight work in the kernels.
+  at::Tensor dweight = at::empty({needs_weight ? W : 0}, weight.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   const int64_t rows =
-      colm_kernels::chain_rmsnorm_bwd_workspace_rows(M, W, offsets.data(), n, dtype);
+      needs_weight ? colm_kernels::chain_rmsnorm_bwd_workspace_rows(M, W, offsets.data(), n, dtype)
+                   : 0;
   at::Tensor workspace;
   float* workspace_ptr = nullptr;
   if (rows > 0) {
@@ -204,7 +208,8 @@ std::tuple<at::Tensor, at::Tensor> chain_rmsnorm_bwd(const at::Tensor& dy, const
   }
   colm_kernels::launch_chain_rmsnorm_bwd(
       dy.data_ptr(), dy_stride, x.data_ptr(), x_stride, weight.data_ptr(),
-      rstd.data_ptr<float>(), dx.data_ptr(), W, dweight.data_ptr(), workspace_ptr, rows,
+      rstd.data_ptr<float>(), dx.data_ptr(), W, needs_weight ? dweight.data_ptr() : nullptr,
+      workspace_ptr, rows,
       offsets.data(), n, M, W, dtype, stream);
   return {dx, dweight};
 }
@@ -518,8 +523,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(y (M, W), rstd (M, n_chains) float32).");
   m.def("chain_rmsnorm_bwd", &chain_rmsnorm_bwd, pybind11::arg("dy"), pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("rstd"), pybind11::arg("offsets"),
+        pybind11::arg("needs_weight") = true,
         "Per-chain RMSNorm backward: dy, x (M, W), weight (W,), rstd (M, n_chains) float32, "
-        "offsets -> (dx (M, W), dweight (W,)); dweight is summed in a fixed order.");
+        "offsets, needs_weight -> (dx (M, W), dweight (W,), summed in a fixed order; (0,) and "
+        "no dweight work when needs_weight is false: a frozen gain).");
   m.def("chain_linear_fwd", &chain_linear_fwd, pybind11::arg("x"), pybind11::arg("weights"),
         pybind11::arg("biases"),
         "Chain-of-Linear forward: x (M, K), weights [(d_i, P_i)], biases [] or [(d_i,)] -> "

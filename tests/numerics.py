@@ -18,3 +18,10 @@ def assert_within_eager_error(kernel: torch.Tensor, eager: torch.Tensor, ref64: 
     err, base = max_err(kernel, ref64), max_err(eager, ref64)
     assert err <= factor * base + atol, (
         f"{name}: kernel error {err:.3e} > {factor} x eager error {base:.3e} + {atol:.1e}")
+
+
+def dtype_slack(dtype: torch.dtype) -> float:
+    """The absolute floor added to the 2x-eager bound: one unit in the last place at magnitude 1 of
+    ``dtype`` (fp32 1.2e-7, fp16 9.8e-4, bf16 7.8e-3), so an fp32 kernel cannot hide a TF32-sized
+    error behind a floor sized for half precision."""
+    return torch.finfo(dtype).eps

@@ -26,6 +26,9 @@ def test_timing_harness_on_cpu(tmp_path):
     assert peers and all(r["ratio"] == pytest.approx(1.0) for r in peers)
     assert {r["pass"] for r in rows if r["op"] == "chain_linear"} == {"fwd", "bwd_x", "bwd_w", "fwd+bwd"}
     assert (tmp_path / "table.txt").read_text().count("\n") == len(rows) + 2
+    # every row says how it was timed, with its spread
+    assert {r["timing_method"] for r in rows} == {"perf_counter"}
+    assert all(r["ms_p20"] <= r["ms"] <= r["ms_p80"] for r in rows)
 
 
 def test_interrupted_timing_run_still_writes_what_it_measured(tmp_path, monkeypatch):
@@ -33,13 +36,13 @@ def test_interrupted_timing_run_still_writes_what_it_measured(tmp_path, monkeypa
     from colm_kernels.bench import timing
     calls = []
 
-    def fake_measure(run, device, warmup, rep):
+    def fake_measure(run, device, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return 1.0
+        return timing.Timing(1.0, 0.9, 1.1, "perf_counter")
 
-    monkeypatch.setattr(timing, "measure_ms", fake_measure)
+    monkeypatch.setattr(timing, "measure", fake_measure)
     rc = cli.main(["--device", "cpu", "--sizes", "tiny", "--no-plots", "--out", str(tmp_path),
                    "--ops", "chain_linear"])
     assert rc == 130
@@ -50,7 +53,8 @@ def test_interrupted_timing_run_still_writes_what_it_measured(tmp_path, monkeypa
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU colm-bench times instead of checking")
 def test_check_mode_without_gpu(tmp_path):
-    rc = cli.main(["--out", str(tmp_path), "--ops", "chain_linear,chain_attention", "--demo-steps", "0"])
+    rc = cli.main(["--out", str(tmp_path), "--ops", "chain_linear,chain_attention_decode",
+                   "--demo-steps", "0"])
     assert rc == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     ran = [r for r in rows if r["ok"] is not None]
@@ -58,6 +62,43 @@ def test_check_mode_without_gpu(tmp_path):
     assert {("chain_linear", "triton"), ("chain_linear", "reference")} <= {(r["op"], r["backend"]) for r in ran}
     # backends that cannot run here are listed with the reason, not hidden
     assert any(r["backend"] == "cuda" and "cannot run" in r["note"] for r in rows)
+    # a forward-only op has no gradient error: null in JSON, n/a in the table (never 0.0)
+    decode = [r for r in ran if r["op"] == "chain_attention_decode"]
+    assert decode and all(r["max_rel_err_grad"] is None for r in decode)
+    assert all(r["max_rel_err_grad"] is not None for r in ran if r["op"] == "chain_linear")
+    table = (tmp_path / "table.txt").read_text()
+    decode_lines = [line for line in table.splitlines() if line.startswith("chain_attention_decode")]
+    assert decode_lines and all("n/a" in line for line in decode_lines)
+    # the CPU mode plots its accuracy checks
+    png = tmp_path / "accuracy.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_states_defaults_and_plots(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "issue" not in text.lower()
+    assert "(default: colm_bench_results)" in text  # the output folder and every default
+    assert "accuracy.png" in text and "need a GPU" in text
+    for option in ("--ops", "--sizes", "--dtype", "--device", "--out", "--warmup", "--rep",
+                   "--demo-steps", "--no-plots", "--no-progress"):
+        assert option in text
+    # the op list is separated by spaces, so the help never wraps it mid-word
+    import re
+    assert not re.search(r"[a-z]_\n\s+[a-z]", text)
+    help_lines = [ln for ln in text.splitlines() if ln.startswith("  --")]
+    assert len(help_lines) >= 10
+
+
+def test_progress_bar_shows_cases(tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    rc = cli.main(["--device", "cpu", "--sizes", "tiny", "--warmup", "0", "--rep", "1", "--no-plots",
+                   "--out", str(tmp_path), "--ops", "chain_rmsnorm"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "chain_rmsnorm" in err and "case" in err  # the bar: op, case count and current case
 
 
 def test_demo_losses_fall_at_every_scale():

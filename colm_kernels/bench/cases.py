@@ -25,6 +25,9 @@ class Case:
     bytes: float = 0.0     # bytes moved by one call, for GB/s
     peer: str | None = None  # provider this row's time is divided by ("ratio" column)
     note: str = ""
+    # Time by CUDA-graph replay (timing.measure): short forward-only kernels whose launch
+    # overhead would otherwise dominate.
+    cudagraph: bool = False
 
 
 def pass_runner(forward: Callable[..., torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor],

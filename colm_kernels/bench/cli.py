@@ -18,31 +18,58 @@ OPS = ("chain_linear", "chain_swiglu", "chain_rmsnorm", "chain_attention", "chai
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description and epilog as written, every option's default appended to its help."""
+
+
+SIZES_HELP = (
+    "sizes (--sizes):\n"
+    "  default  the figures we measure ourselves against, minutes on an H100:\n"
+    "           chain_linear C=(1,1,1,1) 4096x4096 and C=8x(1) 8192x8192 at 8192 tokens;\n"
+    "           chain_swiglu FFN C=(1,1,1,1) dim 4096, hidden 11008 (rounded to 11264), 8192 tokens;\n"
+    "           chain_rmsnorm C=(4,4,4,4) dim 2048, 16384 tokens;\n"
+    "           chain_attention LLaMA-3.2-1B layout (16 heads of 128, C=(4,4,4,4) and (8,8),\n"
+    "             GQA and shared KV) at 2k, 4k, 8k, 16k tokens (16k tokens per batch);\n"
+    "           chain_attention_decode batch 1, 16, 64 over 1k, 16k, 128k-token caches;\n"
+    "           multi_chain_cross_entropy C=(4,4,4,4) dim 2048, vocab 32000, 4096 tokens\n"
+    "  small    one smaller case per op, for a quick look on a GPU\n"
+    "  tiny     odd, tiny shapes that exercise the timing path on a CPU (--device cpu)\n"
+    "\n"
+    "outputs (--out): results.json (every row, with the device, commit, date and command),\n"
+    "table.txt, and PNG plots (matplotlib: pip install 'colm-kernels[bench]'):\n"
+    "  <op>.png       time relative to the peer per shape and pass: timing runs only, which\n"
+    "                 need a GPU (or --device cpu, which times the CPU)\n"
+    "  accuracy.png   error over tolerance per op, backend and dtype: the CPU check mode\n"
+    "\n"
+    "timing: triton.testing.do_bench (L2 flushed between repetitions, median and 20/80th\n"
+    "percentiles); do_bench_cudagraph for short forward-only kernels (decode, norms); each row\n"
+    "records its method."
+)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="colm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "sizes: 'default' = the issue's shapes (ChainLinear C=(1,1,1,1) 4096x4096 and C=8x(1) "
-            "8192x8192 at M=8192 tokens; SwiGLU FFN C=(1,1,1,1) D=4096 H=11008 M=8192; attention in "
-            "the 1B layout (16 heads of 128, C=(4,4,4,4) and (8,8)) at 2k-16k tokens; decode at "
-            "batch 1-64 over 1k-128k caches; RMSNorm D=2048; CE V=32000), minutes on an H100; 'small' for a quick look; 'tiny' to exercise "
-            "the timing path on CPU (--device cpu).\n"
-            "output: <out>/results.json (rows + device, commit, date, command), <out>/table.txt, "
-            "<out>/<op>.png (needs matplotlib: pip install 'colm-kernels[bench]')."
-        ),
-    )
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p = argparse.ArgumentParser(prog="colm-bench", description=__doc__, epilog=SIZES_HELP,
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--ops", default=",".join(OPS),
+                   help="comma-separated ops to run, from: " + ", ".join(OPS))
     p.add_argument("--sizes", default=None, choices=("default", "small", "tiny"),
-                   help="size preset (default: 'default' on GPU, 'tiny' on CPU)")
-    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="timing dtype (GPU)")
+                   help="size preset (see below); None: 'default' on a GPU, 'tiny' with --device cpu")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES),
+                   help="dtype of the GPU timings (CPU timings run in float32)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                    help="auto: time on CUDA if present, else run the CPU correctness checks; "
-                        "cpu: time on CPU anyway (only to exercise the harness)")
-    p.add_argument("--out", default="colm_bench_results", help="results folder")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--rep", type=int, default=30)
-    p.add_argument("--demo-steps", type=int, default=30, help="CPU mode: tiny training demo steps (0: skip)")
-    p.add_argument("--no-plots", action="store_true")
+                        "cuda: time on CUDA or fail; cpu: time on the CPU anyway (only to "
+                        "exercise the harness)")
+    p.add_argument("--out", default="colm_bench_results", help="output folder")
+    p.add_argument("--warmup", type=float, default=25.0,
+                   help="warm-up time per case in ms (do_bench's warmup)")
+    p.add_argument("--rep", type=float, default=100.0,
+                   help="timed repetitions per case in ms (do_bench's rep)")
+    p.add_argument("--demo-steps", type=int, default=30,
+                   help="CPU check mode: steps of the tiny CoLM training demo (0: skip it)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (one line per case instead)")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(OPS))
@@ -53,35 +80,75 @@ def parse_args(argv):
     return args
 
 
+class _Progress:
+    """A tqdm bar over the cases (the current case in its postfix), or one printed line per case
+    when tqdm is missing or the bar is switched off. Every finished case is also logged."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(unit="case", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def start(self, op: str, case) -> None:
+        if self.bar is not None:
+            self.bar.set_description(op)
+            self.bar.set_postfix_str(f"{case.provider} {case.shape} {case.pass_name}", refresh=True)
+
+    def done(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+            self.bar.update(1)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _time_cases(args, size, device, dtype, rows: list) -> None:
     """Time every case of ``args.ops``, appending one row per case to ``rows`` as it finishes."""
     from .ops import CASES
     from .report import H100_CEILINGS
-    from .timing import measure_ms
+    from .timing import measure
 
-    for op in args.ops:
-        # Cases are built one at a time: a default-size case can hold gigabytes of inputs.
-        for i, case in enumerate(CASES[op](size, device, dtype), 1):
-            t0 = time.perf_counter()
-            try:
-                ms = measure_ms(case.run, device, warmup=args.warmup, rep=args.rep)
-                error = None
-            except Exception as exc:  # a provider that fails is reported, not hidden
-                ms, error = None, f"{type(exc).__name__}: {exc}"[:200]
-            row = {"op": case.op, "provider": case.provider, "shape": case.shape, "pass": case.pass_name,
-                   "dtype": str(dtype).replace("torch.", ""), "ms": ms, "peer": case.peer,
-                   "flops": case.flops, "bytes": case.bytes, "note": case.note, "error": error}
-            if ms:
-                row["tflops"] = case.flops / ms / 1e9 if case.flops else None
-                row["gb_s"] = case.bytes / ms / 1e6 if case.bytes else None
-                # Share of the H100's measured ceilings (bf16 tensor cores, or HBM bandwidth).
-                row["pct_of_h100_peak"] = 100 * (row["tflops"] / H100_CEILINGS["bf16_tflops"] if case.flops
-                                                 else row["gb_s"] / 1e3 / H100_CEILINGS["hbm_tb_s"])
-            rows.append(row)
-            status = f"{ms:9.3f} ms" if ms else f"FAILED {error}"
-            print(f"[{op} {i}] {case.provider:<16} {case.shape:<36} {case.pass_name:<8} "
-                  f"{status} ({time.perf_counter() - t0:.1f}s)", flush=True)
-            del case.run
+    progress = _Progress(not args.no_progress)
+    try:
+        for op in args.ops:
+            # Cases are built one at a time: a default-size case can hold gigabytes of inputs.
+            for i, case in enumerate(CASES[op](size, device, dtype), 1):
+                progress.start(op, case)
+                t0 = time.perf_counter()
+                timing, error = None, None
+                try:
+                    timing = measure(case.run, device, warmup_ms=args.warmup, rep_ms=args.rep,
+                                     cudagraph=case.cudagraph)
+                except Exception as exc:  # a provider that fails is reported, not hidden
+                    error = f"{type(exc).__name__}: {exc}"[:200]
+                row = {"op": case.op, "provider": case.provider, "shape": case.shape,
+                       "pass": case.pass_name, "dtype": str(dtype).replace("torch.", ""),
+                       "ms": timing.ms if timing else None, "peer": case.peer, "flops": case.flops,
+                       "bytes": case.bytes, "note": case.note, "error": error}
+                if timing:
+                    row.update(ms_p20=timing.ms_p20, ms_p80=timing.ms_p80, timing_method=timing.method)
+                    ms = timing.ms
+                    row["tflops"] = case.flops / ms / 1e9 if case.flops else None
+                    row["gb_s"] = case.bytes / ms / 1e6 if case.bytes else None
+                    # Share of the H100's measured ceilings (bf16 tensor cores, or HBM bandwidth).
+                    row["pct_of_h100_peak"] = 100 * (row["tflops"] / H100_CEILINGS["bf16_tflops"]
+                                                     if case.flops else
+                                                     row["gb_s"] / 1e3 / H100_CEILINGS["hbm_tb_s"])
+                rows.append(row)
+                status = f"{timing.ms:9.3f} ms" if timing else f"FAILED {error}"
+                progress.done(f"[{op} {i}] {case.provider:<16} {case.shape:<36} {case.pass_name:<8} "
+                              f"{status} ({time.perf_counter() - t0:.1f}s)")
+                del case.run
+    finally:
+        progress.close()
 
 
 def run_timings(args, device) -> list[dict]:
@@ -138,7 +205,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from .report import format_table, provenance, write_json, write_plots
+    from .report import format_table, provenance, write_accuracy_plot, write_json, write_plots
 
     if cuda and args.device != "cpu" or args.device == "cpu":
         device = torch.device("cuda" if cuda and args.device != "cpu" else "cpu")
@@ -149,7 +216,7 @@ def main(argv=None) -> int:
             ("op", "op", ""), ("provider", "provider", ""), ("shape", "shape", ""), ("pass", "pass", ""),
             ("ms", "ms", ".3f"), ("tflops", "TFLOP/s", ".1f"), ("gb_s", "GB/s", ".0f"),
             ("pct_of_h100_peak", "% H100 peak", ".0f"),
-            ("ratio", "time/peer", ".2f"), ("peer", "peer", "")])
+            ("ratio", "time/peer", ".2f"), ("peer", "peer", ""), ("timing_method", "timed by", "")])
         meta = provenance(device)
         meta["mode"] = "timings"
         meta["interrupted"] = args.interrupted
@@ -171,7 +238,12 @@ def main(argv=None) -> int:
     print(table)
     (out / "table.txt").write_text(table + "\n")
     write_json(out / "results.json", meta, rows)
-    plots = [] if args.no_plots or meta["mode"] != "timings" else write_plots(out, rows)
+    if args.no_plots:
+        plots = []
+    elif meta["mode"] == "timings":
+        plots = write_plots(out, rows)
+    else:
+        plots = write_accuracy_plot(out, rows)
     print(f"\nwrote {out / 'results.json'}, {out / 'table.txt'}" + "".join(f", {p}" for p in plots))
     failed = [r for r in rows if r.get("ok") is False or r.get("error")]
     if meta["mode"] == "cpu-checks" and args.demo_steps > 0:

@@ -172,7 +172,8 @@ def chain_rmsnorm_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> 
         for pass_name, (name, (fwd, params)) in itertools.product(passes, providers.items()):
             moved = x.numel() * x.element_size() * (2 if pass_name == "fwd" else 5)
             yield Case("chain_rmsnorm", name, label, pass_name, pass_runner(fwd, x, params, pass_name),
-                       bytes=moved, peer="paper-naive", note="bytes: x in, y out (+dy, dx, x again)")
+                       bytes=moved, peer="paper-naive", note="bytes: x in, y out (+dy, dx, x again)",
+                       cudagraph=pass_name == "fwd")
 
 
 def _sdpa(backend=None, gqa_index=None, causal=True):
@@ -296,7 +297,8 @@ def chain_attention_decode_cases(size: str, device, dtype, passes=("fwd",)) -> I
             providers[f"ours-{b}"] = decode
         for name, fwd in providers.items():
             yield Case("chain_attention_decode", name, label, "fwd", pass_runner(fwd, q, [k, v], "fwd"),
-                       bytes=moved, peer="sdpa-repeat", note="bytes: K and V read once (the floor)")
+                       bytes=moved, peer="sdpa-repeat", note="bytes: K and V read once (the floor)",
+                       cudagraph=True)
 
 
 def multi_chain_cross_entropy_cases(size: str, device, dtype, passes=("fwd", "fwd+bwd")) -> Iterator[Case]:

@@ -42,12 +42,12 @@ def provenance(device: torch.device) -> dict:
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """``columns``: (key, header, format spec); missing values print as '-'."""
+    """``columns``: (key, header, format spec); missing values (None) print as 'n/a'."""
     cells = [[h for _, h, _ in columns]]
     for r in rows:
-        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+        cells.append([("n/a" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -56,15 +56,51 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 
-def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
-    """One PNG per op: time relative to the peer of the same shape and pass (1.0 = the peer;
-    scale-free, so shapes and passes share one axis). Returns the files written."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (and a line saying why) without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install 'colm-kernels[bench]')")
+        return None
+    return plt
+
+
+def write_accuracy_plot(out_dir: Path, rows: list[dict]) -> list[Path]:
+    """``accuracy.png`` of the CPU check mode: each (op, backend, dtype)'s largest relative error
+    (forward and gradient) over its tolerance, on a log axis (below 1 passes)."""
+    plt = _pyplot()
+    checked = [r for r in rows if r.get("ok") is not None]
+    if plt is None or not checked:
+        return []
+    labels = [f"{r['op']}\n{r['backend']} {r['dtype']}" for r in checked]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(checked)), 4.5))
+    xs = range(len(checked))
+    floor = 1e-6  # an exact result still shows as a bar on the log axis
+    for offset, key, name in ((-0.2, "max_rel_err_fwd", "forward"), (0.2, "max_rel_err_grad", "gradient")):
+        ys = [max(floor, r[key] / r["tolerance"]) if r.get(key) is not None else 0.0 for r in checked]
+        ax.bar([x + offset for x in xs], ys, 0.4, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=6, rotation=90)
+    ax.set_ylabel("max relative error / tolerance (< 1 passes)")
+    ax.set_title("CPU checks against the float64 reference (no bar: forward-only op)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "accuracy.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def write_plots(out_dir: Path, rows: list[dict]) -> list[Path]:
+    """One PNG per op: time relative to the peer of the same shape and pass (1.0 = the peer;
+    scale-free, so shapes and passes share one axis). Returns the files written."""
+    plt = _pyplot()
+    if plt is None:
         return []
     written = []
     for op in sorted({r["op"] for r in rows}):

@@ -1,15 +1,34 @@
-"""Timing: CUDA events around repeated calls on a GPU, ``perf_counter`` on CPU.
+"""Timing with Triton's benchmarking tools on a GPU, ``perf_counter`` on a CPU.
 
-Every call is warmed up first (compiles and autotunes), then timed ``rep`` times; the median is
-reported. On CUDA the L2 cache is not flushed: kernels are compared under the same conditions.
+- ``do_bench`` (``triton.testing``): warm-up and repetitions sized in milliseconds, the L2 cache
+  flushed before every repetition (cold-cache times, as a training step sees its weights), and
+  quantiles of the per-call times.
+- ``do_bench_cudagraph``: the calls captured in a CUDA graph and replayed, so launch overhead does
+  not swamp kernels of a few microseconds (decode steps, norms). Used for forward-only passes that
+  ask for it; a provider that cannot be captured (a host sync, a first-call compile) falls back to
+  ``do_bench``, and the row says which method timed it.
+
+``measure`` returns a ``Timing`` (median and 20th / 80th percentiles in ms, and the method).
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Callable
 
 import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+METHODS = ("do_bench", "do_bench_cudagraph", "perf_counter")
+
+
+@dataclasses.dataclass
+class Timing:
+    ms: float       # median
+    ms_p20: float
+    ms_p80: float
+    method: str     # one of METHODS
 
 
 def synchronize(device: torch.device) -> None:
@@ -17,23 +36,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, rep: int = 20) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
+def _cpu(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> Timing:
+    deadline = time.perf_counter() + warmup_ms / 1e3
+    fn()  # at least one warm-up call (compiles, autotunes)
+    while time.perf_counter() < deadline:
         fn()
-    synchronize(device)
     times = []
-    if device.type == "cuda":
-        for _ in range(rep):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(rep):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return Timing(statistics.median(times), q[1], q[7], "perf_counter")
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25.0,
+            rep_ms: float = 100.0, cudagraph: bool = False) -> Timing:
+    """Time ``fn()``; ``cudagraph`` asks for CUDA-graph replay (GPU only)."""
+    if device.type != "cuda":
+        return _cpu(fn, warmup_ms, rep_ms)
+    import triton.testing
+
+    fn()  # first call outside any capture: compiles, autotunes, allocates
+    synchronize(device)
+    if cudagraph:
+        try:
+            with torch.cuda.device(device):
+                ms = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=list(QUANTILES))
+            return Timing(*ms, method="do_bench_cudagraph")
+        except Exception:  # noqa: BLE001  capture failed: time it the ordinary way
+            synchronize(device)
+    with torch.cuda.device(device):
+        ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
+    return Timing(*ms, method="do_bench")

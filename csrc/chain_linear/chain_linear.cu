@@ -18,14 +18,17 @@
 //             (N x P_n) matrix Wd), the sum is ONE product with inner size N - o_j:
 //               dx[:, seg_j] (M x s_j) = dy[:, o_j:N] @ Wd[o_j:N, seg_j]
 //             column-major: C (s_j x M, ldc = ldx) = Wd-block^T (s_j x (N-o_j)) @ dy^T.
-//             One GEMM per segment, all issued together, each output written once (beta = 0,
-//             fp32 accumulation over all contributing chains, one rounding). When the weights are
-//             views of one dense matrix (equal row strides, W_i = W_0 + o_i rows) Wd is that matrix,
-//             read in place (its upper blocks are never read); otherwise the workspace holds Wd,
-//             packed with one cudaMemcpy2DAsync per chain (upper blocks left unwritten, never
-//             read). dx[:, P_n:K] is zeroed by cudaMemset2DAsync.
-//             (The alternative, one grouped call per block diagonal i - j = t with beta = 1 after
-//             the first, needs n calls that each re-read and re-round dx.)
+//             When the weights are views of one dense matrix (equal row strides, W_i = W_0 + o_i
+//             rows: a dense weight passed to the op) Wd is that matrix, read in place (its upper
+//             blocks are never read): one GEMM per segment, all issued together, each output
+//             written once (beta = 0, fp32 accumulation over all contributing chains, one rounding).
+//             Separate blocks (ChainLinear's mlps.{i}.weight) are read through their own pointers,
+//             never copied: one grouped call per block diagonal t = i - j, holding the GEMMs
+//               dx[:, seg_j] (+)= dy_i @ W_i[:, seg_j]     (i = j + t)
+//             with beta = 0 on the diagonal t = 0 and beta = 1 after it. Segment j is rounded
+//             n - j times, as eager autograd rounds its sum of per-chain gradients; the extra dx
+//             traffic is read in the GEMM epilogue instead of a packed copy of the weights in a
+//             workspace on every call. dx[:, P_n:K] is zeroed by cudaMemset2DAsync.
 //
 //   weight    one GEMM per chain whose dW is needed (frozen chains get none), issued together:
 //               dW_i (d_i x P_i) = dy_i^T @ x[:, :P_i]
@@ -543,11 +546,6 @@ bool weights_dense(const Layout& L, int64_t es) {
   return true;
 }
 
-int64_t packed_ld(const Layout& L, int64_t es) {
-  const int64_t per16 = std::max<int64_t>(1, 16 / es);
-  return ceil_div(L.p_last(), per16) * per16;
-}
-
 int64_t dx_segments(const Layout& L) {
   int64_t count = 0;
   for (int64_t j = 0; j < L.n; ++j) count += L.p[j] > (j ? L.p[j - 1] : 0);
@@ -557,15 +555,10 @@ int64_t dx_segments(const Layout& L) {
 }  // namespace
 
 size_t chain_linear_bwd_dx_workspace_bytes(const ChainLinearWeights& w, int64_t M, DType dtype) {
-  const Layout L = make_layout(w, "chain_linear_bwd_dx", w.ptrs != nullptr);
-  if (M <= 0) return 0;
-  const int64_t es = dtype_size(dtype);
-  size_t bytes = table_bytes(dx_segments(L));
-  // Without the pointers the layout cannot be inspected: size for the packed copy.
-  if (w.ptrs == nullptr || !weights_dense(L, es)) {
-    bytes += round_up(static_cast<size_t>(L.N) * packed_ld(L, es) * es, kWorkspaceAlign);
-  }
-  return bytes;
+  (void)dtype;
+  const Layout L = make_layout(w, "chain_linear_bwd_dx", false);
+  // Only the grouped calls' pointer tables: no weight is ever copied.
+  return M <= 0 ? 0 : table_bytes(dx_segments(L));
 }
 
 void launch_chain_linear_bwd_dx(cublasHandle_t handle, const void* dy, int64_t dy_row_stride,
@@ -588,36 +581,41 @@ void launch_chain_linear_bwd_dx(cublasHandle_t handle, const void* dy, int64_t d
   const int64_t segments = dx_segments(L);
   void** table = static_cast<void**>(carver.take(table_bytes(segments)));
 
-  // Wd: the dense lower-block-triangular (N x P_n) weight, in place or packed.
-  const void* wd = L.w[0];
-  int64_t ldd = L.ld[0];
-  if (!weights_dense(L, es)) {
-    ldd = packed_ld(L, es);
-    void* packed = carver.take(static_cast<size_t>(L.N) * ldd * es);
-    for (int64_t i = 0; i < L.n; ++i) {
-      COLM_CUDA_CHECK(cudaMemcpy2DAsync(byte_ptr(packed, L.o[i] * ldd, es),
-                                        static_cast<size_t>(ldd * es), L.w[i],
-                                        static_cast<size_t>(L.ld[i] * es),
-                                        static_cast<size_t>(L.p[i] * es),
-                                        static_cast<size_t>(L.d[i]), cudaMemcpyDeviceToDevice,
-                                        stream));
-    }
-    wd = packed;
-  }
-
-  std::vector<Gemm> gs;
-  gs.reserve(segments);
-  for (int64_t j = 0; j < L.n; ++j) {
-    const int64_t start = j ? L.p[j - 1] : 0;
-    const int64_t width = L.p[j] - start;
-    if (width == 0) continue;
-    // C (s_j x M) = Wd[o_j:N, seg_j] as col-major (s_j x (N - o_j)) @ dy[:, o_j:]^T
-    gs.push_back(Gemm{CUBLAS_OP_N, CUBLAS_OP_N, width, M, L.N - L.o[j], ldd, ldy, ldx,
-                      byte_ptr_c(wd, L.o[j] * ldd + start, es), byte_ptr_c(dy, L.o[j], es),
-                      byte_ptr(dx, start, es), 0.0f});
-  }
   HandleScope scope(handle, stream, op);
-  run_gemms(handle, gs, dtype, table, mode, stream, op);
+  if (weights_dense(L, es)) {
+    // Wd, the dense lower-block-triangular (N x P_n) weight, read in place: one GEMM per segment.
+    const void* wd = L.w[0];
+    const int64_t ldd = L.ld[0];
+    std::vector<Gemm> gs;
+    gs.reserve(segments);
+    for (int64_t j = 0; j < L.n; ++j) {
+      const int64_t start = j ? L.p[j - 1] : 0;
+      const int64_t width = L.p[j] - start;
+      if (width == 0) continue;
+      // C (s_j x M) = Wd[o_j:N, seg_j] as col-major (s_j x (N - o_j)) @ dy[:, o_j:]^T
+      gs.push_back(Gemm{CUBLAS_OP_N, CUBLAS_OP_N, width, M, L.N - L.o[j], ldd, ldy, ldx,
+                        byte_ptr_c(wd, L.o[j] * ldd + start, es), byte_ptr_c(dy, L.o[j], es),
+                        byte_ptr(dx, start, es), 0.0f});
+    }
+    run_gemms(handle, gs, dtype, table, mode, stream, op);
+  } else {
+    // Separate blocks, each through its own pointer: one call per block diagonal t = i - j.
+    // The calls run in stream order, so each may reuse the same pointer table.
+    for (int64_t t = 0; t < L.n; ++t) {
+      std::vector<Gemm> gs;
+      for (int64_t j = 0; j + t < L.n; ++j) {
+        const int64_t i = j + t;
+        const int64_t start = j ? L.p[j - 1] : 0;
+        const int64_t width = L.p[j] - start;
+        if (width == 0) continue;
+        // C (s_j x M) (+)= W_i[:, seg_j] as col-major (s_j x d_i) @ dy[:, o_i:o_i+d_i]^T
+        gs.push_back(Gemm{CUBLAS_OP_N, CUBLAS_OP_N, width, M, L.d[i], L.ld[i], ldy, ldx,
+                          byte_ptr_c(L.w[i], start, es), byte_ptr_c(dy, L.o[i], es),
+                          byte_ptr(dx, start, es), t == 0 ? 0.0f : 1.0f});
+      }
+      run_gemms(handle, gs, dtype, table, mode, stream, op);
+    }
+  }
   if (K > L.p_last()) {
     COLM_CUDA_CHECK(cudaMemset2DAsync(byte_ptr(dx, L.p_last(), es),
                                       static_cast<size_t>(ldx * es), 0,

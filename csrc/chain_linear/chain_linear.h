@@ -69,8 +69,9 @@ void launch_chain_linear_fwd(cublasHandle_t handle, const void* x, int64_t x_row
                              size_t workspace_bytes, DType dtype, ChainLinearGemmMode mode,
                              cudaStream_t stream);
 
-// Input gradient dx (M, K) from dy (M, N). When the weights are not views of one dense matrix
-// (same row stride, W_i at W_0 + o_i rows) the workspace holds a packed copy of the blocks.
+// Input gradient dx (M, K) from dy (M, N). Views of one dense matrix (same row stride, W_i at
+// W_0 + o_i rows) are read as that matrix; separate blocks through their own pointers (one grouped
+// call per block diagonal). The workspace holds only the grouped calls' pointer tables.
 size_t chain_linear_bwd_dx_workspace_bytes(const ChainLinearWeights& w, int64_t M, DType dtype);
 void launch_chain_linear_bwd_dx(cublasHandle_t handle, const void* dy, int64_t dy_row_stride,
                                 int64_t M, const ChainLinearWeights& w, void* dx,

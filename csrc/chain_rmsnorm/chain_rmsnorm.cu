@@ -14,7 +14,8 @@
 //
 // dweight: each backward block accumulates dy * xhat for the rows it visits in an fp32 row of
 // its own (shared memory when W fits, else its row of the global workspace; no atomics), writes
-// it to workspace[block, :], and a second kernel adds the workspace rows in a fixed order.
+// it to workspace[block, :], and a second kernel adds the workspace rows in a fixed order. A
+// frozen gain (dweight == nullptr) compiles the accumulation out and launches no reduction.
 
 #include <cuda_runtime.h>
 
@@ -39,6 +40,7 @@ constexpr int kMaxThreads = kMaxWarps * kWarpSize;
 constexpr int kChunkVecs = 2;  // vectors per lane per item
 // Backward keeps the block's fp32 dweight row in shared memory up to this size (W <= 16384);
 // above it the row lives in the global workspace (same arithmetic, more traffic).
+enum DgMode : int { kDgNone = 0, kDgShared = 1, kDgGlobal = 2 };
 constexpr size_t kDgSmemMaxBytes = 64 * 1024;
 constexpr size_t kDefaultSmemBytes = 48 * 1024;
 
@@ -250,7 +252,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-template <typename T, bool kDgInSmem>
+template <typename T, int kDg>
 __global__ void __launch_bounds__(kMaxThreads)
     chain_rmsnorm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                              const T* __restrict__ g, const float* __restrict__ rstd,
@@ -262,7 +264,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ int s_base[kMaxChains + 1];
   __shared__ float s_rstd[kMaxChains];
   __shared__ float s_mean[kMaxChains];
-  // [n_items rounded up to 4] partials, then (kDgInSmem) [W] dweight row, 16-byte aligned
+  // [n_items rounded up to 4] partials, then (kDgShared) [W] dweight row, 16-byte aligned
   extern __shared__ __align__(16) float s_dyn[];
 
   const int n = layout.n;
@@ -273,11 +275,13 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int lane = threadIdx.x % kWarpSize;
   const int n_warps = blockDim.x / kWarpSize;
   float* s_partial = s_dyn;
-  float* dg_out = dg_partial + static_cast<index_t>(blockIdx.x) * W;
-  float* dg_acc = kDgInSmem ? s_dyn + round_up4(n_items) : dg_out;
+  float* dg_out = kDg == kDgNone ? nullptr : dg_partial + static_cast<index_t>(blockIdx.x) * W;
+  float* dg_acc = kDg == kDgShared ? s_dyn + round_up4(n_items) : dg_out;
 
   load_layout(layout, s_off, s_base);
-  for (int c = threadIdx.x; c < W; c += blockDim.x) dg_acc[c] = 0.f;
+  if constexpr (kDg != kDgNone) {
+    for (int c = threadIdx.x; c < W; c += blockDim.x) dg_acc[c] = 0.f;
+  }
   __syncthreads();
 
   for (index_t row = blockIdx.x; row < M; row += gridDim.x) {
@@ -349,12 +353,12 @@ __global__ void __launch_bounds__(kMaxThreads)
           dgv[j] = dyv[j] * xhat;
         }
         dev::store_f32<N>(dxr + c, out);
-        accumulate_f32<N>(dg_acc + c, dgv);
+        if constexpr (kDg != kDgNone) accumulate_f32<N>(dg_acc + c, dgv);
       });
     }
   }
 
-  if constexpr (kDgInSmem) {
+  if constexpr (kDg == kDgShared) {
     __syncthreads();
     for (int c = threadIdx.x; c < W; c += blockDim.x) dg_out[c] = dg_acc[c];
   }
@@ -389,41 +393,45 @@ __global__ void __launch_bounds__(256)
 struct BwdPlan {
   int threads;
   size_t smem;
-  bool dg_in_smem;
+  int dg;  // DgMode
 };
 
+// Calls f(kernel) with the backward kernel instantiated for the plan's DgMode.
+template <typename T, typename F>
+void with_bwd_kernel(int dg, F&& f) {
+  if (dg == kDgShared) {
+    f(chain_rmsnorm_bwd_kernel<T, kDgShared>);
+  } else if (dg == kDgGlobal) {
+    f(chain_rmsnorm_bwd_kernel<T, kDgGlobal>);
+  } else {
+    f(chain_rmsnorm_bwd_kernel<T, kDgNone>);
+  }
+}
+
 template <typename T>
-BwdPlan plan_bwd(const ChainLayout& L, const char* op) {
+BwdPlan plan_bwd(const ChainLayout& L, bool need_dg, const char* op) {
   BwdPlan p;
   p.threads = threads_for(L);
   const size_t base = static_cast<size_t>(round_up4(L.n_items)) * sizeof(float);
   const size_t with_dg = base + static_cast<size_t>(L.width) * sizeof(float);
-  p.dg_in_smem = with_dg <= kDgSmemMaxBytes;
-  p.smem = p.dg_in_smem ? with_dg : base;
-  if (p.dg_in_smem) {
-    ensure_dynamic_smem(chain_rmsnorm_bwd_kernel<T, true>, p.smem, op);
-  } else {
-    ensure_dynamic_smem(chain_rmsnorm_bwd_kernel<T, false>, p.smem, op);
-  }
+  p.dg = !need_dg ? kDgNone : with_dg <= kDgSmemMaxBytes ? kDgShared : kDgGlobal;
+  p.smem = p.dg == kDgShared ? with_dg : base;
+  with_bwd_kernel<T>(p.dg, [&](auto kernel) { ensure_dynamic_smem(kernel, p.smem, op); });
   return p;
 }
 
+// Blocks of the backward grid: one wave of resident blocks, at most one per row.
 template <typename T>
-int64_t bwd_workspace_rows(const ChainLayout& L, int64_t M) {
+int64_t bwd_blocks(const BwdPlan& p, int64_t M) {
   if (M <= 0) return 0;
-  const BwdPlan p = plan_bwd<T>(L, "chain_rmsnorm_bwd");
   int device = 0;
   int sms = 0;
   int per_sm = 0;
   COLM_CUDA_CHECK(cudaGetDevice(&device));
   COLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (p.dg_in_smem) {
-    COLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, chain_rmsnorm_bwd_kernel<T, true>, p.threads, p.smem));
-  } else {
-    COLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, chain_rmsnorm_bwd_kernel<T, false>, p.threads, p.smem));
-  }
+  with_bwd_kernel<T>(p.dg, [&](auto kernel) {
+    COLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.threads, p.smem));
+  });
   const int64_t wave = static_cast<int64_t>(std::max(1, sms)) * std::max(1, per_sm);
   return std::min<int64_t>(M, wave);
 }
@@ -444,17 +452,17 @@ template <typename T>
 void bwd_impl(const T* dy, index_t dy_stride, const T* x, index_t x_stride, const T* g,
               const float* rstd, T* dx, index_t dx_stride, T* dg, float* workspace,
               int64_t workspace_rows, const ChainLayout& L, int64_t M, cudaStream_t stream) {
-  const BwdPlan p = plan_bwd<T>(L, "chain_rmsnorm_bwd");
-  const int64_t G = std::min<int64_t>(workspace_rows, grid_for_rows(M));
+  const BwdPlan p = plan_bwd<T>(L, dg != nullptr, "chain_rmsnorm_bwd");
+  // With dweight, one block per workspace row; without, one wave of blocks.
+  const int64_t G = std::min<int64_t>(dg != nullptr ? workspace_rows : bwd_blocks<T>(p, M),
+                                      grid_for_rows(M));
   const unsigned grid = static_cast<unsigned>(G);
-  if (p.dg_in_smem) {
-    chain_rmsnorm_bwd_kernel<T, true><<<grid, p.threads, p.smem, stream>>>(
-        dy, x, g, rstd, dx, workspace, M, dy_stride, x_stride, dx_stride, L);
-  } else {
-    chain_rmsnorm_bwd_kernel<T, false><<<grid, p.threads, p.smem, stream>>>(
-        dy, x, g, rstd, dx, workspace, M, dy_stride, x_stride, dx_stride, L);
-  }
+  with_bwd_kernel<T>(p.dg, [&](auto kernel) {
+    kernel<<<grid, p.threads, p.smem, stream>>>(dy, x, g, rstd, dx, workspace, M, dy_stride,
+                                                x_stride, dx_stride, L);
+  });
   COLM_CUDA_CHECK_LAUNCH();
+  if (dg == nullptr) return;  // frozen gain: no dweight reduction
   const unsigned rgrid = static_cast<unsigned>((L.width + kWarpSize - 1) / kWarpSize);
   chain_rmsnorm_dg_reduce_kernel<T>
       <<<rgrid, dim3(kWarpSize, 8), 0, stream>>>(workspace, dg, G, L.width);
@@ -494,7 +502,7 @@ int64_t chain_rmsnorm_bwd_workspace_rows(int64_t M, int64_t W, const int64_t* of
   dispatch_float_types(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const ChainLayout L = make_layout(offsets, n_chains, W, chunk_elems<T>(), op);
-    rows = bwd_workspace_rows<T>(L, M);
+    rows = bwd_blocks<T>(plan_bwd<T>(L, true, op), M);
   });
   return rows;
 }
@@ -512,13 +520,14 @@ void launch_chain_rmsnorm_bwd(const void* dy, int64_t dy_row_stride, const void*
   dispatch_float_types(dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const ChainLayout L = make_layout(offsets, n_chains, W, chunk_elems<T>(), op);
-    COLM_CHECK(dweight != nullptr, op, ": dweight is null");
     if (M == 0) {
-      COLM_CUDA_CHECK(cudaMemsetAsync(dweight, 0, static_cast<size_t>(W) * sizeof(T), stream));
+      if (dweight != nullptr) {
+        COLM_CUDA_CHECK(cudaMemsetAsync(dweight, 0, static_cast<size_t>(W) * sizeof(T), stream));
+      }
       return;
     }
     COLM_CHECK(dy && x && weight && rstd && dx, op, ": null data pointer");
-    COLM_CHECK(workspace != nullptr && workspace_rows >= 1, op,
+    COLM_CHECK(dweight == nullptr || (workspace != nullptr && workspace_rows >= 1), op,
                ": workspace must hold at least one row of W fp32 values, got workspace_rows = ",
                workspace_rows, " (use chain_rmsnorm_bwd_workspace_rows)");
     bwd_impl<T>(static_cast<const T*>(dy), dy_row_stride, static_cast<const T*>(x),

@@ -20,6 +20,8 @@
 //                  1 <= n_chains <= kChainRMSNormMaxChains, W <= kChainRMSNormMaxWidth
 //   workspace    : fp32 device buffer of workspace_rows * W elements (backward only); get
 //                  workspace_rows from chain_rmsnorm_bwd_workspace_rows() on the same device.
+//   dweight      : may be null in the backward (a frozen gain): no dweight work at all, and the
+//                  workspace may then be null too.
 #pragma once
 
 #include <cuda_runtime_api.h>

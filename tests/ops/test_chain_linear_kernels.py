@@ -17,14 +17,21 @@ import torch
 pytest.importorskip("triton")
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @pytest.fixture(autouse=True)
-def _on_the_gpu_when_there_is_one():
-    """CPU tensors for the interpreter; on a GPU every tensor these tests make lives there."""
-    if torch.cuda.is_available():
-        with torch.device("cuda"):
-            yield
-    else:
+def _on_the_test_device():
+    """Every tensor these tests make lives on DEVICE (CPU tensors for the interpreter), through the
+    same default-device context on both, so the CPU run exercises the GPU run's code path."""
+    with DEVICE:
         yield
+
+
+def _randn(*shape, gen):
+    """Standard normal from the seeded CPU generator (a CPU generator cannot draw on CUDA), moved
+    to the test device: the same values on both."""
+    return torch.randn(*shape, generator=gen, device="cpu").to(DEVICE)
 
 # the interpreter converts 1-element arrays with int(); numpy >= 1.25 warns on every call
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs are NaN
@@ -104,21 +111,21 @@ def _make_weights(case: Case, dtype, dense: bool, gen, bias: bool = True):
         bfull = torch.full((sum(ds),), float("nan"), dtype=dtype)
         ws, bs, o = [], [], 0
         for d, p in zip(ds, ps):
-            full[o:o + d, :p] = (torch.randn(d, p, generator=gen) / math.sqrt(p)).to(dtype)
-            bfull[o:o + d] = torch.randn(d, generator=gen).to(dtype)
+            full[o:o + d, :p] = (_randn(d, p, gen=gen) / math.sqrt(p)).to(dtype)
+            bfull[o:o + d] = _randn(d, gen=gen).to(dtype)
             ws.append(full[o:o + d, :p])
             bs.append(bfull[o:o + d])
             o += d
         assert all(w.stride() == (stride, 1) for w in ws)
     else:
-        ws = [(torch.randn(d, p, generator=gen) / math.sqrt(p)).to(dtype) for d, p in zip(ds, ps)]
-        bs = [torch.randn(d, generator=gen).to(dtype) for d in ds]
+        ws = [(_randn(d, p, gen=gen) / math.sqrt(p)).to(dtype) for d, p in zip(ds, ps)]
+        bs = [_randn(d, gen=gen).to(dtype) for d in ds]
     return ws, (bs if bias else [])
 
 
 def _make_2d(m: int, n: int, dtype, strided: bool, gen):
     """(m, n) standard normal, optionally a view with row stride n + 5 (NaN in the gap)."""
-    val = torch.randn(m, n, generator=gen).to(dtype)
+    val = _randn(m, n, gen=gen).to(dtype)
     if not strided:
         return val
     buf = torch.full((m, n + 5), float("nan"), dtype=dtype)
@@ -285,8 +292,8 @@ def _bad_inputs():
     case = CASES[1]
     gen = torch.Generator().manual_seed(5)
     ws, bs = _make_weights(case, torch.float32, False, gen)
-    x = torch.randn(5, case.k, generator=gen)
-    dy = torch.randn(5, sum(case.ds), generator=gen)
+    x = _randn(5, case.k, gen=gen)
+    dy = _randn(5, sum(case.ds), gen=gen)
     return case, ws, bs, x, dy
 
 

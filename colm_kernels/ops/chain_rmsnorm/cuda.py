@@ -27,8 +27,8 @@ chain_rmsnorm_cuda_fwd.register_fake(kernels.chain_rmsnorm_fwd_fake)
 
 @torch.library.custom_op("colm_kernels::chain_rmsnorm_cuda_bwd", mutates_args=())
 def chain_rmsnorm_cuda_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
-                           offsets: list[int]) -> tuple[Tensor, Tensor]:
-    return kernels.chain_rmsnorm_bwd(dy, x, weight, rstd, offsets)
+                           offsets: list[int], needs_weight: bool) -> tuple[Tensor, Tensor]:
+    return kernels.chain_rmsnorm_bwd(dy, x, weight, rstd, offsets, needs_weight)
 
 
 chain_rmsnorm_cuda_bwd.register_fake(kernels.chain_rmsnorm_bwd_fake)
@@ -36,8 +36,12 @@ chain_rmsnorm_cuda_bwd.register_fake(kernels.chain_rmsnorm_bwd_fake)
 
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dweight = chain_rmsnorm_cuda_bwd(dy.contiguous(), x, weight, rstd, ctx.offsets)
-    return dx, dweight, None, None
+    needs_x, needs_weight = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    if not (needs_x or needs_weight):
+        return None, None, None, None
+    # A frozen gain launches no dweight work (as the Triton backend).
+    dx, dweight = chain_rmsnorm_cuda_bwd(dy.contiguous(), x, weight, rstd, ctx.offsets, needs_weight)
+    return (dx if needs_x else None), (dweight if needs_weight else None), None, None
 
 
 chain_rmsnorm_cuda_fwd.register_autograd(_backward, setup_context=save_for_backward)

@@ -59,8 +59,11 @@ def chain_rmsnorm_bwd(
     weight: torch.Tensor,
     rstd: torch.Tensor,
     offsets: Sequence[int],
+    needs_weight: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx, dweight)`` from ``dy (M, W)``, the forward's ``x2d``, ``weight`` and ``rstd (M, n)``."""
+    """``(dx, dweight)`` from ``dy (M, W)``, the forward's ``x2d``, ``weight`` and ``rstd (M, n)``;
+    without ``needs_weight`` (a frozen gain) ``dweight`` is an empty ``(0,)`` tensor and the
+    kernels do no dweight work."""
     ext = require_extension()
     dx, dweight = ext.chain_rmsnorm_bwd(
         _last_dim_contiguous(dy),
@@ -68,6 +71,7 @@ def chain_rmsnorm_bwd(
         _last_dim_contiguous(weight),
         rstd.contiguous(),
         _offsets_list(offsets),
+        bool(needs_weight),
     )
     return dx, dweight
 
@@ -87,7 +91,8 @@ def chain_rmsnorm_bwd_fake(
     weight: torch.Tensor,
     rstd: torch.Tensor,
     offsets: Sequence[int],
+    needs_weight: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of ``chain_rmsnorm_bwd`` with the right shapes and dtypes, no data."""
     m, w = x2d.shape
-    return x2d.new_empty((m, w)), weight.new_empty((w,))
+    return x2d.new_empty((m, w)), weight.new_empty((w if needs_weight else 0,))
