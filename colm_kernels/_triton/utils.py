@@ -9,8 +9,10 @@ Host side:
   widths, strides, offsets; int32: index tables), one content-keyed cache for both.
 - ``table_aligned``: whether pointers and ints of a table are 16-byte friendly (enables hints).
 - ``tile_count``: host-side count of the tiles of a list of per-chain extents.
-- ``gemm_configs`` / ``make_gemm_pruner``: autotune configs (H100 list, one small interpreter
-  config) and a pruner that clamps blocks to the problem's extents (never to the token count).
+- ``gemm_configs`` / ``register_gemm_layout`` / ``make_gemm_pruner``: autotune configs (H100 list,
+  one small interpreter config) and a pruner that clamps blocks to the chain layout's extents,
+  keeps configs within the measured shared-memory and register budgets and drops those that waste
+  MMA work on partial tiles (never a function of the token count).
 - ``autotune``: ``triton.autotune`` with an early pruner that ``COLM_KERNELS_AUTOTUNE=0`` reduces to
   one config (correctness runs on a GPU) and ``force_config(i)`` pins to the i-th (tests of every
   config).
@@ -52,6 +54,8 @@ __all__ = [
     "tile_count",
     "gemm_configs",
     "make_gemm_pruner",
+    "register_gemm_layout",
+    "gemm_waste",
     "autotune",
     "autotune_enabled",
     "force_config",
@@ -210,34 +214,96 @@ def gemm_configs(h100_table: Sequence[tuple] = _H100_GEMM) -> List[triton.Config
 SMEM_BUDGET = 227 * 1024  # bytes of shared memory per block on H100 (sm_90)
 
 
-def make_gemm_pruner(extent_args: Dict[str, str], dtype_arg: str,
-                     smem_budget: int = SMEM_BUDGET) -> Callable:
-    """An ``early_config_prune`` for ``triton.autotune``.
+# Per-thread register budgets of the pruner, measured on sm_90a with Triton's ptxas (``colm-bench
+# --static``; tests/ops/test_static_report.py holds every kept config at zero spills):
+# - fp32 accumulator registers per thread (all accumulators together): a 128 x 256 tile over 8 warps
+#   (128 regs) compiles without spills with one accumulator; kernels with more live state pass a
+#   smaller budget.
+# - unaligned layouts (ALIGN == 1: no 16-byte hints, so operands are loaded element by element
+#   through registers instead of asynchronous copies): at most 48 operand elements per thread per
+#   stage and 64 accumulator registers; beyond that ptxas spills (up to 872 B seen).
+MAX_ACC_REGS = 128
+UNALIGNED_MAX_LOAD_ELEMS = 48
+UNALIGNED_MAX_ACC_REGS = 64
 
-    ``extent_args`` maps a block name (``"BLOCK_N"``) to the kernel argument holding the largest
-    extent that block tiles (``"MAX_N"``): the block is clamped to ``max(16, next_pow2(extent))``.
-    Only pass extents that are part of the autotune key (chain layout), never the token count.
-    Configs whose operand tiles overflow ``smem_budget`` for the dtype of ``dtype_arg`` are dropped
-    (the smallest survives if all would be). Duplicates after clamping are removed.
+_GEMM_LAYOUTS: "OrderedDict[int, tuple]" = OrderedDict()
+_GEMM_LAYOUTS_SIZE = 4096
+
+
+def register_gemm_layout(key: int, blocks: Sequence[str], products: Iterable[Sequence[int]]) -> int:
+    """Tell the GEMM pruner what the blocks of a launch with autotune key ``LAYOUT_KEY == key`` tile:
+    ``products`` lists, for every (chain, segment) sub-GEMM, its extent along each of ``blocks``
+    (e.g. ``("BLOCK_N", "BLOCK_K")`` and ``(d_i, P_i)`` per chain). Host ints only, so pruning
+    never reads a device table. Returns ``key``."""
+    with _TABLE_LOCK:
+        _GEMM_LAYOUTS[int(key)] = (tuple(blocks), tuple(tuple(int(e) for e in p) for p in products))
+        _GEMM_LAYOUTS.move_to_end(int(key))
+        while len(_GEMM_LAYOUTS) > _GEMM_LAYOUTS_SIZE:
+            _GEMM_LAYOUTS.popitem(last=False)
+    return key
+
+
+def gemm_waste(blocks: Sequence[str], products: Sequence[Sequence[int]], kw: Dict[str, int]) -> float:
+    """Executed over useful MMA work of a layout's tiles with block sizes ``kw``: every sub-GEMM
+    runs whole tiles along each block (masked tiles still run on the tensor cores)."""
+    useful = sum(_prod(p) for p in products)
+    executed = sum(_prod(-(-e // kw[b]) * kw[b] for b, e in zip(blocks, p)) for p in products)
+    return executed / max(1, useful)
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def make_gemm_pruner(dtype_arg: str, *, n_acc: int = 1, n_b: int = 1, max_acc_regs: int = MAX_ACC_REGS,
+                     smem_budget: int = SMEM_BUDGET) -> Callable:
+    """An ``early_config_prune`` for GEMM kernels whose layout was registered with
+    ``register_gemm_layout`` under their ``LAYOUT_KEY`` argument.
+
+    ``n_acc`` fp32 accumulator tiles of BLOCK_M x BLOCK_N, and per pipeline stage one BLOCK_M x
+    BLOCK_K operand tile plus ``n_b`` BLOCK_K x BLOCK_N tiles. Steps:
+    1. every registered block is clamped to ``max(16, next_pow2(largest extent))``; duplicates go;
+    2. configs over the shared-memory budget (per ``dtype_arg``'s element size) or the register
+       budgets above (accumulators; operand staging when ``ALIGN == 1``) go;
+    3. of the rest, only those within 2% of the least wasted MMA work (``gemm_waste``) stay, so a
+       block that does not divide the chain widths is never picked over one that does.
+    The smallest config survives if every one is dropped. Depends only on the autotune key
+    (layout, ALIGN, dtype), never on the token count.
     """
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         es = args[dtype_arg].element_size()
-        out, seen = [], set()
+        blocks, products = _GEMM_LAYOUTS.get(int(args["LAYOUT_KEY"]), ((), ()))
+        unaligned = int(args.get("ALIGN", 1)) == 1
+        sized, seen = [], set()
         for cfg in configs:
             kw = dict(cfg.kwargs)
-            for block, arg in extent_args.items():
-                kw[block] = min(kw[block], max(16, triton.next_power_of_2(max(1, int(args[arg])))))
-            stages = cfg.num_stages
-            smem = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * es * max(1, stages)
-            key = (tuple(sorted(kw.items())), cfg.num_warps, stages)
+            for block in blocks:
+                largest = max((p[blocks.index(block)] for p in products), default=1)
+                kw[block] = min(kw[block], max(16, triton.next_power_of_2(max(1, largest))))
+            stages, warps = max(1, cfg.num_stages), cfg.num_warps
+            key = (tuple(sorted(kw.items())), warps, stages)
             if key in seen:
                 continue
             seen.add(key)
-            out.append((smem, triton.Config(kw, num_warps=cfg.num_warps, num_stages=stages)))
-        fitting = [c for s, c in out if s <= smem_budget]
-        return fitting or [min(out, key=lambda t: t[0])[1]]
+            smem = (kw["BLOCK_M"] + n_b * kw["BLOCK_N"]) * kw["BLOCK_K"] * es * stages
+            acc_regs = n_acc * kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * warps)
+            load_elems = (kw["BLOCK_M"] + n_b * kw["BLOCK_N"]) * kw["BLOCK_K"] // (32 * warps)
+            fits = smem <= smem_budget and acc_regs <= max_acc_regs
+            if unaligned:
+                fits = fits and load_elems <= UNALIGNED_MAX_LOAD_ELEMS and acc_regs <= UNALIGNED_MAX_ACC_REGS
+            waste = gemm_waste(blocks, products, kw) if products else 1.0
+            sized.append((fits, waste, smem + 1024 * acc_regs,
+                          triton.Config(kw, num_warps=warps, num_stages=cfg.num_stages)))
+        fitting = [t for t in sized if t[0]]
+        if not fitting:
+            return [min(sized, key=lambda t: (t[1], t[2]))[3]]
+        least = min(t[1] for t in fitting)
+        return [t[3] for t in fitting if t[1] <= least * 1.02]
 
     return prune
 

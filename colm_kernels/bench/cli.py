@@ -8,6 +8,7 @@ interpreter), and trains a tiny CoLM for a few steps.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -70,6 +71,10 @@ def parse_args(argv):
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (one line per case instead)")
+    p.add_argument("--static", action="store_true",
+                   help="no timings: the static sm_90a report (registers, spills, shared memory, "
+                        "MMA kind, TMA per kernel config; executed / useful tensor-core FLOPs; an "
+                        "H100 roofline bound per default case), with or without a GPU")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(OPS))
@@ -195,6 +200,35 @@ def run_checks(args) -> list[dict]:
     return rows
 
 
+def _static(args, out: Path) -> int:
+    """``--static``: compile, count and bound; nothing is timed (see ``colm_kernels.bench.static``)."""
+    import torch
+
+    from . import static
+    from .report import provenance, write_json
+
+    t0 = time.time()
+    print("colm-bench --static: compiling every kept config for sm_90a, counting tensor-core FLOPs "
+          "in the interpreter at H100 tiles, bounding each default case (no GPU needed) ...", flush=True)
+    report = static.run(args.ops)
+    text = static.format_report(report)
+    print(text)
+    (out / "static.txt").write_text(text + "\n")
+    meta = provenance(torch.device("cpu"))
+    meta.update(mode="static", seconds=round(time.time() - t0, 1),
+                ceilings={"bf16_tflops": static.H100_CEILINGS["bf16_tflops"],
+                          "hbm_tb_s": static.H100_CEILINGS["hbm_tb_s"]})
+    write_json(out / "static.json", meta, [])
+    data = json.loads((out / "static.json").read_text())
+    data.update({k: report[k] for k in ("kernels", "work", "roofline", "failures")})
+    (out / "static.json").write_text(json.dumps(data, indent=2))
+    print(f"\nwrote {out / 'static.json'}, {out / 'static.txt'} in {time.time() - t0:.0f}s")
+    if report["failures"]:
+        print(f"colm-bench --static: {len(report['failures'])} failure(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
@@ -207,6 +241,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from .report import format_table, provenance, write_accuracy_plot, write_json, write_plots
 
+    if args.static:
+        return _static(args, out)
     if cuda and args.device != "cpu" or args.device == "cpu":
         device = torch.device("cuda" if cuda and args.device != "cpu" else "cpu")
         if device.type == "cpu" and args.sizes is None:

@@ -1,23 +1,15 @@
-"""Compile every Triton kernel of ``colm_kernels`` for an H100 (sm_90) on a machine without a GPU.
+"""Compile every Triton kernel of ``colm_kernels`` for an H100 (sm_90a) on a machine without a GPU.
 
-Run as a script (``python tests/ops/sm90_compile_check.py``) in a process WITHOUT
-``TRITON_INTERPRET`` (``tests/ops/test_triton_compiles_for_sm90.py`` spawns it so). It
+Run as a script (``python tests/ops/sm90_compile_check.py [label-filter]``) in a process WITHOUT
+``TRITON_INTERPRET`` (``tests/ops/test_triton_compiles_for_sm90.py`` spawns it so). It installs
+``colm_kernels.bench.sm90`` (a fake sm_90a driver; every autotune config the pruners keep is
+compiled to a cubin with Triton's ``ptxas -v``, nothing is launched) and calls the public launchers
+of every op on small CPU tensors: fp16 / bf16, aligned and unaligned shapes, varlen, several decode
+splits. ``colm-bench --static`` does the same at the default bench shapes.
 
-* installs a fake Triton driver whose current target is ``GPUTarget("cuda", 90, 32)`` and whose
-  device / stream queries return dummies, so ``JITFunction.run`` binds, specialises and compiles
-  exactly as a real launch on an H100 would (same signature, constexprs, divisibility attributes,
-  ``num_warps`` / ``num_stages``);
-* wraps ``triton.compiler.compile``: each kernel goes through the full pipeline down to a cubin
-  with Triton's bundled ``ptxas``, its shared memory is checked against the H100's limit, and a
-  stub that launches nothing is returned in place of the loaded kernel;
-* replaces the autotuners' benchmark with a call that only compiles, so every config surviving
-  ``early_config_prune`` is compiled (``triton.autotune`` would otherwise swallow
-  ``OutOfResources`` / ``PTXASError`` of a config; here they are failures);
-* calls the public launchers of every op on small CPU tensors (fp16 / bf16, aligned and
-  unaligned shapes, varlen, several decode splits).
-
-Nothing runs on a device. Exit status 0 iff every compile succeeded and every ``@triton.jit``
-kernel module was covered; the last line is ``SM90_COMPILE_SUMMARY <json>``.
+Exit status 0 iff every compile succeeded and every ``@triton.jit`` kernel module was covered; the
+last line is ``SM90_COMPILE_SUMMARY <json>`` with one entry per compiled config (registers, spill
+bytes, shared memory, MMA kind, TMA / cp.async, resident blocks per SM).
 """
 from __future__ import annotations
 
@@ -31,161 +23,16 @@ if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes
     sys.exit("sm90_compile_check must run without TRITON_INTERPRET (the interpreter compiles nothing)")
 
 import torch  # noqa: E402
-import triton.compiler as _tc  # noqa: E402
-from triton.backends import DriverBase  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.driver import driver as _driver  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-H100_MAX_SHARED = 232448  # bytes: opt-in shared memory per block on sm_90 (227 KiB)
+from colm_kernels.bench import sm90  # noqa: E402
+
 KERNEL_MODULES = (
     "colm_kernels.ops.chain_linear.triton_kernels",
     "colm_kernels.ops.chain_swiglu.triton_kernels",
     "colm_kernels.ops.chain_attention.triton_kernels",
     "colm_kernels.ops.chain_attention_decode.triton_kernels",
 )
-
-COMPILED = []  # dicts: kernel, module, num_warps, num_stages, shared, constexprs
-FAILURES = []  # strings
-
-
-# ----------------------------------------------------------------------------------------------
-# Fake driver: target sm_90, dummy device / stream, compile-only "benchmark"
-# ----------------------------------------------------------------------------------------------
-def _compile_only_bench(kernel_call, quantiles=None, **_):
-    kernel_call()  # compiles (the launch itself is stubbed); distinct timings are irrelevant
-    return [1.0, 1.0, 1.0] if quantiles else 1.0
-
-
-class _Utils:
-    def get_device_properties(self, device):
-        return {"max_shared_mem": H100_MAX_SHARED, "multiprocessor_count": 132, "max_num_regs": 65536,
-                "warpSize": 32, "sm_clock_rate": 1, "mem_clock_rate": 1, "mem_bus_width": 1}
-
-    def load_binary(self, *args, **kwargs):
-        raise RuntimeError("sm90_compile_check: nothing may be loaded on a device")
-
-
-class Sm90CompileOnlyDriver(DriverBase):
-    @classmethod
-    def is_active(cls):
-        return False
-
-    def __init__(self):
-        self.utils = _Utils()
-
-    def get_current_target(self):
-        return TARGET
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def get_current_device(self):
-        return 0
-
-    def set_current_device(self, device):
-        pass
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_device_interface(self):
-        raise RuntimeError("sm90_compile_check: no device interface")
-
-    def get_benchmarker(self):
-        return _compile_only_bench
-
-    def get_empty_cache_for_benchmark(self):
-        return torch.empty(1)
-
-    def clear_cache(self, cache):
-        pass
-
-    def map_python_to_cpp_type(self, ty):
-        raise NotImplementedError
-
-
-class _NoLaunch:
-    """Stands in for the loaded ``CompiledKernel``: ``JITFunction.run`` launches through it."""
-
-    function = None
-    packed_metadata = None
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-        self.metadata = compiled.metadata
-
-    def launch_metadata(self, *args, **kwargs):
-        return None
-
-    def run(self, *args, **kwargs):
-        pass
-
-
-_real_compile = _tc.compile
-
-
-def _compile_for_sm90(src, target=None, options=None, _env_vars=None):
-    fn = getattr(src, "fn", None)
-    name = getattr(fn, "__name__", repr(src))
-    module = getattr(fn, "module", getattr(fn, "__module__", "?"))
-    consts = {".".join(map(str, k)) if isinstance(k, tuple) else str(k): v
-              for k, v in getattr(src, "constants", {}).items()}
-    opts = dict(options or {})
-    tag = f"{module}.{name} warps={opts.get('num_warps')} stages={opts.get('num_stages')} {consts}"
-    if target != TARGET:
-        FAILURES.append(f"{tag}: compiled for {target}, expected {TARGET}")
-    t0 = time.time()
-    try:
-        ck = _real_compile(src, target=TARGET, options=options)
-    except Exception as e:  # noqa: BLE001  (autotune would swallow PTXASError / OutOfResources)
-        FAILURES.append(f"{tag}: {type(e).__name__}: {e}")
-        raise
-    shared = int(ck.metadata.shared)
-    if shared > H100_MAX_SHARED:
-        FAILURES.append(f"{tag}: needs {shared} B of shared memory > {H100_MAX_SHARED} (H100)")
-    if "cubin" not in ck.asm:
-        FAILURES.append(f"{tag}: no cubin produced")
-    COMPILED.append(dict(kernel=name, module=module, num_warps=opts.get("num_warps"),
-                         num_stages=opts.get("num_stages"), shared=shared,
-                         seconds=round(time.time() - t0, 2)))
-    return _NoLaunch(ck)
-
-
-# Autotuned kernels: every config surviving ``early_config_prune`` is compiled, unless a case asks
-# for the reduced sweep (the first config and the one with the largest tiles), used where a full
-# sweep of the same kernels already ran for another dtype.
-SWEEP = {"full": True}
-
-
-def _tile_size(cfg):
-    blocks = 1
-    for k, v in cfg.kwargs.items():
-        if k.startswith("BLOCK_") and isinstance(v, int):
-            blocks *= v
-    return (blocks * max(1, cfg.num_stages or 1), cfg.num_warps or 0)
-
-
-def _install_autotune_sweep():
-    from triton.runtime.autotuner import Autotuner
-    real_prune = Autotuner.prune_configs
-
-    def prune_configs(self, kwargs):
-        configs = real_prune(self, kwargs)
-        if SWEEP["full"] or len(configs) <= 2:
-            return configs
-        largest = max(configs, key=_tile_size)
-        return [configs[0]] + ([largest] if largest is not configs[0] else [])
-
-    Autotuner.prune_configs = prune_configs
-
-
-def install():
-    _driver.set_active(Sm90CompileOnlyDriver())
-    _install_autotune_sweep()
-    _tc.compile = _compile_for_sm90  # JITFunction.create_binder imports it from triton.compiler
-    import triton.compiler.compiler as _tcc
-    _tcc.compile = _compile_for_sm90
+FAILURES = sm90.FAILURES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,20 +183,21 @@ def discover_kernels():
 
 def main(argv):
     only = argv[1] if len(argv) > 1 else None
-    install()
+    sm90.install()
     t0 = time.time()
     for label, fn, args, full in cases():
         if only and only not in label:
             continue
-        SWEEP["full"] = full
+        sm90.full_sweep(full)
+        sm90.set_label(label)
         t = time.time()
-        n = len(COMPILED)
+        n = len(sm90.COMPILED)
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001
             FAILURES.append(f"{label}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}")
-        print(f"[sm90] {label}: {len(COMPILED) - n} kernels in {time.time() - t:.1f}s", flush=True)
-    compiled_names = {c["kernel"] for c in COMPILED}
+        print(f"[sm90] {label}: {len(sm90.COMPILED) - n} kernels in {time.time() - t:.1f}s", flush=True)
+    compiled_names = {c.kernel for c in sm90.COMPILED}
     launched = discover_kernels()
     missing = {}
     for m in KERNEL_MODULES:
@@ -361,15 +209,17 @@ def main(argv):
     if missing:
         FAILURES.append(f"kernels never compiled: {missing}")
     per_kernel = {}
-    for c in COMPILED:
-        per_kernel.setdefault(c["kernel"], []).append(
-            f"w{c['num_warps']}s{c['num_stages']} smem={c['shared']}")
+    for c in sm90.COMPILED:
+        per_kernel[c.kernel] = per_kernel.get(c.kernel, 0) + 1
+        print(f"[sm90] {c.kernel:<40} {c.config:<44} regs={c.registers:<3} spill={c.spill_bytes:<5} "
+              f"smem={c.shared:<6} {c.mma:<8} blocks/SM={c.resident_blocks} ({c.label})", flush=True)
     for f in FAILURES:
         print("[sm90] FAIL", f, flush=True)
-    summary = dict(compiled=len(COMPILED), failures=len(FAILURES), seconds=round(time.time() - t0, 1),
-                   modules=sorted({c["module"] for c in COMPILED}),
+    summary = dict(compiled=len(sm90.COMPILED), failures=len(FAILURES), seconds=round(time.time() - t0, 1),
+                   modules=sorted({c.module for c in sm90.COMPILED}),
                    kernel_modules={m: sorted(v) for m, v in sorted(launched.items())},
-                   kernels={k: len(v) for k, v in sorted(per_kernel.items())})
+                   kernels=dict(sorted(per_kernel.items())),
+                   configs=sm90.kernel_table())
     print("SM90_COMPILE_SUMMARY " + json.dumps(summary), flush=True)
     return 1 if FAILURES else 0
 

@@ -353,7 +353,8 @@ def test_chain_linear_validation_bwd():
 def test_shared_helpers():
     import triton
 
-    from colm_kernels._triton.utils import int64_table, make_gemm_pruner, table_aligned, tile_count
+    from colm_kernels._triton.utils import (gemm_waste, int64_table, make_gemm_pruner,
+                                            register_gemm_layout, table_aligned, tile_count)
 
     t = int64_table([[1, 2, 3], [4, 5, 6]], "cpu")
     assert t.dtype == torch.int64 and t.tolist() == [[1, 2, 3], [4, 5, 6]]
@@ -364,15 +365,31 @@ def test_shared_helpers():
     assert table_aligned([0, 64], [8, 16], 2) and not table_aligned([0, 66], [8], 2)
     assert not table_aligned([0], [4], 2) and table_aligned([0], [4], 4)
 
-    cfgs = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
-    prune = make_gemm_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "X")
-    out = prune(cfgs, {"X": torch.zeros(1, dtype=torch.float16), "MAX_N": 24, "MAX_K": 40})
-    got = sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in out)
-    assert got == [(64, 32, 64, 4), (128, 32, 64, 8)]  # clamped to 32 / 64, duplicates merged
+    def cfg(bm, bn, bk, w, s):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+
+    def kept(out):
+        return sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in out)
+
+    cfgs = [cfg(128, 256, 64, 8, 3), cfg(128, 128, 64, 8, 3), cfg(64, 64, 64, 4, 4)]
+    prune = make_gemm_pruner("X")
+    fp16, fp32 = torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.float32)
+    small = register_gemm_layout(101, ("BLOCK_N", "BLOCK_K"), [(24, 24), (16, 40)])  # widths 24/16, P 24/40
+    out = prune(cfgs, {"X": fp16, "LAYOUT_KEY": small, "ALIGN": 8})
+    assert kept(out) == [(64, 32, 64, 4), (128, 32, 64, 8)]  # clamped to 32 / 64, duplicates merged
+    # unaligned: operands staged through registers, only small per-thread footprints stay
+    out = prune(cfgs, {"X": fp16, "LAYOUT_KEY": small, "ALIGN": 1})
+    # per thread and stage (128*64 + 64*32) / 256 = 40 and (64*64 + 64*32) / 128 = 48 elements: kept
+    assert kept(out) == [(64, 32, 64, 4), (128, 32, 64, 8)]
+    wide = register_gemm_layout(104, ("BLOCK_N", "BLOCK_K"), [(64, 128)])
+    out = prune([cfg(128, 64, 64, 4, 4), cfg(128, 64, 32, 4, 4)], {"X": fp16, "LAYOUT_KEY": wide, "ALIGN": 1})
+    assert kept(out) == [(128, 64, 32, 4)]  # 128x64x64 over 4 warps stages 96 elements: spilled
     # fp32 tiles of 128x256x64 with 3 stages overflow shared memory and are dropped
-    out = prune(cfgs, {"X": torch.zeros(1, dtype=torch.float32), "MAX_N": 4096, "MAX_K": 4096})
+    big = register_gemm_layout(102, ("BLOCK_N", "BLOCK_K"), [(4096, 4096)])
+    out = prune(cfgs, {"X": fp32, "LAYOUT_KEY": big, "ALIGN": 4})
     assert all(c.kwargs["BLOCK_N"] != 256 for c in out) and len(out) == 2
+    # widths that 256 does not divide: the 256-wide tile wastes MMA work, 128 does not
+    odd = register_gemm_layout(103, ("BLOCK_N", "BLOCK_K"), [(384, 384), (384, 768)])
+    assert gemm_waste(("BLOCK_N", "BLOCK_K"), [(384, 384)], {"BLOCK_N": 256, "BLOCK_K": 64}) == 512 / 384
+    out = prune(cfgs, {"X": fp16, "LAYOUT_KEY": odd, "ALIGN": 8})
+    assert kept(out) == [(64, 64, 64, 4), (128, 128, 64, 8)]

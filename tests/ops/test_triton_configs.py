@@ -11,7 +11,7 @@ import torch
 import triton
 
 import colm_kernels as ck
-from colm_kernels._triton.utils import autotuned_kernels, force_config
+from colm_kernels._triton.utils import autotuned_kernels, force_config, register_gemm_layout
 from colm_kernels.ops.chain_attention import triton_kernels as _attention  # noqa: F401  (registers)
 from colm_kernels.ops.chain_linear import triton_kernels as _linear
 from colm_kernels.ops.chain_swiglu import triton_kernels as _swiglu  # noqa: F401
@@ -75,7 +75,8 @@ def test_autotune_switch_and_forced_config_narrow_the_pruned_list(monkeypatch):
     prune = _linear._chain_linear_fwd_kernel.early_config_prune
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2)
                for bm in (32, 64, 128)]
-    args = {"X": torch.empty(1, 1, dtype=torch.float16), "MAX_N": 512, "MAX_K": 512}
+    key = register_gemm_layout(201, ("BLOCK_N", "BLOCK_K"), [(512, 512)])
+    args = {"X": torch.empty(1, 1, dtype=torch.float16), "LAYOUT_KEY": key, "ALIGN": 8}
 
     def block_m(kept):
         return [c.kwargs["BLOCK_M"] for c in kept]

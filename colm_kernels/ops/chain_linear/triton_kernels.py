@@ -57,6 +57,7 @@ from colm_kernels._triton.utils import (
     load_int,
     load_ptr,
     make_gemm_pruner,
+    register_gemm_layout,
     mma,
     segment_tile_count,
     small_tiles,
@@ -76,13 +77,13 @@ _INT32_MAX = 2**31 - 1
 @autotune(
     configs=gemm_configs(),
     key=["LAYOUT_KEY", "ALIGN"],
-    prune=make_gemm_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "X"),
+    prune=make_gemm_pruner("X"),
 )
-@triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_N", "MAX_K"])
+@triton.jit(do_not_specialize=["LAYOUT_KEY"])
 def _chain_linear_fwd_kernel(
     X, Y, TBL,
     M, stride_xm, stride_ym,
-    LAYOUT_KEY, MAX_N, MAX_K,  # autotune key / pruning only
+    LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
     NUM_CHAINS: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -131,13 +132,13 @@ def _chain_linear_fwd_kernel(
 @autotune(
     configs=gemm_configs(),
     key=["LAYOUT_KEY", "ALIGN"],
-    prune=make_gemm_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "DY"),
+    prune=make_gemm_pruner("DY"),
 )
-@triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_N", "MAX_K"])
+@triton.jit(do_not_specialize=["LAYOUT_KEY"])
 def _chain_linear_bwd_dx_kernel(
     DY, DX, TBL, SEG,
     M, stride_dym, stride_dxm,
-    LAYOUT_KEY, MAX_N, MAX_K,  # autotune key / pruning only
+    LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
     NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -185,13 +186,13 @@ def _chain_linear_bwd_dx_kernel(
 @autotune(
     configs=gemm_configs(),
     key=["LAYOUT_KEY", "ALIGN"],
-    prune=make_gemm_pruner({"BLOCK_M": "MAX_M", "BLOCK_N": "MAX_N"}, "X"),
+    prune=make_gemm_pruner("X"),
 )
-@triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_M", "MAX_N"])
+@triton.jit(do_not_specialize=["LAYOUT_KEY"])
 def _chain_linear_bwd_dw_kernel(
     DY, X, TBL,
     M, stride_dym, stride_xm,
-    LAYOUT_KEY, MAX_M, MAX_N,  # autotune key / pruning only
+    LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
     NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -264,6 +265,13 @@ def _layout_key(*parts) -> int:
     """A stable int (same in every process) for the autotune cache: chain layout and dims, never
     the token count."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=7).digest(), "little")
+
+
+def fwd_layout_key(kind: str, ds: Sequence[int], ps: Sequence[int], *extra) -> int:
+    """Autotune key of a forward-shaped GEMM (tiles of d_i along BLOCK_N, K loop over P_i), its
+    layout registered for the pruner. Shared with the SwiGLU forward."""
+    key = _layout_key(kind, tuple(ds), tuple(ps), *extra)
+    return register_gemm_layout(key, ("BLOCK_N", "BLOCK_K"), zip(ds, ps))
 
 
 def _check_weights(weights, name: str = "weights", *, dtype=None, device=None):
@@ -373,7 +381,7 @@ def chain_linear_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor],
         _chain_linear_fwd_kernel[grid](
             x, y, tbl,
             M, x.stride(0), y.stride(0),
-            _layout_key("fwd", tuple(ds), tuple(ps), has_bias), max(ds), ps[-1],
+            fwd_layout_key("fwd", ds, ps, has_bias),
             NUM_CHAINS=n, HAS_BIAS=has_bias, ALIGN=_align(aligned, es),
         )
     return y
@@ -413,7 +421,10 @@ def chain_linear_bwd_dx(dy: torch.Tensor, weights: Sequence[torch.Tensor], in_fe
         _chain_linear_bwd_dx_kernel[grid](
             dy, dx, tbl, seg,
             M, dy.stride(0), dx.stride(0),
-            _layout_key("dx", tuple(ds), tuple(ps), in_features), max(seg_width), max(ds),
+            register_gemm_layout(
+                _layout_key("dx", tuple(ds), tuple(ps), in_features), ("BLOCK_N", "BLOCK_K"),
+                # segment j is summed over the chains i >= j (the zero tail: no product)
+                [(seg_width[j], ds[i]) for j in range(n) for i in range(j, n)]),
             NUM_CHAINS=n, ALIGN=_align(aligned, es),
         )
     return dx
@@ -473,7 +484,8 @@ def chain_linear_bwd_dw(
             _chain_linear_bwd_dw_kernel[grid](
                 dy, x, tbl,
                 M, dy.stride(0), x.stride(0),
-                _layout_key("dw", tuple(a_d), tuple(a_p), tuple(a_o)), max(a_d), max(a_p),
+                register_gemm_layout(_layout_key("dw", tuple(a_d), tuple(a_p), tuple(a_o)),
+                                     ("BLOCK_M", "BLOCK_N"), zip(a_d, a_p)),
                 NUM_CHAINS=len(active), ALIGN=_align(aligned, es),
             )
 

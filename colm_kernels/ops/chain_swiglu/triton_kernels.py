@@ -46,7 +46,6 @@ import triton
 import triton.language as tl
 
 from colm_kernels._triton.utils import (
-    SMEM_BUDGET,
     autotune,
     check_tensor,
     device_guard,
@@ -66,9 +65,9 @@ from colm_kernels._triton.utils import (
 from colm_kernels.ops.chain_linear.triton_kernels import (
     _align,
     _check_weights,
-    _layout_key,
     _offsets,
     _row_stride,
+    fwd_layout_key,
 )
 
 __all__ = [
@@ -104,24 +103,6 @@ def dual_gemm_configs() -> List[triton.Config]:
     return gemm_configs(_H100_DUAL_GEMM)
 
 
-def _make_dual_pruner(extent_args, dtype_arg, smem_budget: int = SMEM_BUDGET):
-    """The shared GEMM pruner (clamps blocks to the chain layout's extents, drops duplicates), then
-    drops configs whose x tile plus TWO weight tiles per stage overflow shared memory."""
-    shared = make_gemm_pruner(extent_args, dtype_arg, smem_budget)
-
-    def prune(configs, named_args, **kwargs):
-        es = {**named_args, **kwargs}[dtype_arg].element_size()
-
-        def smem(c):
-            kw = c.kwargs
-            return (kw["BLOCK_M"] + 2 * kw["BLOCK_N"]) * kw["BLOCK_K"] * es * max(1, c.num_stages)
-
-        out = shared(configs, named_args, **kwargs)
-        return [c for c in out if smem(c) <= smem_budget] or [min(out, key=smem)]
-
-    return prune
-
-
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -130,13 +111,14 @@ def _make_dual_pruner(extent_args, dtype_arg, smem_budget: int = SMEM_BUDGET):
 @autotune(
     configs=dual_gemm_configs(),
     key=["LAYOUT_KEY", "ALIGN", "STORE_GATES"],
-    prune=_make_dual_pruner({"BLOCK_N": "MAX_N", "BLOCK_K": "MAX_K"}, "X"),
+    # two accumulators; per stage one x tile and a W1 and a W3 tile
+    prune=make_gemm_pruner("X", n_acc=2, n_b=2),
 )
-@triton.jit(do_not_specialize=["LAYOUT_KEY", "MAX_N", "MAX_K"])
+@triton.jit(do_not_specialize=["LAYOUT_KEY"])
 def _chain_swiglu_fwd_kernel(
     X, H, G, TBL,
     M, stride_xm, stride_hm, stride_gm,
-    LAYOUT_KEY, MAX_N, MAX_K,  # autotune key / pruning only
+    LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
     NUM_CHAINS: tl.constexpr, STORE_GATES: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -291,7 +273,7 @@ def chain_swiglu_fwd(x: torch.Tensor, w1: Sequence[torch.Tensor], w3: Sequence[t
         _chain_swiglu_fwd_kernel[grid](
             x, h, gates if save_gates else h, tbl,
             M, x.stride(0), h.stride(0), gates.stride(0) if save_gates else 0,
-            _layout_key("swiglu_fwd", tuple(ds), tuple(ps)), max(ds), ps[-1],
+            fwd_layout_key("swiglu_fwd", ds, ps),
             NUM_CHAINS=n, STORE_GATES=save_gates, ALIGN=_align(aligned, es),
         )
     return h, gates
