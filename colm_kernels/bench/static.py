@@ -238,9 +238,10 @@ def _pass_flops(spec, flops: Dict[str, int], fwd_kernels: List[str]) -> int:
     return sum(flops.get(k, 0) for k in spec)
 
 
-def count_work(ops: List[str]) -> dict:
+def count_work(ops: List[str], all_configs: bool = True) -> dict:
     """Executed over useful MMA FLOPs per op and pass (this process must run the interpreter with
-    ``COLM_KERNELS_TILES=gpu``)."""
+    ``COLM_KERNELS_TILES=gpu``); with ``all_configs`` every config the pruners keep, else the
+    first (what ``COLM_KERNELS_AUTOTUNE=0`` runs)."""
     from .._triton.utils import small_tiles
     from .. import backends
 
@@ -252,7 +253,7 @@ def count_work(ops: List[str]) -> dict:
             if op not in ops:
                 continue
             try:
-                runs = _kept_config_runs(run)
+                runs = _kept_config_runs(run) if all_configs else [run()]
             except Exception as e:  # noqa: BLE001
                 failures.append(f"{op} {label}: {type(e).__name__}: {e}")
                 continue
@@ -419,7 +420,7 @@ def _main(argv: List[str]) -> int:
     if part == "compile":
         out = compile_default_shapes(ops)
     elif part == "work":
-        out = count_work(ops)
+        out = count_work(ops, all_configs=argv[3:] != ["first"])
     else:
         raise SystemExit(f"unknown part {part!r}")
     out["seconds"] = round(time.time() - t0, 1)
