@@ -12,6 +12,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import colm_kernels as ck  # noqa: E402
 from colm_kernels import models, reference  # noqa: E402
+from colm_kernels.backends import backend_unavailable_reason  # noqa: E402
 from colm_kernels.integrations.hf import (  # noqa: E402
     CoLMCache, CoLMForCausalLM, CoLMHFConfig, from_hf, from_llama, half_split_to_interleaved,
     interleaved_to_half_split, to_hf)
@@ -37,8 +38,9 @@ def _reference_backend():
         yield
 
 
-def colm(name, seed=0, n_layers=2):
-    chains, dim, n_kv, air, mapping = CONFIGS[name]
+def colm(name, seed=0, n_layers=2, dim=None):
+    chains, default_dim, n_kv, air, mapping = CONFIGS[name]
+    dim = dim or default_dim
     cfg = models.CoLMConfig(dim=dim, n_layers=n_layers, n_heads=sum(chains), n_kv_heads=n_kv, vocab_size=VOCAB,
                             chains=chains, ffn_hidden_dim=dim, rope_theta=10000.0, kv_sharing=air,
                             kv_mapping=mapping)
@@ -349,3 +351,22 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(tmp_path):
         "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}})
     with pytest.raises(ValueError, match="rope type 'linear'"):
         from_llama(llama.state_dict(), (4,), config=scaled)
+
+
+# -- the kernels ------------------------------------------------------------------------------------
+@pytest.mark.skipif(backend_unavailable_reason("triton") is not None, reason="the triton backend cannot run here")
+@pytest.mark.parametrize("name", ["C1.1.2-gqa", "C2.2-air-tile"])
+def test_triton_backend_runs_padded_prefill_and_per_sequence_decode(name):
+    """The ragged layouts on the Triton kernels (interpreter on CPU, float32): varlen prefill over
+    left-padded prompts, decode over a cache holding a prefix of the kv heads, per-sequence lengths."""
+    m = colm(name, n_layers=1, dim=64).float()  # head dim 16: the Triton kernels' smallest
+    hf = to_hf(m).eval()
+    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (3, 6)])
+    results = {}
+    for backend in ("reference", "triton"):
+        with ck.use_backend(backend):
+            logits = hf(ids, attention_mask=mask, use_cache=False).logits
+            tokens = gen(hf, ids, 3, attention_mask=mask, chain=1)
+        results[backend] = logits, tokens
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(results["triton"][1], results["reference"][1])

@@ -55,7 +55,7 @@ def test_registry_flavours_and_trainer_configs():
         assert {k: v.shape for k, v in model.state_dict().items()} == \
                {k: v.shape for k, v in reference.state_dict().items()}
     for name in ("colm_debugmodel", "colm_air_debugmodel", "colm_1b_c16x2", "colm_1b_c8x4",
-                 "colm_air_1b_c16x2", "colm_air_1b_c8x4"):
+                 "colm_air_1b_c16x2", "colm_air_1b_c8x4", "colm_air_1b_c16x2_tune"):
         cfg = getattr(config_registry, name)()
         assert isinstance(cfg, CoLMTrainer.Config) and isinstance(cfg.loss, MultiChainLoss.Config)
         assert cfg.parallelism.spmd_backend == "partial_dtensor"
@@ -64,6 +64,20 @@ def test_registry_flavours_and_trainer_configs():
         model_registry("2B")
     with pytest.raises(ValueError, match="n_kv_heads"):
         model_registry("debugmodel", n_kv_heads=3)
+
+
+def test_torchtitan_command_line_selects_and_overrides_a_colm_config(tmp_path, monkeypatch):
+    from torchtitan.config import ConfigManager
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ConfigManager().parse_args([
+        "--module", "colm_kernels.integrations.torchtitan", "--config", "colm_air_1b_c8x4",
+        "--training.steps", "20", "--loss.weights", "1", "0.5", "0.5", "1"])
+    assert isinstance(cfg, CoLMTrainer.Config) and cfg.model_spec.flavor == "1B_air_c8x4"
+    assert cfg.training.steps == 20 and cfg.loss.weights == [1.0, 0.5, 0.5, 1.0]
+    tune = ConfigManager().parse_args(["--module", "colm_kernels.integrations.torchtitan",
+                                       "--config", "colm_air_1b_c16x2_tune"])
+    assert tune.model_spec.model.freeze_chains == 1
 
 
 def test_update_from_config_rejects_what_colm_does_not_support():

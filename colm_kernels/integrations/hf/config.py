@@ -38,7 +38,8 @@ class CoLMHFConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.chains is None:
             self.chains = [self.num_attention_heads]  # one chain: a plain LLaMA
-        self.chains = [int(c) for c in self.chains] if isinstance(self.chains, (list, tuple)) else self.chains
+        if isinstance(self.chains, tuple):
+            self.chains = list(self.chains)  # JSON round trip: config.json stores a list
         if self.tie_word_embeddings:
             raise ValueError("CoLMHFConfig.tie_word_embeddings must be False: a CoLM's output head has "
                              "its own weights (the new chains' head columns start at zero)")

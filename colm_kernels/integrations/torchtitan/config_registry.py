@@ -67,3 +67,11 @@ def colm_air_1b_c16x2() -> CoLMTrainer.Config:
 
 def colm_air_1b_c8x4() -> CoLMTrainer.Config:
     return _paper_1b("1B_air_c8x4")
+
+
+def colm_air_1b_c16x2_tune() -> CoLMTrainer.Config:
+    """Chain tuning: a LLaMA-3.2-1B grown to CoLM-Air (16, 16) (``from_llama`` + ``save_pretrained``,
+    loaded with ``--checkpoint.initial_load_path DIR --checkpoint.initial_load_in_hf``) trains only its
+    new chain; the LLaMA's chain keeps its weights exactly."""
+    return _config("1B_air_c16x2", hf_assets_path="./assets/hf/Llama-3.2-1B", dataset="c4", lr=3e-4, batch=4,
+                   seq_len=8192, steps=10000, warmup=1000, freeze_chains=1)
