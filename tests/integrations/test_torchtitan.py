@@ -50,6 +50,7 @@ def test_registry_flavours_and_trainer_configs():
         assert spec.name == "colm" and spec.flavor == flavor and spec.state_dict_adapter is CoLMStateDictAdapter
         with torch.device("meta"):
             model = spec.model.build()
+        assert isinstance(model, CoLMTitanModel) and isinstance(model, models.CoLM)
         with torch.device("meta"):  # shapes only
             reference = models.CoLM(spec.model.colm_config())
         assert {k: v.shape for k, v in model.state_dict().items()} == \

@@ -8,8 +8,6 @@ selects. Flavours: ``debugmodel`` / ``debugmodel_air`` (tiny), and the paper's L
 """
 from __future__ import annotations
 
-import dataclasses
-
 from torchtitan.protocols.model_spec import ModelSpec
 
 from .loss import MultiChainLoss
