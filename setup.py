@@ -257,6 +257,10 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["matplotlib", "tqdm"],
+        # Pinned: the integrations follow these releases' APIs (transformers 5's `cache` argument,
+        # TorchTitan 0.3's Configurable model/trainer API); both install beside torch 2.13.
+        "hf": ["transformers==5.24.0", "safetensors==0.8.0"],
+        "torchtitan": ["torchtitan==0.3.0"],
     },
     entry_points={"console_scripts": ["colm-bench = colm_kernels.bench.cli:main"]},
     ext_modules=ext_modules,

@@ -1,7 +1,7 @@
 """``ChainTransformerBlock``: pre-norm LLaMA block built from chain modules."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
@@ -28,6 +28,14 @@ class ChainTransformerBlock(nn.Module):
         self.feed_forward = ChainFeedForward(config.dim, config.ffn_hidden_dim, chains)
         self.ffn_norm = ChainRMSNorm(config.dim, chains, config.norm_eps)
 
-    def forward(self, x: Tensor, chain=None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
-        h = x + self.attention(self.attention_norm(x, chain), chain, cache, layer)
+    def forward(self, x: Tensor, chain=None, cache: Optional[KVCache] = None, layer: int = 0,
+                attend: Optional[Callable] = None) -> Tensor:
+        """``attend(attention, x_normed, chain)``, when given, replaces ``self.attention(...)``: the
+        integrations (padded / packed batches, their own caches) run their attention layout through
+        the block's ``__call__``, so FSDP, activation-checkpointing and compile wrappers still fire."""
+        normed = self.attention_norm(x, chain)
+        if attend is None:
+            h = x + self.attention(normed, chain, cache, layer)
+        else:
+            h = x + attend(self.attention, normed, chain)
         return h + self.feed_forward(self.ffn_norm(h, chain), chain)
