@@ -219,8 +219,8 @@ def test_torch_ops_namespace_calls_equal_public_functions():
     x, w = randn(5, 8, gen=gen), randn(8, gen=gen)
     with ck.use_backend("reference"):
         public = ck.chain_rmsnorm(x, w, (1, 2, 1))
-    assert torch.equal(torch.ops.colm_kernels.chain_rmsnorm_reference(x, w, [0, 2, 6, 8], 1e-5), public)
+    assert torch.equal(torch.ops.colm_kernels.chain_rmsnorm_reference(x, w, [0, 2, 6, 8], 1e-5, None), public)
     blocks = chain_blocks(12, 8, (1, 2, 1), gen)
     with ck.use_backend("reference"):
         public = ck.chain_linear(x, blocks, None, (1, 2, 1))
-    assert torch.equal(torch.ops.colm_kernels.chain_linear_reference(x, blocks, []), public)
+    assert torch.equal(torch.ops.colm_kernels.chain_linear_reference(x, blocks, [], None), public)

@@ -142,8 +142,10 @@ def test_opcheck_and_compile():
           torch.randn(6, 40, device=DEVICE, requires_grad=True)]
     bs = [torch.randn(6, device=DEVICE, requires_grad=True), torch.randn(12, device=DEVICE, requires_grad=True),
           torch.randn(6, device=DEVICE, requires_grad=True)]
-    torch.library.opcheck(chain_linear_triton, (x, ws, bs))
-    torch.library.opcheck(chain_linear_triton, (x, ws, []))
+    torch.library.opcheck(chain_linear_triton, (x, ws, bs, None))
+    torch.library.opcheck(chain_linear_triton, (x, ws, [], None))
+    rows = torch.tensor([2, 0, 1] * 5 + [1, 2], dtype=torch.int32, device=DEVICE)  # per-row scales
+    torch.library.opcheck(chain_linear_triton, (x, ws, bs, rows))
     with ck.use_backend("triton"):
         compiled = torch.compile(lambda x: ck.chain_linear(x, ws, bs, (1, 2, 1)), fullgraph=True,
                                  backend="aot_eager")

@@ -306,12 +306,15 @@ def test_opcheck():
     w, b = _params(case, False, True, gen)
     ws, bs = _leaf(w, torch.float32), _leaf(b, torch.float32)
     x = torch.randn(17, case.k, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(chain_linear_cuda, (x, ws, bs))
-    torch.library.opcheck(chain_linear_cuda, (x, ws[:2], []))  # a prefix of chains, no bias
+    torch.library.opcheck(chain_linear_cuda, (x, ws, bs, None))
+    torch.library.opcheck(chain_linear_cuda, (x, ws[:2], [], None))  # a prefix of chains, no bias
+    rows = torch.randint(0, len(ws), (17,), device=DEVICE, dtype=torch.int32)
+    torch.library.opcheck(chain_linear_cuda, (x, ws, bs, rows))
     dy = torch.randn(17, case.out_features, device=DEVICE)
     wd = [v.detach() for v in ws]
-    torch.library.opcheck(chain_linear_cuda_bwd_dx, (dy, wd, case.k + 3))
-    torch.library.opcheck(chain_linear_cuda_bwd_dw, (dy, x.detach(), wd, [True, False, True], [False, True, True]))
+    torch.library.opcheck(chain_linear_cuda_bwd_dx, (dy, wd, case.k + 3, None))
+    torch.library.opcheck(chain_linear_cuda_bwd_dw, (dy, x.detach(), wd, [True, False, True], [False, True, True],
+                                                     None))
 
 
 def test_compile_fullgraph_matches_eager():

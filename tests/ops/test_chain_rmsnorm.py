@@ -112,9 +112,9 @@ def bwd_calls(monkeypatch):
     calls = []
     orig = kernels.chain_rmsnorm_bwd
 
-    def spy(dy, x2d, weight, rstd, offsets, needs_x, needs_weight):
+    def spy(dy, x2d, weight, rstd, offsets, needs_x, needs_weight, row_chains=None):
         calls.append((needs_x, needs_weight))
-        return orig(dy, x2d, weight, rstd, offsets, needs_x, needs_weight)
+        return orig(dy, x2d, weight, rstd, offsets, needs_x, needs_weight, row_chains)
 
     monkeypatch.setattr(kernels, "chain_rmsnorm_bwd", spy)
     return calls
@@ -187,14 +187,17 @@ def test_opcheck_triton_ops():
     offsets = [0, 10, 30, 40]
     x = torch.randn(17, 40, device=DEVICE, requires_grad=True)
     w = torch.randn(40, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(chain_rmsnorm_triton_fwd, (x, w, offsets, EPS))
+    torch.library.opcheck(chain_rmsnorm_triton_fwd, (x, w, offsets, EPS, None))
     wide = torch.randn(17, 45, device=DEVICE)[:, 2:42].requires_grad_(True)  # strided rows
-    torch.library.opcheck(chain_rmsnorm_triton_fwd, (wide, w, offsets, EPS))
-    _, rstd = chain_rmsnorm_triton_fwd(x.detach(), w.detach(), offsets, EPS)
+    torch.library.opcheck(chain_rmsnorm_triton_fwd, (wide, w, offsets, EPS, None))
+    rows = torch.tensor([2, 0, 1] * 5 + [1, 2], dtype=torch.int32, device=DEVICE)  # per-row scales
+    torch.library.opcheck(chain_rmsnorm_triton_fwd, (x, w, offsets, EPS, rows))
+    _, rstd = chain_rmsnorm_triton_fwd(x.detach(), w.detach(), offsets, EPS, None)
     dy = torch.randn(17, 40, device=DEVICE)
     for needs_x, needs_w in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(chain_rmsnorm_triton_bwd,
-                              (dy, x.detach(), w.detach(), rstd, offsets, needs_x, needs_w))
+        for r in (None, rows):
+            torch.library.opcheck(chain_rmsnorm_triton_bwd,
+                                  (dy, x.detach(), w.detach(), rstd, offsets, needs_x, needs_w, r))
 
 
 def test_compile_fullgraph_matches_eager(monkeypatch):

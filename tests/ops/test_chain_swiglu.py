@@ -206,13 +206,13 @@ def launches(monkeypatch):
         calls["dx"] += 1
         return dx_fn(*args, **kwargs)
 
-    def dw(dy, x, weights, needs_weight, needs_bias):
+    def dw(dy, x, weights, needs_weight, needs_bias, row_chains=None):
         calls["dw"].append((list(needs_weight), list(needs_bias)))
-        return dw_fn(dy, x, weights, needs_weight, needs_bias)
+        return dw_fn(dy, x, weights, needs_weight, needs_bias, row_chains)
 
-    def fwd(x, w1, w3, save_gates):
+    def fwd(x, w1, w3, save_gates, row_chains=None):
         calls["save_gates"].append(save_gates)
-        return fwd_fn(x, w1, w3, save_gates)
+        return fwd_fn(x, w1, w3, save_gates, row_chains)
 
     monkeypatch.setattr(lin, "chain_linear_bwd_dx", dx)
     monkeypatch.setattr(lin, "chain_linear_bwd_dw", dw)
@@ -273,7 +273,7 @@ def test_validation_names_the_argument(backend):
             ck.chain_swiglu(x, w, torch.randn(48, 40), chains)
         with pytest.raises(ValueError, match="w1 and w3 layouts differ"):
             ck.chain_swiglu(x, torch.randn(24, 20), torch.randn(24, 40), chains)
-        with pytest.raises(ValueError, match=r"w3\[1\] must have shape"):
+        with pytest.raises(ValueError, match=r"w3\[1\] must be \(12, 30\), got \(12, 28\)"):
             ck.chain_swiglu(x, blocks, [blocks[0], blocks[1][:, :-2], blocks[2]], chains)
         with pytest.raises(ValueError, match=r"w1 must hold one block per chain"):
             ck.chain_swiglu(x, blocks[:2], blocks, chains)
@@ -342,10 +342,12 @@ def test_opcheck_triton_ops():
     x = torch.randn(17, 40, device=DEVICE, requires_grad=True)
     w1 = [t.to(DEVICE).requires_grad_(True) for t in _blocks(torch.randn(24, 40) / 6, (1, 2, 1))]
     w3 = [t.to(DEVICE).requires_grad_(True) for t in _blocks(torch.randn(24, 40) / 6, (1, 2, 1))]
-    torch.library.opcheck(chain_swiglu_triton_fwd, (x, w1, w3, True))
-    torch.library.opcheck(chain_swiglu_triton_fwd, (x, w1[:2], w3[:2], True))  # a prefix of chains
+    torch.library.opcheck(chain_swiglu_triton_fwd, (x, w1, w3, True, None))
+    torch.library.opcheck(chain_swiglu_triton_fwd, (x, w1[:2], w3[:2], True, None))  # a prefix of chains
     torch.library.opcheck(chain_swiglu_triton_fwd, (x.detach(), [w.detach() for w in w1],
-                                                    [w.detach() for w in w3], False))
+                                                    [w.detach() for w in w3], False, None))
+    rows = torch.tensor([2, 0, 1] * 5 + [1, 2], dtype=torch.int32, device=DEVICE)  # per-row scales
+    torch.library.opcheck(chain_swiglu_triton_fwd, (x, w1, w3, True, rows))
     gates = torch.randn(17, 48, device=DEVICE)
     dh = torch.randn(17, 24, device=DEVICE)
     torch.library.opcheck(chain_swiglu_triton_bwd_gates, (dh, gates, [6, 12, 6]))
@@ -393,7 +395,8 @@ def test_opcheck_reference_op():
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     w1 = [t.requires_grad_(True) for t in _blocks(torch.randn(8, 12, dtype=torch.float64), (1, 2, 1))]
     w3 = [t.requires_grad_(True) for t in _blocks(torch.randn(8, 12, dtype=torch.float64), (1, 2, 1))]
-    torch.library.opcheck(chain_swiglu_reference, (x, w1, w3))
+    torch.library.opcheck(chain_swiglu_reference, (x, w1, w3, None))
+    torch.library.opcheck(chain_swiglu_reference, (x, w1, w3, torch.tensor([0, 2, 1, 1, 2], dtype=torch.int32)))
 
 
 # ----------------------------------------------------------------------------------------------

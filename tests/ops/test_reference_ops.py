@@ -519,15 +519,17 @@ def test_opcheck_chain_linear_reference(gen):
     x = randn(5, in_f, gen=gen, requires_grad=True)
     ws = chain_blocks(out_f, in_f, chains, gen, requires_grad=True)
     bs = [randn(d, gen=gen, requires_grad=True) for d in widths(out_f, chains)]
-    _opcheck(chain_linear_reference, (x, ws, bs))
-    _opcheck(chain_linear_reference, (x, ws[:2], []))  # a prefix of chains, no bias
+    _opcheck(chain_linear_reference, (x, ws, bs, None))
+    _opcheck(chain_linear_reference, (x, ws[:2], [], None))  # a prefix of chains, no bias
+    _opcheck(chain_linear_reference, (x, ws, bs, torch.tensor([2, 0, 1, 1, 2], dtype=torch.int32)))
     assert torch.ops.colm_kernels.chain_linear_reference.default is not None
 
 
 def test_opcheck_chain_rmsnorm_reference(gen):
     x = randn(5, 8, gen=gen, requires_grad=True)
     w = (1 + 0.3 * randn(8, gen=gen)).requires_grad_(True)
-    _opcheck(chain_rmsnorm_reference, (x, w, [0, 2, 6, 8], 1e-5))
+    _opcheck(chain_rmsnorm_reference, (x, w, [0, 2, 6, 8], 1e-5, None))
+    _opcheck(chain_rmsnorm_reference, (x, w, [0, 2, 6, 8], 1e-5, torch.tensor([2, 0, 1, 1, 2], dtype=torch.int32)))
     assert torch.ops.colm_kernels.chain_rmsnorm_reference.default is not None
 
 

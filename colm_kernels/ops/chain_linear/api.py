@@ -13,13 +13,14 @@ from ... import backends
 from ...chains import ChainsLike, as_chains
 from .._checks import check_like, check_tensor, unit_last_dim
 from .._library import register_reference_op
+from .._rows import row_chains as _row_chains
 from . import reference
 
 OP = "chain_linear"
-SCHEMA = "(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor"
+SCHEMA = "(Tensor x, Tensor[] weights, Tensor[] biases, Tensor? row_chains) -> Tensor"
 
 
-def _fake(x, weights, biases):
+def _fake(x, weights, biases, row_chains):
     return x.new_empty(reference.chain_linear_out_shape(x, weights))
 
 
@@ -142,7 +143,8 @@ def unit_stride(tensors: list[Tensor]) -> list[Tensor]:
     return [unit_last_dim(t) for t in tensors]
 
 
-def chain_linear(x: Tensor, weight, bias, chains: ChainsLike, chain=None) -> Tensor:
+def chain_linear(x: Tensor, weight, bias, chains: ChainsLike, chain=None, *, seq_chains=None,
+                 check_values: bool = True) -> Tensor:
     """Chain-of-Linear: ``y_i = x[..., :P_i_in] @ W_i^T + b_i`` for the active chains ``0..chain``.
 
     Args:
@@ -151,14 +153,22 @@ def chain_linear(x: Tensor, weight, bias, chains: ChainsLike, chain=None) -> Ten
             ``W_i`` of shape ``(d_i_out, P_i_in)``.
         bias: None, an ``(out,)`` Tensor or a list of per-chain ``(d_i_out,)`` Tensors.
         chains: the chain configuration; ``chain``: last active chain (None: all).
+        seq_chains: elastic batches: an integer tensor whose shape is a prefix of ``x``'s leading
+            dims (``(B,)`` per sequence, or the whole leading shape per token), the last active
+            chain of each row, at most ``chain``. A row's outputs beyond its scale are exact zeros
+            and pass no gradient; kernels skip that work.
+        check_values: check ``seq_chains``' values on the host (one sync); pass False where the
+            caller guarantees them.
 
     Returns ``(..., P_(chain+1)_out)``: the first active-width output features.
     """
     check_tensor("x", x, min_ndim=1)
     weights, biases = split_weight(weight, bias, chains, chain)
     check_like("x", x, weight=weights[0])
+    rows = _row_chains(seq_chains, x, len(weights) - 1, check_values)
     x2 = as_rows(x, weights[-1].shape[1])
     weights, biases = unit_stride(weights), unit_stride(biases)
-    op = backends.dispatch(OP, [x2, *weights, *biases], x=x2, weights=weights, biases=biases)
-    y = op(x2, weights, biases)
+    tensors = [x2, *weights, *biases] + ([rows] if rows is not None else [])
+    op = backends.dispatch(OP, tensors, x=x2, weights=weights, biases=biases, row_chains=rows)
+    y = op(x2, weights, biases, rows)
     return y.reshape(*x.shape[:-1], y.shape[-1])

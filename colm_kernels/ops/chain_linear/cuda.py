@@ -15,7 +15,7 @@ chain_linear_cuda_bwd_dx = _ops.bwd_dx
 chain_linear_cuda_bwd_dw = _ops.bwd_dw
 
 
-def not_supported_reasons(x: Tensor, weights, biases) -> list[str]:
+def not_supported_reasons(x: Tensor, weights, biases, row_chains=None) -> list[str]:
     """Why the cuda backend cannot run these inputs (empty when it can)."""
     reasons = []
     reason = kernels.missing_reason()

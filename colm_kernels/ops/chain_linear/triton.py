@@ -14,5 +14,5 @@ chain_linear_triton_bwd_dx = _ops.bwd_dx
 chain_linear_triton_bwd_dw = _ops.bwd_dw
 
 
-def not_supported_reasons(x: Tensor, weights, biases) -> list[str]:
+def not_supported_reasons(x: Tensor, weights, biases, row_chains=None) -> list[str]:
     return interpreter_dtype_reasons(x.dtype)

@@ -28,6 +28,13 @@ Tiles (structurally zero tiles are never launched; no tile straddles a chain bou
   Chains that need no gradient (frozen chain tuning) are left out of the grid.
 - bias grad: (chain i needing it, BLOCK_N tile of d_i), a column sum over M.
 
+Elastic rows (``row_chains``, one scale per row; ``ROWS`` constexpr): the launchers sort the rows
+by decreasing scale (``ORDER``, int32 row indices) and count, per block, the rows whose scale
+reaches its chain (``COUNTS``): those are a prefix of the sorted order. Every M index of the
+kernels below is then a position in that order, read and written through ``ORDER``; a tile (or
+K step over rows) past its chain's count runs no MMA and writes exact zeros, and partial tiles
+mask the rows beyond it. So a mixed batch executes about the FLOPs of one batch per scale.
+
 Alignment: when every table pointer is 16-byte aligned and every width, offset and row stride is a
 multiple of 16 bytes (``ALIGN`` = elements per 16 B, else 1), kernels hint it so loads vectorise
 and pipeline (cp.async + wgmma on sm_90); otherwise they stay correct but run unpipelined.
@@ -53,6 +60,7 @@ from colm_kernels._triton.utils import (
     find_segment,
     gemm_configs,
     grouped_tile,
+    int32_table,
     int64_table,
     load_int,
     load_ptr,
@@ -73,6 +81,30 @@ _INT32_MAX = 2**31 - 1
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _rows(ORDER, COUNTS, block, pos, M, ROWS: tl.constexpr):
+    """(row index, whether the row uses ``block``'s chain) of sorted positions ``pos``: the row
+    itself without ``ROWS``; else ``ORDER[pos]``, active for the first ``COUNTS[block]``."""
+    valid = pos < M
+    if ROWS:
+        row = tl.load(ORDER + pos, mask=valid, other=0)
+        used = pos < tl.load(COUNTS + block)
+    else:
+        row = pos
+        used = valid
+    return row.to(tl.int64), used & valid
+
+
+@triton.jit
+def _rows_used(COUNTS, block, M, ROWS: tl.constexpr):
+    """How many sorted positions use ``block``'s chain (all ``M`` without ``ROWS``)."""
+    if ROWS:
+        n = tl.load(COUNTS + block)
+    else:
+        n = M
+    return n
+
+
 # Forward table rows (each NUM_CHAINS long): 0 W ptr, 1 d_i, 2 P_i, 3 W row stride, 4 o_i, 5 b ptr.
 @autotune(
     configs=gemm_configs(),
@@ -81,10 +113,10 @@ _INT32_MAX = 2**31 - 1
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY"])
 def _chain_linear_fwd_kernel(
-    X, Y, TBL,
+    X, Y, TBL, ORDER, COUNTS,
     M, stride_xm, stride_ym,
     LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
-    NUM_CHAINS: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr,
+    NUM_CHAINS: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     ELEM: tl.constexpr = X.dtype.element_ty
@@ -101,18 +133,21 @@ def _chain_linear_fwd_kernel(
     stride_w = load_int(TBL + 3 * NUM_CHAINS, chain, ALIGN).to(tl.int64)
     o = load_int(TBL + 4 * NUM_CHAINS, chain, ALIGN)
 
-    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm, used = _rows(ORDER, COUNTS, chain, pos, M, ROWS)
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
+    m_ok = pos < M
     n_ok = rn < d
-    x_ptrs = X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
+    x_ptrs = X + rm[:, None] * stride_xm + rk[None, :]
     w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_w + rk[:, None]  # W_i^T tile (BLOCK_K, BLOCK_N)
+    # a tile whose rows all stop before this chain runs no K loop (its outputs are zeros)
+    k_end = tl.where(tile_m * BLOCK_M < _rows_used(COUNTS, chain, M, ROWS), p, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, p, BLOCK_K):
+    for k in range(0, k_end, BLOCK_K):
         k_ok = rk < p - k
-        a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(x_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(a, b, acc)
         x_ptrs += BLOCK_K
@@ -122,8 +157,10 @@ def _chain_linear_fwd_kernel(
         b_ptr = load_ptr(TBL + 5 * NUM_CHAINS, chain, ELEM, ALIGN > 1)
         bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
+    if ROWS:
+        acc = tl.where(used[:, None], acc, 0.0)  # rows whose scale stops before this chain
 
-    y_ptrs = Y + rm.to(tl.int64)[:, None] * stride_ym + (o + rn)[None, :]
+    y_ptrs = Y + rm[:, None] * stride_ym + (o + rn)[None, :]
     tl.store(y_ptrs, acc.to(ELEM), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -136,10 +173,10 @@ def _chain_linear_fwd_kernel(
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY"])
 def _chain_linear_bwd_dx_kernel(
-    DY, DX, TBL, SEG,
+    DY, DX, TBL, SEG, ORDER, COUNTS,
     M, stride_dym, stride_dxm,
     LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
-    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr,
+    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     ELEM: tl.constexpr = DY.dtype.element_ty
@@ -153,31 +190,36 @@ def _chain_linear_bwd_dx_kernel(
     col0 = load_int(SEG, seg, ALIGN) + tile_n * BLOCK_N
     ncols = load_int(SEG + NUM_SEGS, seg, ALIGN) - tile_n * BLOCK_N
 
-    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm, _ = _rows(ORDER, COUNTS, 0, pos, M, ROWS)
     rc = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
+    m_ok = pos < M
     c_ok = rc < ncols
-    dy_rows = DY + rm.to(tl.int64)[:, None] * stride_dym
+    dy_rows = DY + rm[:, None] * stride_dym
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # chains i >= seg read these columns (segment NUM_CHAINS, past P_NC, has none: zeros).
+    # chains i >= seg read these columns (segment NUM_CHAINS, past P_NC, has none: zeros); with
+    # ROWS only the rows that reach chain i contribute (the others' dy_i is not an output).
     for i in range(seg, NUM_CHAINS):
         w_ptr = load_ptr(TBL, i, ELEM, ALIGN > 1)
         d = load_int(TBL + 1 * NUM_CHAINS, i, ALIGN)
         stride_w = load_int(TBL + 2 * NUM_CHAINS, i, ALIGN).to(tl.int64)
         o = load_int(TBL + 3 * NUM_CHAINS, i, ALIGN)
+        n_i = _rows_used(COUNTS, i, M, ROWS)
+        used = m_ok & (pos < n_i)
+        d_end = tl.where(tile_m * BLOCK_M < n_i, d, 0)
         dy_ptrs = dy_rows + (o + rk)[None, :]
         w_ptrs = w_ptr + rk.to(tl.int64)[:, None] * stride_w + (col0 + rc)[None, :]
-        for k in range(0, d, BLOCK_K):
+        for k in range(0, d_end, BLOCK_K):
             k_ok = rk < d - k
-            a = tl.load(dy_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(dy_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
             acc = mma(a, b, acc)
             dy_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_w
 
-    dx_ptrs = DX + rm.to(tl.int64)[:, None] * stride_dxm + (col0 + rc)[None, :]
+    dx_ptrs = DX + rm[:, None] * stride_dxm + (col0 + rc)[None, :]
     tl.store(dx_ptrs, acc.to(ELEM), mask=m_ok[:, None] & c_ok[None, :])
 
 
@@ -190,10 +232,10 @@ def _chain_linear_bwd_dx_kernel(
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY"])
 def _chain_linear_bwd_dw_kernel(
-    DY, X, TBL,
+    DY, X, TBL, ORDER, COUNTS,
     M, stride_dym, stride_xm,
     LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
-    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr,
+    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     ELEM: tl.constexpr = X.dtype.element_ty
@@ -212,19 +254,30 @@ def _chain_linear_bwd_dw_kernel(
     rk = tl.arange(0, BLOCK_K)
     d_ok = rd < d
     p_ok = rp < p
-    dy_ptrs = DY + rk.to(tl.int64)[None, :] * stride_dym + (o + rd)[:, None]  # dy_i^T tile (BLOCK_M, BLOCK_K)
-    x_ptrs = X + rk.to(tl.int64)[:, None] * stride_xm + rp[None, :]  # (BLOCK_K, BLOCK_N)
-    step_dy = tl.cast(stride_dym, tl.int64) * BLOCK_K
-    step_x = tl.cast(stride_xm, tl.int64) * BLOCK_K
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, M, BLOCK_K):
-        k_ok = rk < M - k
-        a = tl.load(dy_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(x_ptrs, mask=k_ok[:, None] & p_ok[None, :], other=0.0)
-        acc = mma(a, b, acc)
-        dy_ptrs += step_dy
-        x_ptrs += step_x
+    if ROWS:
+        # the K loop runs over the sorted rows that reach this chain, gathered through ORDER
+        n_rows = tl.load(COUNTS + chain)
+        for k in range(0, n_rows, BLOCK_K):
+            k_ok = rk < n_rows - k
+            rows = tl.load(ORDER + k + rk, mask=k_ok, other=0).to(tl.int64)
+            a = tl.load(DY + rows[None, :] * stride_dym + (o + rd)[:, None],
+                        mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(X + rows[:, None] * stride_xm + rp[None, :], mask=k_ok[:, None] & p_ok[None, :],
+                        other=0.0)
+            acc = mma(a, b, acc)
+    else:
+        dy_ptrs = DY + rk.to(tl.int64)[None, :] * stride_dym + (o + rd)[:, None]  # dy_i^T tile (BLOCK_M, BLOCK_K)
+        x_ptrs = X + rk.to(tl.int64)[:, None] * stride_xm + rp[None, :]  # (BLOCK_K, BLOCK_N)
+        step_dy = tl.cast(stride_dym, tl.int64) * BLOCK_K
+        step_x = tl.cast(stride_xm, tl.int64) * BLOCK_K
+        for k in range(0, M, BLOCK_K):
+            k_ok = rk < M - k
+            a = tl.load(dy_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(x_ptrs, mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+            acc = mma(a, b, acc)
+            dy_ptrs += step_dy
+            x_ptrs += step_x
 
     dw_ptrs = dw_ptr + rd.to(tl.int64)[:, None] * p + rp[None, :]
     tl.store(dw_ptrs, acc.to(ELEM), mask=d_ok[:, None] & p_ok[None, :])
@@ -233,8 +286,8 @@ def _chain_linear_bwd_dw_kernel(
 # Bias-grad table rows (one entry per chain that needs db): 0 db ptr, 1 d_i, 2 o_i.
 @triton.jit(do_not_specialize=["M"])
 def _chain_linear_bwd_db_kernel(
-    DY, TBL, M, stride_dym,
-    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr,
+    DY, TBL, ORDER, COUNTS, M, stride_dym,
+    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     ELEM: tl.constexpr = DY.dtype.element_ty
@@ -247,13 +300,13 @@ def _chain_linear_bwd_db_kernel(
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     n_ok = rn < d
-    dy_ptrs = DY + rm.to(tl.int64)[:, None] * stride_dym + (o + rn)[None, :]
-    step = tl.cast(stride_dym, tl.int64) * BLOCK_M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for m in range(0, M, BLOCK_M):
-        g = tl.load(dy_ptrs, mask=(rm < M - m)[:, None] & n_ok[None, :], other=0.0)
+    n_rows = _rows_used(COUNTS, chain, M, ROWS)  # sorted rows that reach this chain
+    for m in range(0, n_rows, BLOCK_M):
+        rows, used = _rows(ORDER, COUNTS, chain, m + rm, n_rows, ROWS)
+        g = tl.load(DY + rows[:, None] * stride_dym + (o + rn)[None, :], mask=used[:, None] & n_ok[None, :],
+                    other=0.0)
         acc += g.to(tl.float32)
-        dy_ptrs += step
     tl.store(db_ptr + rn, tl.sum(acc, axis=0).to(ELEM), mask=n_ok)
 
 
@@ -326,6 +379,25 @@ def _check_dy(dy, ds, dtype, device) -> None:
         )
 
 
+def row_plan(row_chains: Optional[torch.Tensor], blocks: Sequence[int], M: int, device):
+    """``(ROWS, ORDER, COUNTS)`` kernel arguments for per-row scales: the rows sorted by
+    decreasing scale (int32 indices, stable) and, per launched block, how many rows reach its
+    chain ``blocks[b]`` (a prefix of that order). No host sync. Without ``row_chains``:
+    ``(False, t, t)`` with a placeholder tensor the kernels never read."""
+    if row_chains is None:
+        placeholder = int32_table([[0]], device)
+        return False, placeholder, placeholder
+    if (not isinstance(row_chains, torch.Tensor) or row_chains.dtype != torch.int32
+            or tuple(row_chains.shape) != (M,) or row_chains.device != torch.device(device)):
+        raise ValueError(f"row_chains must be an int32 tensor of shape ({M},) on {device}, got "
+                         f"{getattr(row_chains, 'dtype', type(row_chains).__name__)} "
+                         f"{tuple(getattr(row_chains, 'shape', ()))}")
+    order = torch.argsort(row_chains, descending=True, stable=True).to(torch.int32)
+    chain_of = int32_table([list(blocks)], device)[0]
+    counts = (row_chains[None, :] >= chain_of[:, None]).sum(1, dtype=torch.int32)
+    return True, order, counts
+
+
 def _check_flags(flags, n: int, name: str) -> List[bool]:
     if isinstance(flags, (str, bytes, torch.Tensor)) or not isinstance(flags, Sequence):
         raise TypeError(f"{name} must be a sequence of {n} bools, got {type(flags).__name__}")
@@ -341,10 +413,13 @@ def _check_flags(flags, n: int, name: str) -> List[bool]:
 # Launchers
 # ----------------------------------------------------------------------------------------------
 def chain_linear_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor],
-                     biases: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+                     biases: Sequence[torch.Tensor] = (), row_chains: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
     """``y = cat_i(x[:, :P_i] @ W_i^T + b_i)``: x (M, K >= P_NC) -> y (M, sum d_i) in x.dtype.
 
-    ``biases`` is empty (no bias) or one ``(d_i,)`` tensor per chain.
+    ``biases`` is empty (no bias) or one ``(d_i,)`` tensor per chain. ``row_chains`` (int32
+    ``(M,)``): each row's scale; chain ``i``'s outputs are exact zeros in the rows whose scale is
+    smaller (no work done for them).
     """
     check_tensor("x", x, ndim=2)
     dtype, device, ds, ps = _check_weights(weights, dtype=x.dtype, device=x.device)
@@ -374,23 +449,27 @@ def chain_linear_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor],
     es = x.element_size()
     aligned = table_aligned(w_ptrs + (b_ptrs if has_bias else []), ds + ps + strides + offs, es)
 
+    rows, order, counts = row_plan(row_chains, range(n), M, device)
+
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * tile_count(ds, meta["BLOCK_N"]),)
 
     with device_guard(device):
         _chain_linear_fwd_kernel[grid](
-            x, y, tbl,
+            x, y, tbl, order, counts,
             M, x.stride(0), y.stride(0),
             fwd_layout_key("fwd", ds, ps, has_bias),
-            NUM_CHAINS=n, HAS_BIAS=has_bias, ALIGN=_align(aligned, es),
+            NUM_CHAINS=n, HAS_BIAS=has_bias, ALIGN=_align(aligned, es), ROWS=rows,
         )
     return y
 
 
-def chain_linear_bwd_dx(dy: torch.Tensor, weights: Sequence[torch.Tensor], in_features: int) -> torch.Tensor:
+def chain_linear_bwd_dx(dy: torch.Tensor, weights: Sequence[torch.Tensor], in_features: int,
+                        row_chains: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dx[:, chain j] = sum_{i >= j} dy_i @ W_i[:, chain j]``: dy (M, N) -> dx (M, in_features).
 
     Columns ``>= P_NC`` of dx are exact zeros (the forward's x may be wider than the chains read).
+    With ``row_chains`` a row's ``dy_i`` counts only where the row reaches chain i.
     """
     check_tensor("dy", dy, ndim=2)
     dtype, device, ds, ps = _check_weights(weights, dtype=dy.dtype, device=dy.device)
@@ -414,18 +493,20 @@ def chain_linear_bwd_dx(dy: torch.Tensor, weights: Sequence[torch.Tensor], in_fe
     es = dy.element_size()
     aligned = table_aligned(w_ptrs, ds + strides + offs + seg_start + seg_width, es)
 
+    rows, order, counts = row_plan(row_chains, range(n), M, device)
+
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * tile_count(seg_width, meta["BLOCK_N"]),)
 
     with device_guard(device):
         _chain_linear_bwd_dx_kernel[grid](
-            dy, dx, tbl, seg,
+            dy, dx, tbl, seg, order, counts,
             M, dy.stride(0), dx.stride(0),
             register_gemm_layout(
                 _layout_key("dx", tuple(ds), tuple(ps), in_features), ("BLOCK_N", "BLOCK_K"),
                 # segment j is summed over the chains i >= j (the zero tail: no product)
                 [(seg_width[j], ds[i]) for j in range(n) for i in range(j, n)]),
-            NUM_CHAINS=n, ALIGN=_align(aligned, es),
+            NUM_CHAINS=n, ALIGN=_align(aligned, es), ROWS=rows,
         )
     return dx
 
@@ -443,8 +524,10 @@ def chain_linear_bwd_dw(
     weights: Sequence[torch.Tensor],
     needs_weight_grad: Sequence[bool],
     needs_bias_grad: Sequence[bool],
+    row_chains: Optional[torch.Tensor] = None,
 ) -> Tuple[List[Optional[torch.Tensor]], List[Optional[torch.Tensor]]]:
-    """``dW_i = dy_i^T @ x[:, :P_i]`` and ``db_i = sum_m dy_i``, only for the chains that need them.
+    """``dW_i = dy_i^T @ x[:, :P_i]`` and ``db_i = sum_m dy_i``, only for the chains that need them;
+    with ``row_chains`` the sums run over the rows that reach chain i only.
 
     Returns ``(dW, db)``: lists with one entry per chain, ``dW_i`` a contiguous ``(d_i, P_i)``
     tensor and ``db_i`` a ``(d_i,)`` tensor in the input dtype, ``None`` where not requested.
@@ -477,16 +560,18 @@ def chain_linear_bwd_dw(
         tbl = int64_table([a_ptrs, a_d, a_p, a_o], device)
         aligned = table_aligned(a_ptrs, a_d + a_p + a_o, es)
 
+        rows, order, counts = row_plan(row_chains, active, M, device)
+
         def grid(meta):
             return (tile_count(a_d, meta["BLOCK_M"], a_p, meta["BLOCK_N"]),)
 
         with device_guard(device):
             _chain_linear_bwd_dw_kernel[grid](
-                dy, x, tbl,
+                dy, x, tbl, order, counts,
                 M, dy.stride(0), x.stride(0),
                 register_gemm_layout(_layout_key("dw", tuple(a_d), tuple(a_p), tuple(a_o)),
                                      ("BLOCK_M", "BLOCK_N"), zip(a_d, a_p)),
-                NUM_CHAINS=len(active), ALIGN=_align(aligned, es),
+                NUM_CHAINS=len(active), ALIGN=_align(aligned, es), ROWS=rows,
             )
 
     dbs: List[Optional[torch.Tensor]] = [None] * n
@@ -500,10 +585,11 @@ def chain_linear_bwd_dw(
         tbl = int64_table([a_ptrs, a_d, a_o], device)
         aligned = table_aligned(a_ptrs, a_d + a_o, es)
         block_m, block_n, warps = _db_block(max(a_d))
+        rows, order, counts = row_plan(row_chains, active, M, device)
         with device_guard(device):
             _chain_linear_bwd_db_kernel[(tile_count(a_d, block_n),)](
-                dy, tbl, M, dy.stride(0),
-                NUM_CHAINS=len(active), ALIGN=_align(aligned, es),
+                dy, tbl, order, counts, M, dy.stride(0),
+                NUM_CHAINS=len(active), ALIGN=_align(aligned, es), ROWS=rows,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
             )
     return dws, dbs

@@ -5,16 +5,17 @@ from torch import Tensor
 
 from ... import backends
 from ...chains import ChainsLike, as_chains
-from .._checks import check_like, check_tensor
+from .._checks import check_like, check_tensor, unit_last_dim
 from .._library import register_reference_op
+from .._rows import row_chains as _row_chains
 from . import reference
 
 OP = "chain_rmsnorm"
-SCHEMA = "(Tensor x, Tensor weight, int[] offsets, float eps) -> Tensor"
+SCHEMA = "(Tensor x, Tensor weight, int[] offsets, float eps, Tensor? row_chains) -> Tensor"
 
 chain_rmsnorm_reference = register_reference_op(
-    f"{OP}_reference", reference.chain_rmsnorm, lambda x, weight, offsets, eps: x.new_empty(x.shape),
-    SCHEMA,
+    f"{OP}_reference", reference.chain_rmsnorm,
+    lambda x, weight, offsets, eps, row_chains: x.new_empty(x.shape), SCHEMA,
 )
 backends.register(OP, "reference", __name__, "chain_rmsnorm_reference")
 backends.register(OP, "cuda", "colm_kernels.ops.chain_rmsnorm.cuda", "chain_rmsnorm_cuda",
@@ -23,19 +24,23 @@ backends.register(OP, "triton", "colm_kernels.ops.chain_rmsnorm.triton", "chain_
 
 
 def save_for_backward(ctx, inputs, output) -> None:
-    """``setup_context`` of the kernel backends' forward ops ``(x, weight, offsets, eps) -> (y, rstd)``:
-    the backward reads x, weight and the saved per-row, per-chain ``rstd`` (never recomputed)."""
-    x, weight, offsets, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
+    """``setup_context`` of the kernel backends' forward ops ``(x, weight, offsets, eps, row_chains)
+    -> (y, rstd)``: the backward reads x, weight, the per-row scales and the saved per-row,
+    per-chain ``rstd`` (never recomputed)."""
+    x, weight, offsets, _, row_chains = inputs
+    ctx.save_for_backward(x, weight, output[1], row_chains)
     ctx.offsets = offsets
     ctx.mark_non_differentiable(output[1])
 
 
-def chain_rmsnorm(x: Tensor, weight: Tensor, chains: ChainsLike, eps: float = 1e-5, chain=None) -> Tensor:
+def chain_rmsnorm(x: Tensor, weight: Tensor, chains: ChainsLike, eps: float = 1e-5, chain=None, *,
+                  seq_chains=None, check_values: bool = True) -> Tensor:
     """Per-chain RMSNorm of ``x`` (``(..., W)``) with gain ``weight`` (``(D,)``).
 
     ``W`` is the active width: ``P_(chain+1)`` of ``D`` split by ``chains``. With ``chain=None``
-    the scale is read off ``W``, which must then be one of the prefix widths.
+    the scale is read off ``W``, which must then be one of the prefix widths. ``seq_chains`` and
+    ``check_values``: per-row scales, as in ``chain_linear``: segments beyond a row's scale are
+    exact zeros and pass no gradient.
     """
     chains = as_chains(chains)
     check_tensor("x", x, min_ndim=1)
@@ -61,10 +66,10 @@ def chain_rmsnorm(x: Tensor, weight: Tensor, chains: ChainsLike, eps: float = 1e
                 f"for chain={k}, chains={chains.sizes}, dim={dim}"
             )
     width = offsets[k + 1]
-    x2 = x.reshape(-1, width)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    w = weight[:width]
+    rows = _row_chains(seq_chains, x, k, check_values)
+    x2 = unit_last_dim(x.reshape(-1, width))
+    w = unit_last_dim(weight[:width])
     offs = list(offsets[: k + 2])
-    op = backends.dispatch(OP, [x2, w], x=x2, weight=w, offsets=offs, eps=float(eps))
-    return op(x2, w, offs, float(eps)).reshape(x.shape)
+    tensors = [x2, w] + ([rows] if rows is not None else [])
+    op = backends.dispatch(OP, tensors, x=x2, weight=w, offsets=offs, eps=float(eps), row_chains=rows)
+    return op(x2, w, offs, float(eps), rows).reshape(x.shape)

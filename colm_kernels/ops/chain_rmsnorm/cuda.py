@@ -5,10 +5,13 @@ backward, which never recomputes the statistics.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ... import _cuda
+from .._rows import zero_inactive
 from . import cuda_kernels as kernels
 from .api import save_for_backward
 
@@ -17,12 +20,22 @@ _FUNCTIONS = ("chain_rmsnorm", ("chain_rmsnorm_fwd", "chain_rmsnorm_bwd"))
 _cuda.functions_unavailable_reason(*_FUNCTIONS)
 
 
+def _widths(offsets):
+    return [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+# Per-row scales: the CUDA kernels normalise every segment; outputs beyond a row's scale are
+# zeroed after the forward and dy there before the backward (exact zeros, no gradient).
 @torch.library.custom_op("colm_kernels::chain_rmsnorm_cuda_fwd", mutates_args=())
-def chain_rmsnorm_cuda_fwd(x: Tensor, weight: Tensor, offsets: list[int], eps: float) -> tuple[Tensor, Tensor]:
-    return kernels.chain_rmsnorm_fwd(x, weight, offsets, eps)
+def chain_rmsnorm_cuda_fwd(x: Tensor, weight: Tensor, offsets: list[int], eps: float,
+                           row_chains: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    y, rstd = kernels.chain_rmsnorm_fwd(x, weight, offsets, eps)
+    return zero_inactive(y, _widths(offsets), row_chains), rstd
 
 
-chain_rmsnorm_cuda_fwd.register_fake(kernels.chain_rmsnorm_fwd_fake)
+@chain_rmsnorm_cuda_fwd.register_fake
+def _(x, weight, offsets, eps, row_chains):
+    return kernels.chain_rmsnorm_fwd_fake(x, weight, offsets, eps)
 
 
 @torch.library.custom_op("colm_kernels::chain_rmsnorm_cuda_bwd", mutates_args=())
@@ -35,23 +48,26 @@ chain_rmsnorm_cuda_bwd.register_fake(kernels.chain_rmsnorm_bwd_fake)
 
 
 def _backward(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
+    x, weight, rstd, row_chains = ctx.saved_tensors
     needs_x, needs_weight = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
     if not (needs_x or needs_weight):
-        return None, None, None, None
+        return None, None, None, None, None
+    dy = zero_inactive(dy, _widths(ctx.offsets), row_chains)
     # A frozen gain launches no dweight work (as the Triton backend).
     dx, dweight = chain_rmsnorm_cuda_bwd(dy.contiguous(), x, weight, rstd, ctx.offsets, needs_weight)
-    return (dx if needs_x else None), (dweight if needs_weight else None), None, None
+    return (dx if needs_x else None), (dweight if needs_weight else None), None, None, None
 
 
 chain_rmsnorm_cuda_fwd.register_autograd(_backward, setup_context=save_for_backward)
 
 
-def chain_rmsnorm_cuda(x: Tensor, weight: Tensor, offsets: list[int], eps: float) -> Tensor:
-    return chain_rmsnorm_cuda_fwd(x, weight, offsets, eps)[0]
+def chain_rmsnorm_cuda(x: Tensor, weight: Tensor, offsets: list[int], eps: float,
+                       row_chains: Optional[Tensor]) -> Tensor:
+    return chain_rmsnorm_cuda_fwd(x, weight, offsets, eps, row_chains)[0]
 
 
-def not_supported_reasons(x: Tensor, weight: Tensor, offsets: list[int], eps: float) -> list[str]:
+def not_supported_reasons(x: Tensor, weight: Tensor, offsets: list[int], eps: float,
+                          row_chains=None) -> list[str]:
     """Why the CUDA kernels cannot run these inputs (empty when they can)."""
     reasons = []
     reason = _cuda.functions_unavailable_reason(*_FUNCTIONS)

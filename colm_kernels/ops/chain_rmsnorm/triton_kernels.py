@@ -25,7 +25,7 @@ shapes to both the launchers and the fake implementations.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -38,10 +38,23 @@ from ..._triton.utils import check_tensor, device_guard, int32_table, is_interpr
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _active_rows(ROW_CHAINS, rows, row_mask, s, ROWS: tl.constexpr):
+    """Rows that normalise segment ``s``: every valid row, or (per-row scales) those whose scale
+    reaches chain ``s``. Inactive rows read zeros, so their outputs and gradients are exact zeros
+    and their masked loads move no data."""
+    if ROWS:
+        sc = tl.load(ROW_CHAINS + rows, mask=row_mask, other=-1)
+        act = row_mask & (s <= sc)
+    else:
+        act = row_mask
+    return act
+
+
+@triton.jit
 def _chain_rmsnorm_fwd_kernel(
-    X, WEIGHT, Y, RSTD, OFFS,
+    X, WEIGHT, Y, RSTD, OFFS, ROW_CHAINS,
     M, stride_x, stride_y, NC, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -52,10 +65,11 @@ def _chain_rmsnorm_fwd_kernel(
     for s in range(NC):
         lo = tl.load(OFFS + s)
         hi = tl.load(OFFS + s + 1)
+        act = _active_rows(ROW_CHAINS, rows, row_mask, s, ROWS)
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c in range(lo, hi, BLOCK_N):
             cols = c + cols0
-            mask = row_mask[:, None] & (cols < hi)[None, :]
+            mask = act[:, None] & (cols < hi)[None, :]
             xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(xv * xv, axis=1)
         rstd = tl.rsqrt(acc / (hi - lo).to(tl.float32) + eps)
@@ -63,19 +77,18 @@ def _chain_rmsnorm_fwd_kernel(
         for c in range(lo, hi, BLOCK_N):
             cols = c + cols0
             col_mask = cols < hi
-            mask = row_mask[:, None] & col_mask[None, :]
-            xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            xv = tl.load(x_rows + cols[None, :], mask=act[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
             wv = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
             yv = xv * rstd[:, None] * wv[None, :]
-            tl.store(y_rows + cols[None, :], yv.to(Y.dtype.element_ty), mask=mask)
+            tl.store(y_rows + cols[None, :], yv.to(Y.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
 def _chain_rmsnorm_bwd_kernel(
-    DY, X, WEIGHT, RSTD, DX, DW_PART, OFFS,
+    DY, X, WEIGHT, RSTD, DX, DW_PART, OFFS, ROW_CHAINS,
     M, width, stride_dy, stride_x, stride_dx, NC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NEEDS_X: tl.constexpr, NEEDS_W: tl.constexpr,
+    NEEDS_X: tl.constexpr, NEEDS_W: tl.constexpr, ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     n_prog = tl.num_programs(0).to(tl.int64)
@@ -91,13 +104,14 @@ def _chain_rmsnorm_bwd_kernel(
         for s in range(NC):
             lo = tl.load(OFFS + s)
             hi = tl.load(OFFS + s + 1)
+            act = _active_rows(ROW_CHAINS, rows, row_mask, s, ROWS)
             rstd = tl.load(RSTD + rows * NC + s, mask=row_mask, other=0.0)
             if NEEDS_X:
                 acc = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for c in range(lo, hi, BLOCK_N):
                     cols = c + cols0
                     col_mask = cols < hi
-                    mask = row_mask[:, None] & col_mask[None, :]
+                    mask = act[:, None] & col_mask[None, :]
                     xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                     dyv = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                     wv = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -106,14 +120,15 @@ def _chain_rmsnorm_bwd_kernel(
             for c in range(lo, hi, BLOCK_N):
                 cols = c + cols0
                 col_mask = cols < hi
-                mask = row_mask[:, None] & col_mask[None, :]
+                mask = act[:, None] & col_mask[None, :]
                 xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 dyv = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 xhat = xv * rstd[:, None]
                 if NEEDS_X:
                     wv = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
                     dxv = rstd[:, None] * (dyv * wv[None, :] - xhat * mean[:, None])
-                    tl.store(dx_rows + cols[None, :], dxv.to(DX.dtype.element_ty), mask=mask)
+                    tl.store(dx_rows + cols[None, :], dxv.to(DX.dtype.element_ty),
+                             mask=row_mask[:, None] & col_mask[None, :])
                 if NEEDS_W:
                     part = tl.load(dw_row + cols, mask=col_mask, other=0.0)
                     tl.store(dw_row + cols, part + tl.sum(dyv * xhat, axis=0), mask=col_mask)
@@ -164,9 +179,20 @@ def bwd_shapes(x2d: torch.Tensor, weight: torch.Tensor, needs_x: bool, needs_wei
     return ((m, w) if needs_x else (0,), x2d.dtype), ((w,) if needs_weight else (0,), weight.dtype)
 
 
+def _row_chains_arg(row_chains, M: int, device):
+    """``(ROWS, tensor)`` kernel arguments: the int32 per-row scales, or a placeholder."""
+    if row_chains is None:
+        return False, int32_table([[0]], device)
+    if row_chains.dtype != torch.int32 or tuple(row_chains.shape) != (M,) or row_chains.device != device:
+        raise ValueError(f"row_chains must be an int32 tensor of shape ({M},) on {device}, got "
+                         f"{row_chains.dtype} {tuple(row_chains.shape)} on {row_chains.device}")
+    return True, row_chains.contiguous()
+
+
 def chain_rmsnorm_fwd(x2d: torch.Tensor, weight: torch.Tensor, offsets: Sequence[int],
-                      eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(y (M, W), rstd (M, NC) fp32)`` for ``x2d (M, W)`` (any row stride), ``weight (W,)``."""
+                      eps: float, row_chains: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y (M, W), rstd (M, NC) fp32)`` for ``x2d (M, W)`` (any row stride), ``weight (W,)``;
+    ``row_chains`` (int32 ``(M,)``): per-row scales, segments beyond them are exact zeros."""
     check_tensor("x2d", x2d, ndim=2, last_dim_contiguous=False)
     check_tensor("weight", weight, ndim=1, dtype=x2d.dtype, device=x2d.device, last_dim_contiguous=False)
     x2d, weight = last_dim_contiguous(x2d), last_dim_contiguous(weight)
@@ -181,18 +207,19 @@ def chain_rmsnorm_fwd(x2d: torch.Tensor, weight: torch.Tensor, offsets: Sequence
         return y, rstd
     block_m, block_n, warps = _blocks(offs)
     table = int32_table([offs], x2d.device)
+    has_rows, rows = _row_chains_arg(row_chains, M, x2d.device)
     with device_guard(x2d.device):
         _chain_rmsnorm_fwd_kernel[(triton.cdiv(M, block_m),)](
-            x2d, weight, y, rstd, table,
+            x2d, weight, y, rstd, table, rows,
             M, x2d.stride(0), y.stride(0), len(offs) - 1, float(eps),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            BLOCK_M=block_m, BLOCK_N=block_n, ROWS=has_rows, num_warps=warps,
         )
     return y, rstd
 
 
 def chain_rmsnorm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      offsets: Sequence[int], needs_x: bool,
-                      needs_weight: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                      offsets: Sequence[int], needs_x: bool, needs_weight: bool,
+                      row_chains: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(dx (M, W), dweight (W,))`` from ``dy``, the forward's ``x2d``, ``weight``, ``rstd``.
 
     A gradient not asked for (``needs_x`` / ``needs_weight`` false) is returned as an empty
@@ -218,12 +245,13 @@ def chain_rmsnorm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
     dw_part = torch.zeros((programs if needs_weight else 0, W), dtype=torch.float32, device=x2d.device)
     if M > 0 and (needs_x or needs_weight):
         table = int32_table([offs], x2d.device)
+        has_rows, rows = _row_chains_arg(row_chains, M, x2d.device)
         with device_guard(x2d.device):
             _chain_rmsnorm_bwd_kernel[(programs,)](
-                dy, x2d, weight, rstd, dx if needs_x else dy, dw_part if needs_weight else rstd, table,
+                dy, x2d, weight, rstd, dx if needs_x else dy, dw_part if needs_weight else rstd, table, rows,
                 M, W, dy.stride(0), x2d.stride(0), dx.stride(0) if needs_x else 0, nc,
                 BLOCK_M=block_m, BLOCK_N=block_n, NEEDS_X=bool(needs_x), NEEDS_W=bool(needs_weight),
-                num_warps=warps,
+                ROWS=has_rows, num_warps=warps,
             )
     if needs_weight:
         dweight = dw_part.sum(0).to(dw_dtype)

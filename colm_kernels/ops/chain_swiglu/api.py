@@ -16,14 +16,15 @@ from ... import backends
 from ...chains import ChainsLike, as_chains
 from .._checks import check_like, check_tensor
 from .._library import register_reference_op
+from .._rows import row_chains as _row_chains
 from ..chain_linear.api import as_rows, split_weight, unit_stride
 from . import reference
 
 OP = "chain_swiglu"
-SCHEMA = "(Tensor x, Tensor[] w1, Tensor[] w3) -> Tensor"
+SCHEMA = "(Tensor x, Tensor[] w1, Tensor[] w3, Tensor? row_chains) -> Tensor"
 
 
-def _fake(x, w1, w3):
+def _fake(x, w1, w3, row_chains):
     return x.new_empty(reference.chain_swiglu_out_shape(x, w1))
 
 
@@ -34,7 +35,8 @@ backends.register(OP, "triton", "colm_kernels.ops.chain_swiglu.triton", "chain_s
                   reasons_fn="not_supported_reasons")
 
 
-def chain_swiglu(x: Tensor, w1, w3, chains: ChainsLike, chain=None) -> Tensor:
+def chain_swiglu(x: Tensor, w1, w3, chains: ChainsLike, chain=None, *, seq_chains=None,
+                 check_values: bool = True) -> Tensor:
     """``h_i = silu(x[..., :P_i] @ W1_i^T) * (x[..., :P_i] @ W3_i^T)`` for the active chains ``0..chain``.
 
     Args:
@@ -42,6 +44,8 @@ def chain_swiglu(x: Tensor, w1, w3, chains: ChainsLike, chain=None) -> Tensor:
         w1, w3: each a dense ``(hidden, dim)`` Tensor (lower blocks read) or a list of per-chain
             blocks of shape ``(d_i, P_i)``; both must have the same layout, dtype and device.
         chains: the chain configuration; ``chain``: last active chain (None: all).
+        seq_chains, check_values: per-row scales, as in ``chain_linear``: hidden features beyond
+            a row's scale are exact zeros and pass no gradient.
 
     Returns ``(..., P_(chain+1)_hidden)``: the first active-width hidden features, in x's dtype.
     """
@@ -57,8 +61,10 @@ def chain_swiglu(x: Tensor, w1, w3, chains: ChainsLike, chain=None) -> Tensor:
         )
     check_like("w1", w1s[0], w3=w3s[0])
     check_like("x", x, w1=w1s[0])
+    rows = _row_chains(seq_chains, x, len(w1s) - 1, check_values)
     x2 = as_rows(x, w1s[-1].shape[1])
     w1s, w3s = unit_stride(w1s), unit_stride(w3s)
-    op = backends.dispatch(OP, [x2, *w1s, *w3s], x=x2, w1=w1s, w3=w3s)
-    h = op(x2, w1s, w3s)
+    tensors = [x2, *w1s, *w3s] + ([rows] if rows is not None else [])
+    op = backends.dispatch(OP, tensors, x=x2, w1=w1s, w3=w3s, row_chains=rows)
+    h = op(x2, w1s, w3s, rows)
     return h.reshape(*x.shape[:-1], h.shape[-1])

@@ -6,7 +6,7 @@ is checked against it in float64.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -14,8 +14,10 @@ from torch import Tensor
 from ..chain_linear.reference import chain_linear
 
 
-def chain_swiglu(x: Tensor, w1: Sequence[Tensor], w3: Sequence[Tensor]) -> Tensor:
-    return F.silu(chain_linear(x, w1, [])) * chain_linear(x, w3, [])
+def chain_swiglu(x: Tensor, w1: Sequence[Tensor], w3: Sequence[Tensor],
+                 row_chains: Optional[Tensor] = None) -> Tensor:
+    """``row_chains``: per-row scales (2-D ``x``); hidden features beyond them are exact zeros."""
+    return F.silu(chain_linear(x, w1, [], row_chains)) * chain_linear(x, w3, [], row_chains)
 
 
 def chain_swiglu_out_shape(x: Tensor, w1: Sequence[Tensor]) -> tuple[int, ...]:

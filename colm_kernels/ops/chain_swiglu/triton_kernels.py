@@ -39,7 +39,7 @@ This file holds kernels and launchers only; the op is registered in ``triton.py`
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -67,7 +67,10 @@ from colm_kernels.ops.chain_linear.triton_kernels import (
     _check_weights,
     _offsets,
     _row_stride,
+    _rows,
+    _rows_used,
     fwd_layout_key,
+    row_plan,
 )
 
 __all__ = [
@@ -118,10 +121,10 @@ def dual_gemm_configs() -> List[triton.Config]:
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY"])
 def _chain_swiglu_fwd_kernel(
-    X, H, G, TBL,
+    X, H, G, TBL, ORDER, COUNTS,
     M, stride_xm, stride_hm, stride_gm,
     LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
-    NUM_CHAINS: tl.constexpr, STORE_GATES: tl.constexpr, ALIGN: tl.constexpr,
+    NUM_CHAINS: tl.constexpr, STORE_GATES: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     ELEM: tl.constexpr = X.dtype.element_ty
@@ -140,21 +143,23 @@ def _chain_swiglu_fwd_kernel(
     stride_w3 = load_int(TBL + 5 * NUM_CHAINS, chain, ALIGN).to(tl.int64)
     o = load_int(TBL + 6 * NUM_CHAINS, chain, ALIGN)
 
-    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm, used = _rows(ORDER, COUNTS, chain, pos, M, ROWS)  # per-row scales: see chain_linear
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
+    m_ok = pos < M
     n_ok = rn < d
-    rows = rm.to(tl.int64)[:, None]
+    rows = rm[:, None]
     x_ptrs = X + rows * stride_xm + rk[None, :]
     w1_ptrs = w1_ptr + rn.to(tl.int64)[None, :] * stride_w1 + rk[:, None]  # W1_i^T tile (BLOCK_K, BLOCK_N)
     w3_ptrs = w3_ptr + rn.to(tl.int64)[None, :] * stride_w3 + rk[:, None]
 
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, p, BLOCK_K):
+    k_end = tl.where(tile_m * BLOCK_M < _rows_used(COUNTS, chain, M, ROWS), p, 0)
+    for k in range(0, k_end, BLOCK_K):
         k_ok = rk < p - k
-        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # read once, used twice
+        xt = tl.load(x_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)  # read once, used twice
         w1t = tl.load(w1_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         w3t = tl.load(w3_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc_a = mma(xt, w1t, acc_a)
@@ -164,6 +169,9 @@ def _chain_swiglu_fwd_kernel(
         w3_ptrs += BLOCK_K
 
     out_ok = m_ok[:, None] & n_ok[None, :]
+    if ROWS:  # rows whose scale stops before this chain: exact zeros (a = b = 0 gives h = 0)
+        acc_a = tl.where(used[:, None], acc_a, 0.0)
+        acc_b = tl.where(used[:, None], acc_b, 0.0)
     h = acc_a * tl.sigmoid(acc_a) * acc_b
     tl.store(H + rows * stride_hm + (o + rn)[None, :], h.to(ELEM), mask=out_ok)
     if STORE_GATES:
@@ -241,11 +249,13 @@ def _gates_block(max_d: int) -> Tuple[int, int, int]:
 # Launchers
 # ----------------------------------------------------------------------------------------------
 def chain_swiglu_fwd(x: torch.Tensor, w1: Sequence[torch.Tensor], w3: Sequence[torch.Tensor],
-                     save_gates: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                     save_gates: bool, row_chains: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``h = cat_i(silu(x[:, :P_i] W1_i^T) * x[:, :P_i] W3_i^T)``: x (M, K >= P_NC) -> h (M, N).
 
     Returns ``(h, gates)``: ``gates`` is the ``(M, 2N)`` tensor ``[a_1 | b_1 | a_2 | b_2 | ...]`` when
     ``save_gates`` (written by the same epilogue as h), else an empty tensor (nothing written).
+    ``row_chains`` (int32 ``(M,)``): per-row scales; h and the gates are exact zeros beyond them.
     """
     check_tensor("x", x, ndim=2)
     dtype, device, ds, ps = check_pair(w1, w3, dtype=x.dtype, device=x.device)
@@ -268,15 +278,17 @@ def chain_swiglu_fwd(x: torch.Tensor, w1: Sequence[torch.Tensor], w3: Sequence[t
     es = x.element_size()
     aligned = table_aligned(p1 + p3, ds + ps + s1 + s3 + offs, es)
 
+    rows, order, counts = row_plan(row_chains, range(n), M, device)
+
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * tile_count(ds, meta["BLOCK_N"]),)
 
     with device_guard(device):
         _chain_swiglu_fwd_kernel[grid](
-            x, h, gates if save_gates else h, tbl,
+            x, h, gates if save_gates else h, tbl, order, counts,
             M, x.stride(0), h.stride(0), gates.stride(0) if save_gates else 0,
             fwd_layout_key("swiglu_fwd", ds, ps),
-            NUM_CHAINS=n, STORE_GATES=save_gates, ALIGN=_align(aligned, es),
+            NUM_CHAINS=n, STORE_GATES=save_gates, ALIGN=_align(aligned, es), ROWS=rows,
         )
     return h, gates
 
