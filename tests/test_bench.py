@@ -110,3 +110,34 @@ def test_demo_losses_fall_at_every_scale():
 def test_unknown_op_is_rejected():
     with pytest.raises(SystemExit):
         cli.main(["--ops", "not_an_op"])
+
+
+@pytest.mark.parametrize("kv_sharing", [False, True], ids=["gqa", "air"])
+def test_paper_naive_model_peer_computes_our_loss(kv_sharing):
+    """The model-level peer (the paper's way: per-chain loops, repeated K/V through SDPA, a logits
+    tensor per scale) computes the same per-scale losses as ``CoLM.multi_chain_loss`` (float64,
+    reference backend), so the train-step rows compare equal work."""
+    from colm_kernels.bench.models import ModelCase, naive_multi_chain_loss
+    from colm_kernels.models import CoLM
+
+    layout = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_hidden_dim=128, vocab_size=97)
+    case = ModelCase((4, 4), layout, 2, 9, kv_sharing)
+    torch.manual_seed(0)
+    model = CoLM(case.config()).double()
+    tokens = torch.randint(0, 97, (2, 9))
+    targets = torch.randint(0, 97, (2, 9))
+    import colm_kernels as ck
+    with ck.use_backend("reference"):
+        ours = model.multi_chain_loss(tokens, targets)
+    naive = naive_multi_chain_loss(model, tokens, targets)
+    torch.testing.assert_close(naive.double(), ours.double(), rtol=1e-9, atol=1e-9)
+
+
+def test_model_flops_match_the_layout():
+    """Useful FLOPs of the model rows: a chain-0 prefill of CoLM-Air does the sub-model's work
+    (here 4 chains: about a fifth of the full prefill at 32K, the paper's 5.2x)."""
+    from colm_kernels.bench.models import PREFILL_SIZES, model_flops
+
+    case = [c for c in PREFILL_SIZES["default"] if c.chains == (8, 8, 8, 8) and c.seq == 32768][0]
+    ratio = model_flops(case, None, train=False) / model_flops(case, 0, train=False)
+    assert 4.5 < ratio < 5.5

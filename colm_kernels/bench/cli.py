@@ -16,6 +16,8 @@ from pathlib import Path
 
 OPS = ("chain_linear", "chain_swiglu", "chain_rmsnorm", "chain_attention", "chain_attention_decode",
        "multi_chain_cross_entropy")
+# Model-level cases (colm_kernels.bench.models): timed like the ops, no per-backend CPU check.
+MODEL_OPS = ("colm_train_step", "colm_air_prefill")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -32,7 +34,11 @@ SIZES_HELP = (
     "           chain_attention LLaMA-3.2-1B layout (16 heads of 128, C=(4,4,4,4) and (8,8),\n"
     "             GQA and shared KV) at 2k, 4k, 8k, 16k tokens (16k tokens per batch);\n"
     "           chain_attention_decode batch 1, 16, 64 over 1k, 16k, 128k-token caches;\n"
-    "           multi_chain_cross_entropy C=(4,4,4,4) dim 2048, vocab 32000, 4096 tokens\n"
+    "           multi_chain_cross_entropy C=(4,4,4,4) dim 2048, vocab 32000, 4096 tokens;\n"
+    "           colm_train_step: a training step (forward, backward, AdamW) of the LLaMA-3.2-1B\n"
+    "             layout (dim 2048, 16 layers, 32 heads, 8 kv heads, FFN 8192, vocab 128256),\n"
+    "             C=(16,16) and (8,8,8,8), 2 x 4096 tokens, against the paper's naive code;\n"
+    "           colm_air_prefill: CoLM-Air prefill at chain 1 against a full prefill, 8K-32K tokens"
     "  small    one smaller case per op, for a quick look on a GPU\n"
     "  tiny     odd, tiny shapes that exercise the timing path on a CPU (--device cpu)\n"
     "\n"
@@ -51,8 +57,8 @@ SIZES_HELP = (
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="colm-bench", description=__doc__, epilog=SIZES_HELP,
                                 formatter_class=_HelpFormatter)
-    p.add_argument("--ops", default=",".join(OPS),
-                   help="comma-separated ops to run, from: " + ", ".join(OPS))
+    p.add_argument("--ops", default=",".join(OPS + MODEL_OPS),
+                   help="comma-separated ops and model cases to run, from: " + ", ".join(OPS + MODEL_OPS))
     p.add_argument("--sizes", default=None, choices=("default", "small", "tiny"),
                    help="size preset (see below); None: 'default' on a GPU, 'tiny' with --device cpu")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES),
@@ -77,9 +83,9 @@ def parse_args(argv):
                         "H100 roofline bound per default case), with or without a GPU")
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    unknown = sorted(set(ops) - set(OPS))
+    unknown = sorted(set(ops) - set(OPS + MODEL_OPS))
     if unknown:
-        p.error(f"--ops: unknown {unknown}; choose from {list(OPS)}")
+        p.error(f"--ops: unknown {unknown}; choose from {list(OPS + MODEL_OPS)}")
     args.ops = ops
     args.interrupted = False  # set when a timing run is cut short; its rows are still reported
     return args
@@ -117,8 +123,11 @@ class _Progress:
 
 def _time_cases(args, size, device, dtype, rows: list) -> None:
     """Time every case of ``args.ops``, appending one row per case to ``rows`` as it finishes."""
+    from .models import MODEL_CASES
     from .ops import CASES
     from .report import H100_CEILINGS
+
+    CASES = {**CASES, **MODEL_CASES}
     from .timing import measure
 
     progress = _Progress(not args.no_progress)
@@ -181,7 +190,7 @@ def run_checks(args) -> list[dict]:
     from .checks import check, runnable_backends
 
     rows = []
-    for op in args.ops:
+    for op in [o for o in args.ops if o in OPS]:  # model cases are timed, not checked per backend
         for backend, reason in runnable_backends(op, "cpu", torch.float32).items():
             if reason:
                 rows.append({"op": op, "backend": backend, "dtype": "-", "ok": None,

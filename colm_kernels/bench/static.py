@@ -216,6 +216,19 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]
         yield ("chain_attention", f"B{B}-S{S}-{_cid(chains)}-KV{n_kv}-D{D}-{'shared' if shared else 'gqa'}",
                {"fwd": (fwd, ["_chain_attention_fwd_kernel"]),
                 "bwd (FA2 ideal: 5 matmuls)": (bwd, None)}, counted(attn))
+    from .models import LAYOUT_1B, ModelCase, model_flops
+    for chains in ((16, 16), (8, 8, 8, 8)):
+        # the 1B layout at a reduced depth (one layer, 256 tokens): every kernel of a training step
+        case = ModelCase(chains, dict(LAYOUT_1B, n_layers=1), 1, 256)
+
+        def train(case=case):
+            from ..models import CoLM
+
+            torch.manual_seed(0)
+            model = CoLM(case.config()).to(dt)
+            tok = torch.randint(0, case.layout["vocab_size"], (1, case.seq), generator=gen)
+            model.multi_chain_loss(tok, tok).sum().backward()
+        yield ("colm_train_step", case.label, {"fwd+bwd": (model_flops(case), None)}, counted(train))
     chains, dim, vocab, n = (1, 1, 1, 1), 256, 512, 256
     h, wo = rnd(n, dim).requires_grad_(), rnd(vocab, dim).requires_grad_()
     t = torch.randint(0, vocab, (n,), generator=gen)
@@ -229,7 +242,7 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]
 def _pass_flops(spec, flops: Dict[str, int], fwd_kernels: List[str]) -> int:
     """Executed FLOPs of one pass: the named kernels, or (None) every kernel but the forward's, or
     the kernels whose names say forward / backward."""
-    if spec is None:
+    if spec is None:  # every kernel but the forward's (all of them when it names none)
         return sum(v for k, v in flops.items() if k not in fwd_kernels)
     if spec == "forward":
         return sum(v for k, v in flops.items() if "fwd" in k)
@@ -337,6 +350,14 @@ def roofline(ops: List[str], es: int = 2) -> List[dict]:
         label = f"N{m}-D{dim}-V{vocab}-{_cid(chains)}"
         add("multi_chain_cross_entropy", label, "fwd", 2.0 * m * vocab * dim, h + w, "no logits in HBM")
         add("multi_chain_cross_entropy", label, "fwd+bwd", 6.0 * m * vocab * dim, 2 * (h + w) + h + w)
+    from .models import PREFILL_SIZES, TRAIN_SIZES, model_bytes, model_flops
+    for case in TRAIN_SIZES["default"]:
+        add("colm_train_step", case.label, "step", model_flops(case), model_bytes(case, es),
+            "fwd + bwd FLOPs; bytes: params twice, grads, AdamW states")
+    for case in PREFILL_SIZES["default"]:
+        for chain, name in ((None, "prefill full"), (0, "prefill chain 0")):
+            add("colm_air_prefill", case.label, name, model_flops(case, chain, train=False),
+                model_bytes(case, es, train=False), "params read once")
     return rows
 
 
