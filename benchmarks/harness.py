@@ -2,7 +2,10 @@
 import pytest
 import torch
 
+from colm_kernels.bench.models import MODEL_CASES
 from colm_kernels.bench.ops import CASES
+
+CASES = {**CASES, **MODEL_CASES}
 
 SIZE = "default"
 DTYPE = torch.bfloat16

@@ -218,9 +218,10 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]
                 "bwd (FA2 ideal: 5 matmuls)": (bwd, None)}, counted(attn))
     from .models import LAYOUT_1B, ModelCase, model_flops
     for chains in ((16, 16), (8, 8, 8, 8)):
-        # the 1B layout at a reduced depth and vocabulary (one layer, 8192 words, 256 tokens: the
-        # interpreter runs every program in Python): every kernel of a training step
-        case = ModelCase(chains, dict(LAYOUT_1B, n_layers=1, vocab_size=8192), 1, 256)
+        # the 1B layout's heads and chains at one layer, half width and a 4096-word vocabulary (the
+        # interpreter runs every program in Python): every kernel of a training step, 256 tokens
+        layout = dict(LAYOUT_1B, n_layers=1, dim=1024, ffn_hidden_dim=4096, vocab_size=4096)
+        case = ModelCase(chains, layout, 1, 256)
 
         def train(case=case):
             from ..models import CoLM

@@ -1,0 +1,13 @@
+"""Benchmark the model-level cases: a CoLM training step against the paper's naive code, and
+CoLM-Air prefill at chain 1 against a full prefill (``colm_kernels.bench.models``)."""
+from harness import cases_for
+
+
+@cases_for("colm_train_step")
+def test_colm_train_step(case, cuda_benchmark):
+    cuda_benchmark(case.run)
+
+
+@cases_for("colm_air_prefill")
+def test_colm_air_prefill(case, cuda_benchmark):
+    cuda_benchmark(case.run)
