@@ -174,6 +174,11 @@ def test_tma_legal_and_mode():
             assert U._tma_choices(True) == (True,) and U._tma_choices(False) == (False,)
         with tma_mode("off"):
             assert U._tma_choices(True) == (False,)
+    import triton
+    only_tma = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True})]
+    key = U.register_gemm_layout(301, ("BLOCK_N", "BLOCK_K"), [(64, 64)])
+    with pytest.raises(ValueError, match="pointer configs"):  # illegal here, and nothing else to run
+        U.make_gemm_pruner("X")(only_tma, {"X": torch.empty(1), "LAYOUT_KEY": key, **base})
     x = torch.empty(4, 16, dtype=torch.float16)
     assert U.operands_tma_aligned(x) and not U.operands_tma_aligned(x[:, 1:])
     assert not U.operands_tma_aligned(torch.empty(4, 17, dtype=torch.float16)[:, :16])  # row stride 34 B
