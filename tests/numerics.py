@@ -25,3 +25,25 @@ def dtype_slack(dtype: torch.dtype) -> float:
     ``dtype`` (fp32 1.2e-7, fp16 9.8e-4, bf16 7.8e-3), so an fp32 kernel cannot hide a TF32-sized
     error behind a floor sized for half precision."""
     return torch.finfo(dtype).eps
+
+
+def check_against_reference(name: str, fn, inputs, dtype: torch.dtype, device="cuda") -> None:
+    """``fn(*inputs)`` on the triton backend in ``dtype`` against the float64 reference backend
+    (output and every input gradient, one random cotangent), with eager PyTorch (the reference
+    backend) in ``dtype`` as the error yardstick of ``assert_within_eager_error``. ``inputs`` are
+    float64 CPU tensors."""
+    import colm_kernels as ck
+
+    def run(backend, dt):
+        leaves = [t.detach().to(device, dt).requires_grad_() for t in inputs]
+        with ck.use_backend(backend):
+            out = fn(*leaves)
+        out.backward(cot.to(out.dtype))
+        return [out] + [t.grad for t in leaves]
+
+    with ck.use_backend("reference"):
+        shape = fn(*[t.to(device) for t in inputs]).shape
+    cot = torch.randn(shape, dtype=torch.float64, device=device)
+    ref, eager, ours = run("reference", torch.float64), run("reference", dtype), run("triton", dtype)
+    for i, (o, e, r) in enumerate(zip(ours, eager, ref)):
+        assert_within_eager_error(o, e, r, name=f"{name} {dtype} {'output' if i == 0 else f'grad {i - 1}'}")

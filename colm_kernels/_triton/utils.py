@@ -10,9 +10,13 @@ Host side:
 - ``table_aligned``: whether pointers and ints of a table are 16-byte friendly (enables hints).
 - ``tile_count``: host-side count of the tiles of a list of per-chain extents.
 - ``gemm_configs`` / ``register_gemm_layout`` / ``make_gemm_pruner``: autotune configs (H100 list,
-  one small interpreter config) and a pruner that clamps blocks to the chain layout's extents,
-  keeps configs within the measured shared-memory and register budgets and drops those that waste
-  MMA work on partial tiles (never a function of the token count).
+  one small interpreter config; each with ``USE_TMA`` False, plus TMA twins) and a pruner that
+  clamps blocks to the chain layout's extents, keeps configs within the measured shared-memory and
+  register budgets, drops those that waste MMA work on partial tiles (never a function of the token
+  count) and keeps TMA configs only where descriptors are legal (``tma_legal``).
+- ``tma_mode``: which of the pointer / TMA configs the GEMM pruner offers (tests force either);
+  ``operands_tma_aligned``: whether activation operands can back TMA descriptors;
+  ``ensure_tma_allocator``: the global scratch allocator device-side descriptors need on CUDA.
 - ``autotune``: ``triton.autotune`` with an early pruner that ``COLM_KERNELS_AUTOTUNE=0`` reduces to
   one config (correctness runs on a GPU) and ``force_config(i)`` pins to the i-th (tests of every
   config).
@@ -28,6 +32,7 @@ Device side (``@triton.jit``):
 - ``load_ptr`` / ``load_int``: read a table entry as a typed pointer / int32 extent with optional
   divisibility hints.
 - ``mma``: ``tl.dot`` with fp32 accumulation, IEEE precision for fp32 inputs.
+- ``tile_desc``: a TMA tensor descriptor of a row-major matrix (boxes past its edges read zeros).
 """
 from __future__ import annotations
 
@@ -56,6 +61,10 @@ __all__ = [
     "make_gemm_pruner",
     "register_gemm_layout",
     "gemm_waste",
+    "tma_legal",
+    "tma_mode",
+    "operands_tma_aligned",
+    "ensure_tma_allocator",
     "autotune",
     "autotune_enabled",
     "force_config",
@@ -68,6 +77,7 @@ __all__ = [
     "load_ptr",
     "load_int",
     "mma",
+    "tile_desc",
 ]
 
 
@@ -194,21 +204,110 @@ _H100_GEMM = (
     (128, 128, 32, 4, 4),  # fp32 inputs: fits shared memory where the 64-deep ones do not
     (64, 64, 32, 4, 3),
 )
+# TMA twins (``USE_TMA=True``): the same tiles with operands fetched by the Tensor Memory
+# Accelerator (cp.async.bulk.tensor into swizzled shared memory, no per-thread addresses, zero fill
+# past the edges instead of masks). 16-bit inputs only (``tma_legal``): fp32 dots are IEEE FMA
+# loops, not wgmma, so the fp32-only 32-deep rows above have no twin.
+_H100_GEMM_TMA = tuple(row for row in _H100_GEMM if row[2] == 64)
 _INTERPRETER_GEMM = ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}, 1, 1)
 
 
-def gemm_configs(h100_table: Sequence[tuple] = _H100_GEMM) -> List[triton.Config]:
+def gemm_configs(h100_table: Sequence[tuple] = _H100_GEMM,
+                 tma_table: Sequence[tuple] = _H100_GEMM_TMA) -> List[triton.Config]:
     """Autotune configs for tiled GEMMs from ``h100_table`` rows (BLOCK_M, BLOCK_N, BLOCK_K,
-    num_warps, num_stages; GROUP_M 8), or one 16x16x16 config (GROUP_M 4) under the interpreter
-    (small tiles keep masking paths exercised and the interpreter fast)."""
+    num_warps, num_stages; GROUP_M 8) with ``USE_TMA`` False, then the ``tma_table`` rows with
+    ``USE_TMA`` True (pointer configs first: ``COLM_KERNELS_AUTOTUNE=0`` runs the first kept one).
+    Under the interpreter one 16x16x16 config (GROUP_M 4; small tiles keep masking paths exercised
+    and the interpreter fast) and its TMA twin, which the pruner offers only in
+    ``tma_mode("only")``."""
     if small_tiles():
         kw, warps, stages = _INTERPRETER_GEMM
-        return [triton.Config(dict(kw), num_warps=warps, num_stages=stages)]
+        return [triton.Config({**kw, "USE_TMA": tma}, num_warps=warps, num_stages=stages) for tma in (False, True)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma},
                       num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in h100_table
+        for table, tma in ((h100_table, False), (tma_table, True))
+        for bm, bn, bk, w, s in table
     ]
+
+
+_TMA_MODES = ("auto", "off", "only")
+_tma_mode = "auto"
+
+
+@contextlib.contextmanager
+def tma_mode(mode: str):
+    """Which GEMM configs the pruners offer inside the block: ``"auto"`` (the default: the pointer
+    configs and, where ``tma_legal``, their TMA twins, so the autotuner chooses; under the
+    interpreter's small tiles the pointer config only), ``"off"`` (pointer configs only) or
+    ``"only"`` (the TMA configs wherever they are legal, the interpreter included; pointer configs
+    where not): tests of either path. Tuning caches are cleared on entry and exit."""
+    global _tma_mode
+    if mode not in _TMA_MODES:
+        raise ValueError(f"tma_mode must be one of {_TMA_MODES}, got {mode!r}")
+    saved = _tma_mode
+    for kernel in _AUTOTUNED:
+        kernel.cache.clear()
+    _tma_mode = mode
+    try:
+        yield
+    finally:
+        _tma_mode = saved
+        for kernel in _AUTOTUNED:
+            kernel.cache.clear()
+
+
+def tma_legal(args: Dict[str, object], element_size: int, device=None) -> bool:
+    """Whether a GEMM launch with kernel arguments ``args`` may run a TMA config: 16-bit inputs
+    (fp32 dots are IEEE FMA loops, not wgmma), an aligned table (``ALIGN > 1``: weight pointers,
+    widths, offsets and row strides 16-byte multiples), activation operands that can back a
+    descriptor (``TMA_OPERANDS``, see ``operands_tma_aligned``), no ``ROWS`` gather (TMA reads
+    boxes, not rows through a pointer table) and, on CUDA, a GPU with TMA (sm_90 or newer)."""
+    if element_size != 2 or int(args.get("ALIGN", 1)) <= 1 or not bool(args.get("TMA_OPERANDS", False)):
+        return False
+    if bool(args.get("ROWS", False)):
+        return False
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return True  # the interpreter, or the compile-only sm_90a driver (colm_kernels.bench.sm90)
+
+
+def _tma_choices(legal: bool) -> tuple:
+    """The ``USE_TMA`` values the pruner offers under the current ``tma_mode``."""
+    if not legal or _tma_mode == "off":
+        return (False,)
+    if _tma_mode == "only":
+        return (True,)
+    return (False,) if small_tiles() else (False, True)
+
+
+def operands_tma_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every row-major 2-D operand can back a TMA descriptor: a 16-byte aligned base and
+    row stride (in bytes), and fewer than 2**31 rows (descriptor extents are int32)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.shape[0] < 2**31
+               for t in tensors)
+
+
+def _torch_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    # the current device (launchers run under device_guard) and its current stream, like the launch
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_allocator(device) -> None:
+    """On CUDA, make sure Triton can allocate the global scratch that device-side TMA descriptors
+    (``tile_desc``) are written to at launch: set a torch-backed allocator unless one is set. The
+    allocator is a context variable (one per thread: autograd's backward thread gets its own), so
+    launchers call this before each launch that may pick a TMA config; an allocator the caller set
+    is kept."""
+    if torch.device(device).type != "cuda":
+        return
+    try:
+        from triton.runtime import _allocation
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # a Triton without the context variable: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_torch_scratch)
 
 
 SMEM_BUDGET = 227 * 1024  # bytes of shared memory per block on H100 (sm_90)
@@ -270,8 +369,10 @@ def make_gemm_pruner(dtype_arg: str, *, n_acc: int = 1, n_b: int = 1, max_acc_re
        budgets above (accumulators; operand staging when ``ALIGN == 1``) go;
     3. of the rest, only those within 2% of the least wasted MMA work (``gemm_waste``) stay, so a
        block that does not divide the chain widths is never picked over one that does.
-    The smallest config survives if every one is dropped. Depends only on the autotune key
-    (layout, ALIGN, dtype), never on the token count.
+    Before all that, configs whose ``USE_TMA`` the current ``tma_mode`` does not offer for this
+    launch go (TMA only where ``tma_legal``). The smallest config survives if every one is dropped.
+    Depends only on the autotune key (layout, ALIGN, TMA_OPERANDS, ROWS, dtype), never on the token
+    count.
     """
 
     def prune(configs, named_args, **kwargs):
@@ -279,9 +380,12 @@ def make_gemm_pruner(dtype_arg: str, *, n_acc: int = 1, n_b: int = 1, max_acc_re
         es = args[dtype_arg].element_size()
         blocks, products = _GEMM_LAYOUTS.get(int(args["LAYOUT_KEY"]), ((), ()))
         unaligned = int(args.get("ALIGN", 1)) == 1
+        offered = _tma_choices(tma_legal(args, es, args[dtype_arg].device))
         sized, seen = [], set()
         for cfg in configs:
             kw = dict(cfg.kwargs)
+            if bool(kw.get("USE_TMA", False)) not in offered:
+                continue
             for block in blocks:
                 largest = max((p[blocks.index(block)] for p in products), default=1)
                 kw[block] = min(kw[block], max(16, triton.next_power_of_2(max(1, largest))))
@@ -299,6 +403,9 @@ def make_gemm_pruner(dtype_arg: str, *, n_acc: int = 1, n_b: int = 1, max_acc_re
             waste = gemm_waste(blocks, products, kw) if products else 1.0
             sized.append((fits, waste, smem + 1024 * acc_regs,
                           triton.Config(kw, num_warps=warps, num_stages=cfg.num_stages)))
+        if not sized:
+            raise ValueError(f"no autotune config offers USE_TMA in {offered} (tma_mode {_tma_mode!r}): "
+                             "a GEMM config list needs pointer configs")
         fitting = [t for t in sized if t[0]]
         if not fitting:
             return [min(sized, key=lambda t: (t[1], t[2]))[3]]
@@ -319,6 +426,13 @@ def autotune_enabled() -> bool:
     return os.environ.get("COLM_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _untimed(kernel_call, quantiles=None, **_):
+    """The interpreter's "benchmark": nothing to time, and the kernel is not run for it, so every
+    kept config ties and the first runs. Needed where a list of several configs (a GEMM's pointer
+    config and its TMA twin) is pruned to one: Triton 3.6 benchmarks even a single survivor."""
+    return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+
 def autotune(configs: List[triton.Config], key: List[str], prune: Callable):
     """``triton.autotune(configs, key)`` with ``prune`` as its early pruner, narrowed to one config
     when autotuning is off or a config is forced."""
@@ -330,7 +444,8 @@ def autotune(configs: List[triton.Config], key: List[str], prune: Callable):
         return kept if autotune_enabled() else kept[:1]
 
     def wrap(fn):
-        tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": narrowed})(fn)
+        tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": narrowed},
+                                do_bench=_untimed if is_interpreter() else None)(fn)
         _AUTOTUNED.append(tuned)
         return tuned
 
@@ -469,6 +584,17 @@ def mma(a, b, acc):
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def tile_desc(base, rows, cols, row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A TMA descriptor of the row-major ``(rows, cols)`` matrix at ``base`` (row stride
+    ``row_stride``, unit column stride), read in ``BLOCK_R x BLOCK_C`` boxes with ``.load([r, c])``.
+    Legal (``tma_legal``) when ``base`` and the row stride in bytes are 16-byte multiples and box
+    start columns are too. A box reaching past ``rows`` / ``cols`` reads zeros there, which replaces
+    the masks: pass the extents the math may read, never more than the allocation holds."""
+    return tl.make_tensor_descriptor(base, shape=[rows, cols], strides=[row_stride, 1],
+                                     block_shape=[BLOCK_R, BLOCK_C])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ class KernelStats:
     @property
     def config(self) -> str:
         blocks = " ".join(f"{k}={v}" for k, v in sorted(self.constexprs.items()) if k.startswith("BLOCK"))
-        return f"{blocks} w{self.num_warps} s{self.num_stages}".strip()
+        tma = " USE_TMA" if self.constexprs.get("USE_TMA") else ""  # the TMA twin of a pointer config
+        return f"{blocks} w{self.num_warps} s{self.num_stages}{tma}".strip()
 
 
 COMPILED: List[KernelStats] = []

@@ -1,5 +1,6 @@
 """What ``colm-bench --static`` reports, held in CI (no GPU): at the default bench shapes no kept
-autotune config spills registers on sm_90a and every tensor-core kernel compiles to wgmma; the
+autotune config spills registers on sm_90a, every tensor-core kernel compiles to wgmma and the chain
+GEMMs keep TMA configs that compile to TMA loads; the
 chain GEMMs execute exactly their useful tensor-core FLOPs (within 2%) when chain widths are
 multiples of 128, in the interpreter at the H100 tiles and for every config the pruners keep.
 These bounds may not be loosened to pass: fix the kernel or prune the config."""
@@ -13,7 +14,8 @@ import torch
 
 import triton
 
-from colm_kernels._triton.utils import _H100_GEMM, gemm_waste, make_gemm_pruner, register_gemm_layout
+from colm_kernels._triton.utils import (_H100_GEMM, _H100_GEMM_TMA, gemm_waste, make_gemm_pruner,
+                                        register_gemm_layout, tma_mode)
 from colm_kernels.chains import Chains
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,6 +66,16 @@ def test_default_shapes_no_spills_and_wgmma(tmp_path):
                     "_chain_swiglu_fwd_kernel"}
     assert gemm_kernels <= {r["kernel"] for r in tensor_core}
     assert all(r["resident_blocks"] >= 1 for r in rows)
+    # the TMA twins (USE_TMA) of the chain GEMMs are kept at the default shapes (bf16, aligned) and
+    # compile to TMA loads (cp.async.bulk.tensor) feeding wgmma, without spills; pointer configs never
+    for kernel in sorted(gemm_kernels):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        tma = [r for r in mine if r["config"].endswith("USE_TMA")]
+        assert tma, f"{kernel}: no TMA config kept at the default shapes"
+        bad = [f"{r['config']} ({r['shape']}): tma={r['tma']} mma={r['mma']} spill={r['spill_bytes']} B"
+               for r in tma if not (r["tma"] and r["mma"] == "wgmma" and r["spill_bytes"] == 0)]
+        assert not bad, f"{kernel}: TMA configs that do not compile to TMA + wgmma without spills:\n" + "\n".join(bad)
+        assert not [r["config"] for r in mine if r["tma"] and r not in tma], f"{kernel}: TMA in a pointer config"
 
 
 def test_chain_gemms_execute_their_useful_flops():
@@ -93,19 +105,26 @@ def test_every_kept_gemm_config_wastes_nothing_at_widths_of_128(chains, dtype):
         "dx": (("BLOCK_N", "BLOCK_K"), [(d[j], d[i]) for j in range(c.n) for i in range(j, c.n)]),
         "dw": (("BLOCK_M", "BLOCK_N"), list(zip(d, p))),
     }
-    from colm_kernels.ops.chain_swiglu.triton_kernels import _DUAL_MAX_ACC_REGS, _H100_DUAL_GEMM
+    from colm_kernels.ops.chain_swiglu.triton_kernels import (_DUAL_MAX_ACC_REGS, _H100_DUAL_GEMM,
+                                                              _H100_DUAL_GEMM_TMA)
 
-    def h100(table):  # the GPU configs, whatever tiles this process's kernels use
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
-                              num_stages=st) for bm, bn, bk, w, st in table]
+    def h100(table, tma=False):  # the GPU configs, whatever tiles this process's kernels use
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma},
+                              num_warps=w, num_stages=st) for bm, bn, bk, w, st in table]
 
     x = torch.empty(1, dtype=dtype)
+    args = {"X": x, "ALIGN": 8, "TMA_OPERANDS": True, "ROWS": False}
     for kind, (blocks, products) in layouts.items():
-        for n_acc, max_regs, table in ((1, 128, _H100_GEMM), (2, _DUAL_MAX_ACC_REGS, _H100_DUAL_GEMM)):
+        for n_acc, max_regs, table, tma_table in ((1, 128, _H100_GEMM, _H100_GEMM_TMA),
+                                                  (2, _DUAL_MAX_ACC_REGS, _H100_DUAL_GEMM, _H100_DUAL_GEMM_TMA)):
             key = register_gemm_layout(hash((kind, chains, n_acc)) & 0xFFFFFFF, blocks, products)
-            kept = make_gemm_pruner("X", n_acc=n_acc, n_b=n_acc, max_acc_regs=max_regs)(
-                h100(table), {"X": x, "LAYOUT_KEY": key, "ALIGN": 8})
-            assert len(kept) >= 2 and max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept) >= 128 * 64
-            assert kept
-            for cfg in kept:
-                assert gemm_waste(blocks, products, cfg.kwargs) <= 1.02, (kind, cfg)
+            prune = make_gemm_pruner("X", n_acc=n_acc, n_b=n_acc, max_acc_regs=max_regs)
+            # the pointer configs, then the TMA twins alone: bf16 keeps them (legal), fp32 never
+            for mode in ("off", "only"):
+                with tma_mode(mode):
+                    kept = prune(h100(table) + h100(tma_table, True), {**args, "LAYOUT_KEY": key})
+                tma = mode == "only" and dtype == torch.bfloat16
+                assert all(c.kwargs["USE_TMA"] == tma for c in kept), (mode, dtype)
+                assert len(kept) >= 2 and max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept) >= 128 * 64
+                for cfg in kept:
+                    assert gemm_waste(blocks, products, cfg.kwargs) <= 1.02, (kind, cfg)

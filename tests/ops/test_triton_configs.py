@@ -4,7 +4,9 @@ The rest of the GPU suite runs with ``COLM_KERNELS_AUTOTUNE=0`` (one config per 
 conftest), and the benchmarks pick whichever config is fastest, so each config needs its own check:
 ``force_config(i)`` pins every autotuned kernel to the i-th config its pruner keeps, and the ops run
 forward and backward against the float64 reference with the accuracy rule of ``numerics.py``, at
-sizes that span several tiles of the largest blocks and end mid-tile.
+sizes that span several tiles of the largest blocks and end mid-tile. The GEMM kernels' kept configs
+include their TMA twins (``USE_TMA``) for 16-bit inputs; ``test_chain_linear_tma.py`` runs those
+alone in bf16 as well.
 """
 import pytest
 import torch
@@ -15,7 +17,7 @@ from colm_kernels._triton.utils import autotuned_kernels, force_config, register
 from colm_kernels.ops.chain_attention import triton_kernels as _attention  # noqa: F401  (registers)
 from colm_kernels.ops.chain_linear import triton_kernels as _linear
 from colm_kernels.ops.chain_swiglu import triton_kernels as _swiglu  # noqa: F401
-from numerics import assert_within_eager_error
+from numerics import check_against_reference
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                                   reason="autotune configs are GPU-only (the interpreter has one)")
@@ -23,23 +25,7 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
 N_CONFIGS = max(len(k.configs) for k in autotuned_kernels())
 
 
-def _check(name, fn, inputs, dtype):
-    """``fn(*inputs)`` on the triton backend in ``dtype`` against the float64 reference (output and
-    every input gradient), with eager PyTorch in ``dtype`` as the error yardstick."""
-
-    def run(backend, dt):
-        leaves = [t.detach().to("cuda", dt).requires_grad_() for t in inputs]
-        with ck.use_backend(backend):
-            out = fn(*leaves)
-        out.backward(cot.to(out.dtype))
-        return [out] + [t.grad for t in leaves]
-
-    with ck.use_backend("reference"):
-        shape = fn(*[t.to("cuda") for t in inputs]).shape
-    cot = torch.randn(shape, dtype=torch.float64, device="cuda")
-    ref, eager, ours = run("reference", torch.float64), run("reference", dtype), run("triton", dtype)
-    for i, (o, e, r) in enumerate(zip(ours, eager, ref)):
-        assert_within_eager_error(o, e, r, name=f"{name} {dtype} {'output' if i == 0 else f'grad {i - 1}'}")
+_check = check_against_reference  # triton vs float64, eager in the same dtype as the yardstick
 
 
 def _randn(*shape, scale=1.0):

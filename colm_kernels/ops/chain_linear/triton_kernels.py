@@ -38,6 +38,14 @@ mask the rows beyond it. So a mixed batch executes about the FLOPs of one batch 
 Alignment: when every table pointer is 16-byte aligned and every width, offset and row stride is a
 multiple of 16 bytes (``ALIGN`` = elements per 16 B, else 1), kernels hint it so loads vectorise
 and pipeline (cp.async + wgmma on sm_90); otherwise they stay correct but run unpipelined.
+TMA (``USE_TMA`` config knob, the autotuner's choice on sm_90+): the same tiles and math, but
+operand tiles come from device-side tensor descriptors (``tile_desc``: TMA boxes into swizzled
+shared memory, no per-thread addresses) whose extents stop at what the tile may read (M rows,
+P_i or d_i columns), so the hardware's zero fill replaces the masks. Legal only with an aligned
+table (``ALIGN > 1``), activation operands whose base and row stride are 16-byte multiples
+(``TMA_OPERANDS``), no ``ROWS`` gather and 16-bit inputs; the pruner offers the TMA configs only
+then (``tma_legal``), the kernels assert it, and the launchers set Triton's scratch allocator on
+CUDA (descriptors are written to global scratch at launch). Outputs are stored through pointers.
 Limits: per-chain widths, prefix widths and weight row strides below 2**31 (token offsets are int64,
 so x / dy / y / dx may exceed 2**31 elements); M may be 0.
 
@@ -57,6 +65,7 @@ from colm_kernels._triton.utils import (
     autotune,
     check_tensor,
     device_guard,
+    ensure_tma_allocator,
     find_segment,
     gemm_configs,
     grouped_tile,
@@ -67,10 +76,12 @@ from colm_kernels._triton.utils import (
     make_gemm_pruner,
     register_gemm_layout,
     mma,
+    operands_tma_aligned,
     segment_tile_count,
     small_tiles,
     table_aligned,
     tile_count,
+    tile_desc,
 )
 
 __all__ = ["chain_linear_fwd", "chain_linear_bwd_dx", "chain_linear_bwd_dw"]
@@ -108,7 +119,7 @@ def _rows_used(COUNTS, block, M, ROWS: tl.constexpr):
 # Forward table rows (each NUM_CHAINS long): 0 W ptr, 1 d_i, 2 P_i, 3 W row stride, 4 o_i, 5 b ptr.
 @autotune(
     configs=gemm_configs(),
-    key=["LAYOUT_KEY", "ALIGN"],
+    key=["LAYOUT_KEY", "ALIGN", "TMA_OPERANDS", "ROWS"],
     prune=make_gemm_pruner("X"),
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY"])
@@ -117,7 +128,9 @@ def _chain_linear_fwd_kernel(
     M, stride_xm, stride_ym,
     LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
     NUM_CHAINS: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
+    TMA_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     ELEM: tl.constexpr = X.dtype.element_ty
     pid = tl.program_id(0)
@@ -144,14 +157,23 @@ def _chain_linear_fwd_kernel(
     # a tile whose rows all stop before this chain runs no K loop (its outputs are zeros)
     k_end = tl.where(tile_m * BLOCK_M < _rows_used(COUNTS, chain, M, ROWS), p, 0)
 
+    if USE_TMA:  # boxes past M rows / P_i columns / d_i rows read zeros: no masks
+        tl.static_assert(ALIGN > 1 and TMA_OPERANDS and not ROWS, "TMA needs aligned operands, no ROWS")
+        x_desc = tile_desc(X, M, p, stride_xm, BLOCK_M, BLOCK_K)
+        w_desc = tile_desc(w_ptr, d, p, stride_w, BLOCK_N, BLOCK_K)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_end, BLOCK_K):
-        k_ok = rk < p - k
-        a = tl.load(x_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if USE_TMA:
+            a = x_desc.load([tile_m * BLOCK_M, k])
+            b = w_desc.load([tile_n * BLOCK_N, k]).T
+        else:
+            k_ok = rk < p - k
+            a = tl.load(x_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
         acc = mma(a, b, acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
 
     if HAS_BIAS:
         b_ptr = load_ptr(TBL + 5 * NUM_CHAINS, chain, ELEM, ALIGN > 1)
@@ -168,7 +190,7 @@ def _chain_linear_fwd_kernel(
 # SEG rows (NUM_CHAINS + 1 long): 0 segment start P_(j-1), 1 segment width (last: K - P_NC).
 @autotune(
     configs=gemm_configs(),
-    key=["LAYOUT_KEY", "ALIGN"],
+    key=["LAYOUT_KEY", "ALIGN", "TMA_OPERANDS", "ROWS"],
     prune=make_gemm_pruner("DY"),
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY"])
@@ -176,8 +198,9 @@ def _chain_linear_bwd_dx_kernel(
     DY, DX, TBL, SEG, ORDER, COUNTS,
     M, stride_dym, stride_dxm,
     LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
-    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
+    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr, TMA_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     ELEM: tl.constexpr = DY.dtype.element_ty
     NUM_SEGS: tl.constexpr = NUM_CHAINS + 1
@@ -187,8 +210,12 @@ def _chain_linear_bwd_dx_kernel(
     tile_m, tile_n = grouped_tile(pid, num_tiles_m, num_tiles_n, GROUP_M)
     seg, tile_n, _na, _nb = find_segment(tile_n, SEG + NUM_SEGS, BLOCK_N, None, 1, NUM_SEGS)
 
-    col0 = load_int(SEG, seg, ALIGN) + tile_n * BLOCK_N
-    ncols = load_int(SEG + NUM_SEGS, seg, ALIGN) - tile_n * BLOCK_N
+    seg_start = load_int(SEG, seg, ALIGN)
+    seg_width = load_int(SEG + NUM_SEGS, seg, ALIGN)
+    col0 = seg_start + tile_n * BLOCK_N
+    ncols = seg_width - tile_n * BLOCK_N
+    if USE_TMA:
+        tl.static_assert(ALIGN > 1 and TMA_OPERANDS and not ROWS, "TMA needs aligned operands, no ROWS")
 
     pos = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rm, _ = _rows(ORDER, COUNTS, 0, pos, M, ROWS)
@@ -211,13 +238,20 @@ def _chain_linear_bwd_dx_kernel(
         d_end = tl.where(tile_m * BLOCK_M < n_i, d, 0)
         dy_ptrs = dy_rows + (o + rk)[None, :]
         w_ptrs = w_ptr + rk.to(tl.int64)[:, None] * stride_w + (col0 + rc)[None, :]
+        if USE_TMA:  # dy_i = dy[:, o_i:o_i+d_i] and W_i[:, :P_seg]: zeros past them, no masks
+            dy_desc = tile_desc(DY, M, o + d, stride_dym, BLOCK_M, BLOCK_K)
+            w_desc = tile_desc(w_ptr, d, seg_start + seg_width, stride_w, BLOCK_K, BLOCK_N)
         for k in range(0, d_end, BLOCK_K):
-            k_ok = rk < d - k
-            a = tl.load(dy_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            if USE_TMA:
+                a = dy_desc.load([tile_m * BLOCK_M, o + k])
+                b = w_desc.load([k, col0])
+            else:
+                k_ok = rk < d - k
+                a = tl.load(dy_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+                dy_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_w
             acc = mma(a, b, acc)
-            dy_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_w
 
     dx_ptrs = DX + rm[:, None] * stride_dxm + (col0 + rc)[None, :]
     tl.store(dx_ptrs, acc.to(ELEM), mask=m_ok[:, None] & c_ok[None, :])
@@ -227,7 +261,7 @@ def _chain_linear_bwd_dx_kernel(
 # Output tile BLOCK_M (rows of dW_i, over d_i) x BLOCK_N (columns, over P_i); BLOCK_K steps M.
 @autotune(
     configs=gemm_configs(),
-    key=["LAYOUT_KEY", "ALIGN"],
+    key=["LAYOUT_KEY", "ALIGN", "TMA_OPERANDS", "ROWS"],
     prune=make_gemm_pruner("X"),
 )
 @triton.jit(do_not_specialize=["LAYOUT_KEY"])
@@ -235,8 +269,9 @@ def _chain_linear_bwd_dw_kernel(
     DY, X, TBL, ORDER, COUNTS,
     M, stride_dym, stride_xm,
     LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
-    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
+    NUM_CHAINS: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr, TMA_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     ELEM: tl.constexpr = X.dtype.element_ty
     pid = tl.program_id(0)
@@ -255,6 +290,8 @@ def _chain_linear_bwd_dw_kernel(
     d_ok = rd < d
     p_ok = rp < p
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_TMA:
+        tl.static_assert(ALIGN > 1 and TMA_OPERANDS and not ROWS, "TMA needs aligned operands, no ROWS")
     if ROWS:
         # the K loop runs over the sorted rows that reach this chain, gathered through ORDER
         n_rows = tl.load(COUNTS + chain)
@@ -265,6 +302,13 @@ def _chain_linear_bwd_dw_kernel(
                         mask=d_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(X + rows[:, None] * stride_xm + rp[None, :], mask=k_ok[:, None] & p_ok[None, :],
                         other=0.0)
+            acc = mma(a, b, acc)
+    elif USE_TMA:  # dy[:, :o_i+d_i] and x[:, :P_i] as (M, .) matrices: zeros past them, no masks
+        dy_desc = tile_desc(DY, M, o + d, stride_dym, BLOCK_K, BLOCK_M)
+        x_desc = tile_desc(X, M, p, stride_xm, BLOCK_K, BLOCK_N)
+        for k in range(0, M, BLOCK_K):
+            a = dy_desc.load([k, o + tile_d * BLOCK_M]).T  # dy_i^T tile (BLOCK_M, BLOCK_K)
+            b = x_desc.load([k, tile_p * BLOCK_N])
             acc = mma(a, b, acc)
     else:
         dy_ptrs = DY + rk.to(tl.int64)[None, :] * stride_dym + (o + rd)[:, None]  # dy_i^T tile (BLOCK_M, BLOCK_K)
@@ -454,12 +498,14 @@ def chain_linear_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor],
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * tile_count(ds, meta["BLOCK_N"]),)
 
+    ensure_tma_allocator(device)
     with device_guard(device):
         _chain_linear_fwd_kernel[grid](
             x, y, tbl, order, counts,
             M, x.stride(0), y.stride(0),
             fwd_layout_key("fwd", ds, ps, has_bias),
             NUM_CHAINS=n, HAS_BIAS=has_bias, ALIGN=_align(aligned, es), ROWS=rows,
+            TMA_OPERANDS=operands_tma_aligned(x),
         )
     return y
 
@@ -498,6 +544,7 @@ def chain_linear_bwd_dx(dy: torch.Tensor, weights: Sequence[torch.Tensor], in_fe
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * tile_count(seg_width, meta["BLOCK_N"]),)
 
+    ensure_tma_allocator(device)
     with device_guard(device):
         _chain_linear_bwd_dx_kernel[grid](
             dy, dx, tbl, seg, order, counts,
@@ -506,7 +553,7 @@ def chain_linear_bwd_dx(dy: torch.Tensor, weights: Sequence[torch.Tensor], in_fe
                 _layout_key("dx", tuple(ds), tuple(ps), in_features), ("BLOCK_N", "BLOCK_K"),
                 # segment j is summed over the chains i >= j (the zero tail: no product)
                 [(seg_width[j], ds[i]) for j in range(n) for i in range(j, n)]),
-            NUM_CHAINS=n, ALIGN=_align(aligned, es), ROWS=rows,
+            NUM_CHAINS=n, ALIGN=_align(aligned, es), ROWS=rows, TMA_OPERANDS=operands_tma_aligned(dy),
         )
     return dx
 
@@ -565,6 +612,7 @@ def chain_linear_bwd_dw(
         def grid(meta):
             return (tile_count(a_d, meta["BLOCK_M"], a_p, meta["BLOCK_N"]),)
 
+        ensure_tma_allocator(device)
         with device_guard(device):
             _chain_linear_bwd_dw_kernel[grid](
                 dy, x, tbl, order, counts,
@@ -572,6 +620,7 @@ def chain_linear_bwd_dw(
                 register_gemm_layout(_layout_key("dw", tuple(a_d), tuple(a_p), tuple(a_o)),
                                      ("BLOCK_M", "BLOCK_N"), zip(a_d, a_p)),
                 NUM_CHAINS=len(active), ALIGN=_align(aligned, es), ROWS=rows,
+                TMA_OPERANDS=operands_tma_aligned(dy, x),
             )
 
     dbs: List[Optional[torch.Tensor]] = [None] * n

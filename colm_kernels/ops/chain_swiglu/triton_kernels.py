@@ -27,6 +27,7 @@ Kernels here:
   nonzero blocks only; the K loop over [0, P_i) loads each x tile once and multiplies it by the
   W1_i and W3_i tiles into two fp32 accumulators; the epilogue writes ``h = silu(a) * b`` and, when
   ``STORE_GATES`` (autograd will need them), ``a`` and ``b`` too. No separate silu/mul pass.
+  Its ``USE_TMA`` configs load the x, W1_i and W3_i tiles by TMA, under chain_linear's rules.
 - ``_chain_swiglu_bwd_gates_kernel``: elementwise (dh, a, b) -> (da, db), fp32 math.
 
 Dtypes: fp16, bf16 or fp32, every tensor the same; products accumulate in fp32 (IEEE dots for fp32
@@ -49,6 +50,7 @@ from colm_kernels._triton.utils import (
     autotune,
     check_tensor,
     device_guard,
+    ensure_tma_allocator,
     find_segment,
     gemm_configs,
     grouped_tile,
@@ -57,10 +59,12 @@ from colm_kernels._triton.utils import (
     load_ptr,
     make_gemm_pruner,
     mma,
+    operands_tma_aligned,
     segment_tile_count,
     small_tiles,
     table_aligned,
     tile_count,
+    tile_desc,
 )
 from colm_kernels.ops.chain_linear.triton_kernels import (
     _align,
@@ -99,13 +103,16 @@ _H100_DUAL_GEMM = (
     (128, 64, 32, 8, 4),  # fp32 inputs: fit shared memory where the 64-deep ones do not
     (64, 64, 32, 4, 3),
 )
+# TMA twins of the 16-bit rows (see ``gemm_configs``): x, W1 and W3 tiles by TMA.
+_H100_DUAL_GEMM_TMA = tuple(row for row in _H100_DUAL_GEMM if row[2] == 64)
 # Per-thread registers of the two accumulators together (see above).
 _DUAL_MAX_ACC_REGS = 64
 
 
 def dual_gemm_configs() -> List[triton.Config]:
-    """Configs of the two-accumulator forward; the shared single 16x16x16 one under the interpreter."""
-    return gemm_configs(_H100_DUAL_GEMM)
+    """Configs of the two-accumulator forward and their TMA twins; the shared 16x16x16 pair under
+    the interpreter."""
+    return gemm_configs(_H100_DUAL_GEMM, _H100_DUAL_GEMM_TMA)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +122,7 @@ def dual_gemm_configs() -> List[triton.Config]:
 # 5 W3 row stride, 6 o_i.
 @autotune(
     configs=dual_gemm_configs(),
-    key=["LAYOUT_KEY", "ALIGN", "STORE_GATES"],
+    key=["LAYOUT_KEY", "ALIGN", "STORE_GATES", "TMA_OPERANDS", "ROWS"],
     # two accumulators; per stage one x tile and a W1 and a W3 tile
     prune=make_gemm_pruner("X", n_acc=2, n_b=2, max_acc_regs=_DUAL_MAX_ACC_REGS),
 )
@@ -125,7 +132,9 @@ def _chain_swiglu_fwd_kernel(
     M, stride_xm, stride_hm, stride_gm,
     LAYOUT_KEY,  # autotune key: the registered chain layout (pruning)
     NUM_CHAINS: tl.constexpr, STORE_GATES: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
+    TMA_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     ELEM: tl.constexpr = X.dtype.element_ty
     pid = tl.program_id(0)
@@ -154,19 +163,30 @@ def _chain_swiglu_fwd_kernel(
     w1_ptrs = w1_ptr + rn.to(tl.int64)[None, :] * stride_w1 + rk[:, None]  # W1_i^T tile (BLOCK_K, BLOCK_N)
     w3_ptrs = w3_ptr + rn.to(tl.int64)[None, :] * stride_w3 + rk[:, None]
 
+    if USE_TMA:  # as chain_linear's forward: zeros past M rows / P_i columns / d_i rows, no masks
+        tl.static_assert(ALIGN > 1 and TMA_OPERANDS and not ROWS, "TMA needs aligned operands, no ROWS")
+        x_desc = tile_desc(X, M, p, stride_xm, BLOCK_M, BLOCK_K)
+        w1_desc = tile_desc(w1_ptr, d, p, stride_w1, BLOCK_N, BLOCK_K)
+        w3_desc = tile_desc(w3_ptr, d, p, stride_w3, BLOCK_N, BLOCK_K)
+
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.where(tile_m * BLOCK_M < _rows_used(COUNTS, chain, M, ROWS), p, 0)
     for k in range(0, k_end, BLOCK_K):
-        k_ok = rk < p - k
-        xt = tl.load(x_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)  # read once, used twice
-        w1t = tl.load(w1_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        w3t = tl.load(w3_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if USE_TMA:
+            xt = x_desc.load([tile_m * BLOCK_M, k])  # read once, used twice
+            w1t = w1_desc.load([tile_n * BLOCK_N, k]).T
+            w3t = w3_desc.load([tile_n * BLOCK_N, k]).T
+        else:
+            k_ok = rk < p - k
+            xt = tl.load(x_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)  # read once, used twice
+            w1t = tl.load(w1_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            w3t = tl.load(w3_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            x_ptrs += BLOCK_K
+            w1_ptrs += BLOCK_K
+            w3_ptrs += BLOCK_K
         acc_a = mma(xt, w1t, acc_a)
         acc_b = mma(xt, w3t, acc_b)
-        x_ptrs += BLOCK_K
-        w1_ptrs += BLOCK_K
-        w3_ptrs += BLOCK_K
 
     out_ok = m_ok[:, None] & n_ok[None, :]
     if ROWS:  # rows whose scale stops before this chain: exact zeros (a = b = 0 gives h = 0)
@@ -283,12 +303,14 @@ def chain_swiglu_fwd(x: torch.Tensor, w1: Sequence[torch.Tensor], w3: Sequence[t
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * tile_count(ds, meta["BLOCK_N"]),)
 
+    ensure_tma_allocator(device)
     with device_guard(device):
         _chain_swiglu_fwd_kernel[grid](
             x, h, gates if save_gates else h, tbl, order, counts,
             M, x.stride(0), h.stride(0), gates.stride(0) if save_gates else 0,
             fwd_layout_key("swiglu_fwd", ds, ps),
             NUM_CHAINS=n, STORE_GATES=save_gates, ALIGN=_align(aligned, es), ROWS=rows,
+            TMA_OPERANDS=operands_tma_aligned(x),
         )
     return h, gates
 
