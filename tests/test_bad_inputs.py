@@ -226,3 +226,25 @@ def test_cuda_backends_report_why_they_cannot_run_here():
     with ck.use_backend("cuda"):
         with pytest.raises(ck.BackendError, match="chain_rmsnorm: backend 'cuda' cannot run"):
             ck.chain_rmsnorm(x8(3), torch.ones(8, dtype=F64), C)
+
+
+
+# --- head dim 0 with the default softmax_scale: a ValueError, not a ZeroDivisionError ---------
+def _zero_head_dim_decode():
+    z = torch.zeros(2, 3, 4, 0, dtype=F64)
+    with torch.no_grad():
+        return ck.chain_attention_decode(z[:, :1], z, z, torch.tensor([3, 2]), C)
+
+
+HEAD_DIM_ZERO_CASES = [
+    ("attention-head-dim-zero", lambda: attn(q=qkv(D=0)[0], k=qkv(D=0)[1], v=qkv(D=0)[2]), ValueError,
+     r"head dim q\.shape\[-1\]=0"),
+    ("decode-head-dim-zero", _zero_head_dim_decode, ValueError, r"head dim q\.shape\[-1\]=0"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", [c[1:] for c in HEAD_DIM_ZERO_CASES], ids=[c[0] for c in HEAD_DIM_ZERO_CASES])
+def test_head_dim_zero_raises_naming_the_head_dim(call, exc, match):
+    with ck.use_backend("reference"):
+        with pytest.raises(exc, match=match):
+            call()
