@@ -5,13 +5,15 @@ table entries past a sequence's pages pointing outside the cache) must give exac
 the contiguous layout: bitwise for the float64 reference and for each kernel backend (same key
 tiles, same order), and within the eager-error rule of the float64 reference. Odd page sizes,
 sequences of different lengths (0 included), GQA and shared KV, mixed ``seq_chains``, forced
-splits, blocks shared between sequences, unchecked table entries (clamped into the cache), opcheck.
+splits, blocks shared between sequences, unchecked table entries (clamped into the cache), the
+model's paged ``KVCache`` (a layer step by step, a gradient step, and ``generate``), opcheck.
 """
 import pytest
 import torch
 
 import colm_kernels as ck
 from colm_kernels import _cuda
+from colm_kernels.nn import KVCache
 from colm_kernels.ops.chain_attention_decode.api import decode_head_maps
 from numerics import assert_within_eager_error
 
@@ -205,3 +207,89 @@ def test_opcheck_with_block_table():
         ops.append(chain_attention_decode_cuda)
     for op in ops:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's KV cache
+# ---------------------------------------------------------------------------------------------
+def _attention(kv_sharing, dtype=F64):
+    from colm_kernels.nn import ChainAttention
+    torch.manual_seed(0)
+    return ChainAttention(64, 4, 2, (2, 2), kv_sharing=kv_sharing, kv_mapping="chain_group").to(DEVICE, dtype)
+
+
+def _cache(attn, batch, max_len, page_size, dtype=F64):
+    return KVCache(1, batch, max_len, attn.n_kv_heads, attn.head_dim, kv_sharing=attn.kv_sharing,
+                   dtype=dtype, device=DEVICE, page_size=page_size)
+
+
+def test_kv_cache_paged_layout():
+    """Pages are handed out position-major (page j of sequence b is block j * B + b), the pools
+    are (num_blocks, page_size, n_kv, hd), and a write lands where the table says."""
+    cache = KVCache(2, 3, 10, 2, 8, kv_sharing=True, dtype=F64, page_size=4)
+    assert cache.k[0].shape == (9, 4, 2, 8) and cache.block_table.dtype == torch.int32
+    assert cache.block_table.tolist() == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    keys = torch.randn(3, 6, 2, 8, dtype=F64)
+    got_k, _ = cache.update(0, keys, keys, 0)
+    assert torch.equal(got_k, keys)
+    assert torch.equal(cache.k[0][4, 1], keys[1, 5])  # sequence 1, position 5: page 1 (block 4), slot 1
+    with pytest.raises(ValueError, match="page_size"):
+        KVCache(1, 1, 4, 1, 8, kv_sharing=True, page_size=0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("kv_sharing", [False, True], ids=["gqa", "shared"])
+def test_chain_attention_paged_cache_equals_contiguous(kv_sharing, backend):
+    """ChainAttention step by step (prefill 5, decode 1, a chunk of 3 at a smaller scale, decode 1)
+    with a paged cache (pages of 3) gives the contiguous cache's outputs; then a step with
+    gradients (the chain_attention path, which gathers the pages) does too."""
+    dtype = F64 if backend == "reference" else torch.float32
+    attn = _attention(kv_sharing, dtype)
+    x = torch.randn(2, 12, 64, dtype=dtype, device=DEVICE)
+    outs = {}
+    for page in (None, 3):
+        cache = _cache(attn, 2, 12, page, dtype)
+        got = []
+        with torch.no_grad(), ck.use_backend(backend, ops=["chain_attention_decode"]):
+            for a, b, chain in ((0, 5, 1), (5, 6, 1), (6, 9, 0), (9, 10, 0)):
+                got.append(attn(x[:, a:b], chain, cache))
+                cache.advance(b - a, chain)
+        with torch.enable_grad():
+            got.append(attn(x[:, 10:12], 0, cache))
+        outs[page] = got
+    for step, (paged, flat) in enumerate(zip(outs[3], outs[None])):
+        if backend == "reference":
+            assert torch.equal(paged, flat), f"step {step}"
+        else:
+            torch.testing.assert_close(paged, flat, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("kv_sharing", [False, True], ids=["gqa", "shared"])
+def test_model_generates_the_same_tokens_with_a_paged_cache(kv_sharing, monkeypatch):
+    """CoLM.generate with a paged KVCache (pages of 3; every decode step reads the cache through
+    block_table) gives the tokens of the contiguous cache: float64 on the reference backend and
+    float32 on the triton backend."""
+    from colm_kernels.models import CoLM, CoLMConfig
+    from colm_kernels.nn import attention as attention_module
+
+    cfg = CoLMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=29, chains=(2, 2),
+                     ffn_hidden_dim=64, kv_sharing=kv_sharing, kv_mapping="chain_group")
+    tables = []
+    real = attention_module.chain_attention_decode
+    monkeypatch.setattr(attention_module, "chain_attention_decode",
+                        lambda *a, **kw: tables.append(kw.get("block_table")) or real(*a, **kw))
+    for dtype, backend in ((F64, "reference"), (torch.float32, "triton")):
+        model = CoLM(cfg).to(DEVICE, dtype)
+        prompt = torch.randint(0, 29, (2, 6), device=DEVICE)
+        chain = [0, 0, 0, 0, 0] if not kv_sharing else [1, 0, 1, 1, 0]
+        with ck.use_backend(backend, ops=["chain_attention_decode"]):
+            tables.clear()
+            flat = model.generate(prompt, 5, chain=chain, prefill_chain=0)
+            assert tables and all(t is None for t in tables)
+            monkeypatch.setattr(model, "new_cache", lambda batch, max_len: KVCache(
+                cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, kv_sharing=cfg.kv_sharing,
+                dtype=dtype, device=DEVICE, page_size=3))
+            tables.clear()
+            paged = model.generate(prompt, 5, chain=chain, prefill_chain=0)
+            assert tables and all(t is not None for t in tables)
+        assert torch.equal(paged, flat), (dtype, paged.tolist(), flat.tolist())
