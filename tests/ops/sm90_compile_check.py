@@ -146,10 +146,38 @@ def _compile_for_sm90(src, target=None, options=None, _env_vars=None):
         FAILURES.append(f"{tag}: needs {shared} B of shared memory > {H100_MAX_SHARED} (H100)")
     if "cubin" not in ck.asm:
         FAILURES.append(f"{tag}: no cubin produced")
+    elif module in NO_SPILL_MODULES:
+        FAILURES.extend(_spill_failures(ck.asm["cubin"], tag))
     COMPILED.append(dict(kernel=name, module=module, num_warps=opts.get("num_warps"),
                          num_stages=opts.get("num_stages"), shared=shared,
                          seconds=round(time.time() - t0, 2)))
     return _NoLaunch(ck)
+
+
+# Modules whose every compiled kernel must be free of spills (stack / local memory in the cubin).
+NO_SPILL_MODULES = ("colm_kernels.ops.chain_attention_decode.triton_kernels",)
+
+
+def _spill_failures(cubin: bytes, tag: str) -> list:
+    """``cuobjdump -res-usage`` of the cubin (Triton's bundled one): a failure per kernel that uses
+    stack or local memory (ptxas spilled), or when the tool is missing (never a silent pass)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+    tool = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return [f"{tag}: cannot check spills, no cuobjdump next to Triton's ptxas ({tool})"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.findall(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if not found:
+        return [f"{tag}: cuobjdump -res-usage printed no resource line"]
+    return [f"{tag}: spills ({regs} registers, {stack} B stack, {local} B local)"
+            for regs, stack, local in found if stack != "0" or local != "0"]
 
 
 # Autotuned kernels: every config surviving ``early_config_prune`` is compiled, unless a case asks
@@ -305,6 +333,10 @@ def cases():
                                         (256, 128, 1, False, 16)):
             yield (f"chain_attention_decode {dtype} D={d} Sq={sq} splits={splits} sc={sc} page={page}",
                    run_chain_attention_decode, (dtype, d, sq, splits, sc, page), full)
+    # float32 decode (IEEE tl.dot on FMA units, its own tile sizes).
+    for d, sq, splits, page in ((40, 16, 2, 16), (256, 128, 1, None)):
+        yield (f"chain_attention_decode {torch.float32} D={d} Sq={sq} splits={splits} page={page}",
+               run_chain_attention_decode, (torch.float32, d, sq, splits, False, page), True)
 
 
 def discover_kernels():

@@ -191,7 +191,7 @@ def test_unchecked_table_entries_are_clamped_into_the_cache(backend):
         _run(backend, q, kp, vp, lens, case, torch.float32, block_table=bad)
 
 
-def test_opcheck_with_block_table():
+def test_opcheck_and_compile_with_block_table():
     from colm_kernels.ops.chain_attention_decode.api import chain_attention_decode_reference
     from colm_kernels.ops.chain_attention_decode.triton import chain_attention_decode_triton
 
@@ -207,6 +207,13 @@ def test_opcheck_with_block_table():
         ops.append(chain_attention_decode_cuda)
     for op in ops:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    q32, lens = args[0], args[3]
+    for backend in ["reference"] + KERNEL_BACKENDS:
+        with torch.no_grad(), ck.use_backend(backend):
+            fn = torch.compile(lambda q, k, v, n, t: ck.chain_attention_decode(q, k, v, n, (2, 2), block_table=t),
+                               fullgraph=True, backend="aot_eager")
+            torch.testing.assert_close(fn(q32, kp, vp, lens, table),
+                                       ck.chain_attention_decode(q32, kp, vp, lens, (2, 2), block_table=table))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -328,28 +328,36 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _blocks(head_dim: int, rows: int) -> Tuple[int, int, int, int]:
+# (BLOCK_M cap, BLOCK_N, num_warps, num_stages) per padded head dim. Chosen so that no kernel
+# variant spills on sm_90a: every combination of paged / split / seq_chains / padded or power-of-two
+# D / BLOCK_M was compiled by Triton 3.9 (its ptxas flags) for each candidate, and the first
+# candidate without a spilled byte kept. ptxas trades a few spilled bytes for occupancy at the
+# register cliffs (64, 80, 128, 168), so neighbouring configs spill 8-32 B: e.g. 16-bit D=256 at
+# 8 warps (BLOCK_N 32) spilled up to 32 B at 128 registers, at 4 warps with BLOCK_N 16 none (221
+# registers at most). float32 tl.dot (IEEE) runs on FMA units with whole operand rows per thread:
+# BLOCK_M 16 (BLOCK_M 32 spilled 700+ B at D=64). Not timed on a GPU yet.
+_TILES_16BIT = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
+                256: (32, 16, 4, 2)}
+_TILES_FP32 = {16: (16, 32, 4, 2), 32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 32, 8, 2),
+               256: (16, 32, 8, 1)}
+
+
+def _blocks(head_dim: int, rows: int, fp32: bool) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the padded ``head_dim``. BLOCK_M: the packed
     rows ``G * Sq`` rounded up to a power of two (tl.dot needs 16), capped so that the fp32
     accumulator stays in registers (more rows: more row blocks)."""
     if is_interpreter():
         return 16, 16, 1, 1
-    cap = 64 if head_dim <= 128 else 32
-    block_m = min(max(16, triton.next_power_of_2(rows)), cap)
-    block_n = 64 if head_dim <= 128 else 32
-    # 8 warps from D = 128 on: the same tiles over twice the threads. sm_90a ptxas, fp16: D = 256
-    # at BLOCK_M = 32 uses 144 registers instead of 254, and the paged D = 256 kernel no longer
-    # spills (12 bytes at 4 warps); D = 128: 140-144 instead of 187-209. Not timed on a GPU yet.
-    warps = 8 if head_dim >= 128 else 4
-    return block_m, block_n, warps, 2
+    cap, block_n, warps, stages = (_TILES_FP32 if fp32 else _TILES_16BIT)[head_dim]
+    return min(max(16, triton.next_power_of_2(rows)), cap), block_n, warps, stages
 
 
 def decode_plan(batch: int, n_kv: int, rows: int, s_max: int, head_dim: int, device,
-                num_splits: Optional[int] = None) -> dict:
+                num_splits: Optional[int] = None, fp32: bool = False) -> dict:
     """Block sizes and the split of the key axis for one launch (``head_dim``: the padded one,
     ``s_max``: keys per sequence the cache holds). ``num_splits`` forces a split count (tests);
     the split size is then ``cdiv(key blocks, num_splits)`` key blocks."""
-    block_m, block_n, warps, stages = _blocks(head_dim, rows)
+    block_m, block_n, warps, stages = _blocks(head_dim, rows, fp32)
     n_rb = triton.cdiv(rows, block_m)
     n_blocks = max(1, triton.cdiv(s_max, block_n))
     if num_splits is None:
@@ -451,7 +459,7 @@ def chain_attention_decode_fwd(
         return out
     heads, chains = group_rows(kv_head_index, head_chain)
     Hkv, G = len(heads), len(heads[0])
-    plan = decode_plan(B, Hkv, G * Sq, S_max, D_P2, q.device, num_splits)
+    plan = decode_plan(B, Hkv, G * Sq, S_max, D_P2, q.device, num_splits, q.dtype == torch.float32)
     n_splits, n_rb = plan["num_splits"], plan["row_blocks"]
     if B > _MAX_GRID_YZ or Hkv * n_rb > _MAX_GRID_YZ:
         raise ValueError(f"batch {B} and kv heads x row blocks {Hkv * n_rb} must be <= {_MAX_GRID_YZ} (grid limit)")
