@@ -272,17 +272,17 @@ def test_cuda_every_head_dim_long_cache(d):
         _compare("cuda", case, 8, 3, dtype, d=d, B=3, lengths=[700, 2, 1025], s_max=1100)
 
 
-@pytest.mark.parametrize("sq", [64, 128])
+@pytest.mark.parametrize("sq, case, n_q", [(64, CASES[3], 6), (128, CASES[1], 4)],
+                         ids=["Sq64-shared-G3", "Sq128-gqa-G2"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_many_new_tokens(backend, sq):
+def test_many_new_tokens(backend, sq, case, n_q):
     """64 and 128 new tokens per sequence (speculative decoding, chunked prefill): causal
     bottom-right per sequence, small caches, a sequence shorter than Sq (its first rows see no
-    key), GQA and shared KV, seq_chains mixed."""
-    for case, n_q in ((CASES[1], 4), (CASES[3], 6)):
-        scale, *_ = decode_head_maps(case[0], n_q, case[1], case[2], case[3])
-        for dtype in DTYPES:
-            _compare(backend, case, n_q, sq, dtype, B=3, lengths=[sq + 9, sq, sq // 2], s_max=sq + 12,
-                     sc=_seq_chains(scale))
+    key), seq_chains mixed; 128 x G packed rows span many row blocks."""
+    scale, *_ = decode_head_maps(case[0], n_q, case[1], case[2], case[3])
+    for dtype in DTYPES:
+        _compare(backend, case, n_q, sq, dtype, B=3, lengths=[sq + 9, sq, sq // 2], s_max=sq + 12,
+                 sc=_seq_chains(scale))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)

@@ -91,7 +91,7 @@ def _check_cache_values(cache_seqlens: Tensor, k_cache: Tensor, block_table, cap
     try:
         check_int_values("cache_seqlens", cache_seqlens, 0, capacity)
     except ValueError as e:
-        if block_table is None:
+        if block_table is None or int(cache_seqlens.max()) <= capacity:
             raise
         raise ValueError(f"{e}: too few blocks, block_table.shape[1]={block_table.shape[1]} blocks of "
                          f"page_size={k_cache.shape[1]} hold {capacity} keys per sequence") from None
