@@ -272,6 +272,26 @@ def test_cuda_every_head_dim_long_cache(d):
         _compare("cuda", case, 8, 3, dtype, d=d, B=3, lengths=[700, 2, 1025], s_max=1100)
 
 
+@pytest.mark.parametrize("d", [4, 12, 264])
+def test_head_dims_the_kernels_decline(d):
+    """Head dims that are not multiples of 8 in [8, 256]: each kernel backend declines with the
+    reason (BackendError when named, auto moves on), the reference computes them."""
+    from colm_kernels.ops.chain_attention_decode.limits import head_dim_reasons
+
+    for backend in ("triton", "cuda"):
+        assert head_dim_reasons(backend, d) == [
+            f"{backend} chain_attention_decode takes head dims that are multiples of 8 in [8, 256], got {d}"]
+    case = CASES[1]
+    q, k, v, lengths = _make(case, 4, 1, d=d)
+    with torch.no_grad(), ck.use_backend("triton"), pytest.raises(BackendError, match="multiples of 8"):
+        ck.chain_attention_decode(_to(q, torch.float32), _to(k, torch.float32), _to(v, torch.float32),
+                                  lengths.to(DEVICE), case[0])
+    ref = _run("reference", q, k, v, lengths, case[0], F64)
+    with torch.no_grad():  # auto: the kernels decline, the reference runs
+        out = ck.chain_attention_decode(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), lengths.to(DEVICE), case[0])
+    torch.testing.assert_close(out.cpu(), ref)
+
+
 @pytest.mark.parametrize("sq, case, n_q", [(64, CASES[3], 6), (128, CASES[1], 4)],
                          ids=["Sq64-shared-G3", "Sq128-gqa-G2"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
