@@ -29,10 +29,13 @@
 //   chain_attention_decode_fwd(q (B, Sq, Hq, D), k_cache, v_cache (B, S_max, Hkv_cache, D),
 //                              cache_seqlens int32 (B,), group_heads int32 (Hkv, G),
 //                              group_chains int32 (Hkv, G), head_chain int32 (Hq,),
-//                              seq_chains int32 (B,) or None, softmax_scale, num_splits)
+//                              seq_chains int32 (B,) or None, softmax_scale, num_splits,
+//                              block_table int32 (B, max_blocks) or None)
 //       -> out (B, Sq, Hq, D) contiguous, q.dtype. Split-K decode attention over the first Hkv kv
-//       heads of the caches (Hkv * G = Hq); num_splits 0 = automatic. Caches: any strides that
-//       are multiples of 16 bytes, unit last stride; D in {64, 128, 256}; 1 <= Sq <= 16.
+//       heads of the caches (Hkv * G = Hq); num_splits 0 = automatic. With block_table the caches
+//       are paged, (num_blocks, page_size, Hkv_cache, D) (flash-attn's convention). Caches: any
+//       strides that are multiples of 16 bytes, unit last stride; D a multiple of 8 in [8, 256];
+//       1 <= Sq <= 128.
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -442,7 +445,8 @@ at::Tensor chain_attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_c
                                       const at::Tensor& group_chains,
                                       const at::Tensor& head_chain,
                                       const std::optional<at::Tensor>& seq_chains,
-                                      double softmax_scale, int64_t num_splits) {
+                                      double softmax_scale, int64_t num_splits,
+                                      const std::optional<at::Tensor>& block_table) {
   constexpr const char* op = "chain_attention_decode_fwd";
   check_cuda(q, op, "q");
   check_cuda(k_cache, op, "k_cache", &q, "q");
@@ -452,11 +456,25 @@ at::Tensor chain_attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_c
   check_same_dtype(v_cache, q, op, "v_cache", "q");
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D (B, Sq, Hq, D), got shape ", q.sizes());
   TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), op,
-                    ": k_cache and v_cache must be 4-D (B, S_max, Hkv, D) of one shape, got ",
-                    k_cache.sizes(), " and ", v_cache.sizes());
+                    ": k_cache and v_cache must be 4-D (B, S_max, Hkv, D) or, paged, (num_blocks, "
+                    "page_size, Hkv, D), of one shape, got ", k_cache.sizes(), " and ", v_cache.sizes());
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
-  TORCH_CHECK_VALUE(k_cache.size(0) == B && k_cache.size(3) == D, op, ": k_cache ",
-                    k_cache.sizes(), " must have q's batch ", B, " and head dim ", D);
+  const bool paged = block_table.has_value();
+  TORCH_CHECK_VALUE((paged || k_cache.size(0) == B) && k_cache.size(3) == D, op, ": k_cache ",
+                    k_cache.sizes(), " must have q's batch ", B, " (unless paged) and head dim ", D);
+  if (paged) {
+    check_cuda(*block_table, op, "block_table", &q, "q");
+    TORCH_CHECK_TYPE(block_table->scalar_type() == at::kInt, op, ": block_table must be int32, got ",
+                     block_table->scalar_type());
+    TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == B &&
+                          (block_table->size(1) <= 1 || block_table->stride(1) == 1),
+                      op, ": block_table must be (B, max_blocks) = (", B,
+                      ", *) with a unit last stride, got shape ", block_table->sizes(),
+                      " and strides ", block_table->strides());
+    TORCH_CHECK_VALUE(k_cache.size(0) >= 1 && k_cache.size(1) >= 1, op,
+                      ": a paged cache needs num_blocks >= 1 and page_size >= 1, got ",
+                      k_cache.sizes());
+  }
   for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"},
                                 {&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
     TORCH_CHECK_VALUE(t->size(3) <= 1 || t->stride(3) == 1, op, ": ", name,
@@ -489,11 +507,17 @@ at::Tensor chain_attention_decode_fwd(const at::Tensor& q, const at::Tensor& k_c
   a.group_chains = int32_vector(group_chains, q, Hq, op, "group_chains");
   a.head_chain = int32_vector(head_chain, q, Hq, op, "head_chain");
   a.seq_chains = seq_chains.has_value() ? int32_vector(*seq_chains, q, B, op, "seq_chains") : nullptr;
+  if (paged) {
+    a.block_table = block_table->data_ptr<int32_t>();
+    a.block_table_stride = block_table->size(0) <= 1 ? 0 : block_table->stride(0);
+    a.page_size = k_cache.size(1);
+    a.num_blocks = k_cache.size(0);
+  }
   a.batch = B;
   a.sq = Sq;
   a.hq = Hq;
   a.hkv = Hkv;
-  a.s_max = k_cache.size(1);
+  a.s_max = paged ? k_cache.size(1) * block_table->size(1) : k_cache.size(1);
   a.head_dim = D;
   a.softmax_scale = softmax_scale;
 
@@ -543,7 +567,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("cache_seqlens"),
         pybind11::arg("group_heads"), pybind11::arg("group_chains"), pybind11::arg("head_chain"),
         pybind11::arg("seq_chains"), pybind11::arg("softmax_scale"), pybind11::arg("num_splits"),
-        "Split-K decode attention over a KV cache: q (B, Sq, Hq, D), caches (B, S_max, Hkv, D), "
+        pybind11::arg("block_table") = pybind11::none(),
+        "Split-K decode attention over a KV cache: q (B, Sq, Hq, D), caches (B, S_max, Hkv, D) or, "
+        "with block_table int32 (B, max_blocks), paged (num_blocks, page_size, Hkv, D), "
         "cache_seqlens int32 (B,) (new tokens included), head tables int32, seq_chains int32 (B,) "
         "or None, softmax_scale, num_splits (0: automatic) -> out (B, Sq, Hq, D).");
 }

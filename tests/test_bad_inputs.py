@@ -226,3 +226,85 @@ def test_cuda_backends_report_why_they_cannot_run_here():
     with ck.use_backend("cuda"):
         with pytest.raises(ck.BackendError, match="chain_rmsnorm: backend 'cuda' cannot run"):
             ck.chain_rmsnorm(x8(3), torch.ones(8, dtype=F64), C)
+
+
+
+# --- head dim 0 with the default softmax_scale: a ValueError, not a ZeroDivisionError ---------
+def _zero_head_dim_decode():
+    z = torch.zeros(2, 3, 4, 0, dtype=F64)
+    with torch.no_grad():
+        return ck.chain_attention_decode(z[:, :1], z, z, torch.tensor([3, 2]), C)
+
+
+HEAD_DIM_ZERO_CASES = [
+    ("attention-head-dim-zero", lambda: attn(q=qkv(D=0)[0], k=qkv(D=0)[1], v=qkv(D=0)[2]), ValueError,
+     r"head dim q\.shape\[-1\]=0"),
+    ("decode-head-dim-zero", _zero_head_dim_decode, ValueError, r"head dim q\.shape\[-1\]=0"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", [c[1:] for c in HEAD_DIM_ZERO_CASES], ids=[c[0] for c in HEAD_DIM_ZERO_CASES])
+def test_head_dim_zero_raises_naming_the_head_dim(call, exc, match):
+    with ck.use_backend("reference"):
+        with pytest.raises(exc, match=match):
+            call()
+
+
+# --- chain_attention_decode: contiguous and paged caches ------------------------------------
+def decode(q=None, k=None, v=None, seqlens=None, **kw):
+    """Decode over a paged cache by default: 5 blocks of 2 positions, 4 kv heads, D = 4; two
+    sequences of lengths 3 and 4 on blocks [0, 1] and [2, 3]."""
+    g = _gen()
+    q = torch.randn(2, 1, 4, 4, dtype=F64, generator=g) if q is None else q
+    k = torch.randn(5, 2, 4, 4, dtype=F64, generator=g) if k is None else k
+    v = torch.randn(5, 2, 4, 4, dtype=F64, generator=g) if v is None else v
+    seqlens = torch.tensor([3, 4]) if seqlens is None else seqlens
+    kw.setdefault("block_table", torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
+    with torch.no_grad():
+        return ck.chain_attention_decode(q, k, v, seqlens, C, **kw)
+
+
+def _table(*rows):
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+DECODE_CASES = [
+    ("decode-cache-batch-without-table", lambda: decode(block_table=None), ValueError, r"k_cache\.shape\[0\]"),
+    ("decode-block-table-int64", lambda: decode(block_table=torch.tensor([[0, 1], [2, 3]])), TypeError,
+     "block_table must be an int32"),
+    ("decode-block-table-not-tensor", lambda: decode(block_table=[[0, 1], [2, 3]]), TypeError, "block_table"),
+    ("decode-block-table-1d", lambda: decode(block_table=_table(0, 1)), ValueError, r"block_table must have shape"),
+    ("decode-block-table-batch", lambda: decode(block_table=_table([0, 1], [2, 3], [4, 4])), ValueError,
+     r"block_table must have shape \(batch=2"),
+    ("decode-block-table-device", lambda: decode(block_table=_table([0, 1], [2, 3]).to("meta")), ValueError,
+     "block_table is on meta"),
+    ("decode-block-table-past-num-blocks", lambda: decode(block_table=_table([0, 5], [2, 3])), ValueError,
+     r"block_table entries in use \(k_cache\.shape\[0\]=5 blocks\) values must be in \[0, 4\]"),
+    ("decode-block-table-negative", lambda: decode(block_table=_table([0, 1], [-1, 3])), ValueError,
+     "block_table entries in use"),
+    ("decode-block-table-too-few-blocks", lambda: decode(seqlens=torch.tensor([5, 4])), ValueError,
+     r"cache_seqlens values must be in \[0, 4\].*too few blocks, block_table\.shape\[1\]=2 blocks of page_size=2"),
+    ("decode-page-size-zero", lambda: decode(k=torch.zeros(5, 0, 4, 4, dtype=F64), v=torch.zeros(5, 0, 4, 4, dtype=F64)),
+     ValueError, r"page_size >= 1"),
+    ("decode-too-many-new-tokens", lambda: decode(q=torch.zeros(2, 129, 4, 4, dtype=F64), seqlens=torch.tensor([3, 4])),
+     ValueError, r"q\.shape\[1\]=129 new tokens must be in \[1, 128\]"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", [c[1:] for c in DECODE_CASES], ids=[c[0] for c in DECODE_CASES])
+def test_decode_bad_input_raises_naming_the_argument(call, exc, match):
+    with ck.use_backend("reference"):
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_decode_checks_only_the_block_table_entries_in_use():
+    """Entries past a sequence's pages are never read, so they are not checked (-7, 99 here);
+    head dim 0 with an explicit softmax_scale is a valid empty attention."""
+    out = decode(block_table=_table([0, 1], [2, -7]), seqlens=torch.tensor([3, 2]))
+    assert out.shape == (2, 1, 4, 4) and torch.isfinite(out).all()
+    out = decode(block_table=_table([4, 99], [2, 3]), seqlens=torch.tensor([1, 4]))
+    assert torch.isfinite(out).all()
+    empty = decode(q=torch.zeros(2, 1, 4, 0, dtype=F64), k=torch.zeros(5, 2, 4, 0, dtype=F64),
+                   v=torch.zeros(5, 2, 4, 0, dtype=F64), softmax_scale=0.5)
+    assert empty.shape == (2, 1, 4, 0)

@@ -262,18 +262,25 @@ def chain_attention_cases(size: str, device, dtype, passes=("fwd", "bwd_x", "fwd
 
 
 # (chains, n_kv_heads, kv_sharing, batch, cache length, head_dim); one new token per sequence.
+# Head dim 80 (a padded one: the kernels compute at 128) once, at a middle size.
 DECODE_SIZES = {
     "default": [((4, 4, 4, 4), 4, shared, b, L, 128) for shared in (True, False)
-                for b in (1, 16, 64) for L in (1024, 16384, 131072)],
+                for b in (1, 16, 64) for L in (1024, 16384, 131072)]
+               + [((4, 4, 4, 4), 4, True, 16, 16384, 80)],
     "small": [((4, 4, 4, 4), 4, True, 8, 8192, 128)],
     "tiny": [((2, 2), 2, True, 2, 40, 16)],
 }
 
 
+DECODE_PAGE = 64  # keys per page of the paged-cache rows (vLLM uses 16, flash-attn 2 multiples of 256)
+
+
 def chain_attention_decode_cases(size: str, device, dtype, passes=("fwd",)) -> Iterator[Case]:
     """One decode step over a KV cache; GB/s counts the K/V bytes the step must read (the
     kernel's floor), so it reads directly against HBM bandwidth. Peer: SDPA over the cache with
-    the paper's repeated K/V; also SDPA's own GQA."""
+    the paper's repeated K/V; also SDPA's own GQA. ``ours-<backend>-paged``: the same cache
+    memory seen as pages of ``DECODE_PAGE`` keys in a shuffled block table (no extra memory; the
+    keys each sequence reads change, their number does not)."""
     for chains, n_kv, sharing, batch, length, hd in DECODE_SIZES[size]:
         c = Chains(chains)
         q = torch.randn(batch, 1, c.total, hd, device=device, dtype=dtype)
@@ -289,12 +296,21 @@ def chain_attention_decode_cases(size: str, device, dtype, passes=("fwd",)) -> I
         ours = our_backends("chain_attention_decode", [q, k, v], q=q, k_cache=k, v_cache=v,
                             cache_seqlens=lengths, kv_head_index=kv_index.tolist(),
                             head_chain=list(c.head_chain()), seq_chains=None, softmax_scale=hd ** -0.5)
+        pages = length // DECODE_PAGE
+        table = torch.randperm(batch * pages, device=device).view(batch, pages).to(torch.int32)
         for b in ours:
             def decode(x, p, b=b):
                 with backends.use_backend(b):
                     return chain_attention_decode(x, p[0], p[1], lengths, c, kv_sharing=sharing,
                                                   check_values=False)
             providers[f"ours-{b}"] = decode
+            if b != "reference" and length % DECODE_PAGE == 0:
+                def decode_paged(x, p, b=b):
+                    pool_k, pool_v = (t.view(batch * pages, DECODE_PAGE, n_kv, hd) for t in p)
+                    with backends.use_backend(b):
+                        return chain_attention_decode(x, pool_k, pool_v, lengths, c, kv_sharing=sharing,
+                                                      block_table=table, check_values=False)
+                providers[f"ours-{b}-paged"] = decode_paged
         for name, fwd in providers.items():
             yield Case("chain_attention_decode", name, label, "fwd", pass_runner(fwd, q, [k, v], "fwd"),
                        bytes=moved, peer="sdpa-repeat", note="bytes: K and V read once (the floor)",

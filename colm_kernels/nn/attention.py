@@ -64,8 +64,8 @@ class ChainAttention(nn.Module):
     def forward(self, x: Tensor, chain=None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
         """``x``: ``(B, S, >= P_(chain+1))``. With ``cache``, the new tokens follow the cached
         ones (their K/V are appended to layer ``layer`` of it). A decode step (a non-empty cache,
-        at most 16 new tokens, no gradient needed) reads the cache in place through
-        ``chain_attention_decode``."""
+        at most ``MAX_DECODE_TOKENS`` = 128 new tokens, no gradient needed) reads the cache in
+        place (contiguous or paged) through ``chain_attention_decode``."""
         k = self.chains.check_chain(chain)
         seqlen = x.shape[1]
         start = 0 if cache is None else cache.length
@@ -78,15 +78,16 @@ class ChainAttention(nn.Module):
             # The decode op is inference-only: a step that needs gradients takes chain_attention.
             decode = (cache.length > 0 and seqlen <= MAX_DECODE_TOKENS
                       and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)))
-            keys, values = cache.update(layer, keys, values, k)
             if decode:
+                cache.write(layer, keys, values, k)
                 k_cache, v_cache, seqlens = cache.layer_cache(layer, seqlen)
-                # Lengths come from the cache, valid by construction: no host sync per layer.
+                # Lengths and pages come from the cache, valid by construction: no host sync.
                 out = chain_attention_decode(
                     q, k_cache, v_cache, seqlens, self.chains, kv_sharing=self.kv_sharing,
-                    kv_mapping=self.kv_mapping, check_values=False,
+                    kv_mapping=self.kv_mapping, block_table=cache.block_table, check_values=False,
                 )
                 return self.wo(out.flatten(-2), k)
+            keys, values = cache.update(layer, keys, values, k)
         out = chain_attention(
             q, keys, values, self.chains, causal=True, kv_sharing=self.kv_sharing,
             kv_mapping=self.kv_mapping,

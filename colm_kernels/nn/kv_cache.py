@@ -1,9 +1,17 @@
-"""A preallocated KV cache in the layout ``chain_attention`` reads: ``(B, max_len, n_kv, hd)``.
+"""A preallocated KV cache for ``ChainAttention``: contiguous ``(B, max_len, n_kv, hd)`` per layer,
+or paged (``page_size=...``) in flash-attn's ``block_table`` layout.
 
 Without KV sharing a token computed at scale ``s`` only has the kv heads of chains ``0..s``, so the
 cache tracks the smallest scale any cached position was computed at (``complete_chain``) and
 refuses a step at a larger scale: its K/V would be incomplete. With KV sharing every kv head comes
 from chain 1 and the cache is complete at every scale.
+
+Paged: each layer holds ``(num_blocks, page_size, n_kv, hd)`` pools and one int32 ``block_table
+(B, cdiv(max_len, page_size))`` names the block of every page of every sequence; position ``t`` of
+sequence ``b`` lives at ``[block_table[b, t // page_size], t % page_size]``. Pages are handed out
+position-major (page ``j`` of sequence ``b`` is block ``j * B + b``), as an allocator serving
+sequences in lockstep would, so no sequence's pages are contiguous; ``chain_attention_decode``
+reads them through the table.
 """
 from __future__ import annotations
 
@@ -15,15 +23,26 @@ from torch import Tensor
 
 class KVCache:
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 *, kv_sharing: bool, dtype=None, device=None):
-        shape = (batch, max_len, n_kv_heads, head_dim)
+                 *, kv_sharing: bool, dtype=None, device=None, page_size: Optional[int] = None):
+        if page_size is None:
+            shape = (batch, max_len, n_kv_heads, head_dim)
+            self.block_table: Optional[Tensor] = None
+        else:
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+                raise ValueError(f"page_size must be a positive int or None, got {page_size!r}")
+            pages = -(-max_len // page_size)
+            shape = (batch * pages, page_size, n_kv_heads, head_dim)
+            self.block_table = (torch.arange(batch * pages, dtype=torch.int32, device=device)
+                                .view(pages, batch).t().contiguous())
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
+        self.page_size = page_size
         self.length = 0
         self.kv_sharing = kv_sharing
         self.complete_chain: Optional[int] = None  # None: empty cache
         self._seqlens: Optional[tuple[int, Tensor]] = None  # (end, (B,) int32 tensor of end)
+        self._slots: Optional[tuple[int, Tensor]] = None  # paged: (end, (B, end) pool rows)
 
     def check_scale(self, chain: int) -> None:
         if self.kv_sharing or self.complete_chain is None or chain <= self.complete_chain:
@@ -34,25 +53,55 @@ class KVCache:
             "incomplete"
         )
 
-    def update(self, layer: int, keys: Tensor, values: Tensor, chain: int) -> tuple[Tensor, Tensor]:
-        """Write the new tokens' K/V; return every cached position's K/V for this scale."""
+    def _rows(self, end: int) -> Tensor:
+        """Paged: ``(B, end)`` int64 rows of the ``(num_blocks * page_size, n_kv, hd)`` view of a
+        pool that hold positions ``[0, end)`` of every sequence (the same for every layer of a
+        step, so computed once per step)."""
+        if self._slots is None or self._slots[0] != end:
+            pos = torch.arange(end, device=self.block_table.device)
+            blocks = self.block_table[:, pos // self.page_size].long()
+            self._slots = (end, blocks * self.page_size + pos % self.page_size)
+        return self._slots[1]
+
+    def write(self, layer: int, keys: Tensor, values: Tensor, chain: int) -> None:
+        """Write the new tokens' K/V ``(B, seqlen, heads, hd)`` at positions ``[length, length +
+        seqlen)`` of layer ``layer`` (``heads``: the kv heads that exist at scale ``chain``)."""
         self.check_scale(chain)
         seqlen, heads = keys.shape[1], keys.shape[2]
         end = self.length + seqlen
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
-        self.k[layer][:, self.length:end, :heads] = keys
-        self.v[layer][:, self.length:end, :heads] = values
-        return self.k[layer][:, :end, :heads], self.v[layer][:, :end, :heads]
+        k, v = self.k[layer], self.v[layer]
+        if self.block_table is None:
+            k[:, self.length:end, :heads] = keys
+            v[:, self.length:end, :heads] = values
+        else:
+            new = self._rows(end)[:, self.length:]
+            k.flatten(0, 1)[new, :heads] = keys
+            v.flatten(0, 1)[new, :heads] = values
+
+    def update(self, layer: int, keys: Tensor, values: Tensor, chain: int) -> tuple[Tensor, Tensor]:
+        """``write``, then every cached position's K/V for this scale, ``(B, end, heads, hd)``:
+        views of a contiguous cache, a gathered copy of a paged one (``chain_attention``'s input;
+        a decode step reads the cache in place through ``layer_cache`` instead)."""
+        self.write(layer, keys, values, chain)
+        end, heads = self.length + keys.shape[1], keys.shape[2]
+        k, v = self.k[layer], self.v[layer]
+        if self.block_table is None:
+            return k[:, :end, :heads], v[:, :end, :heads]
+        rows = self._rows(end)
+        return k.flatten(0, 1)[rows, :heads], v.flatten(0, 1)[rows, :heads]
 
     def layer_cache(self, layer: int, seqlen: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(k, v, cache_seqlens)`` for a decode step of ``seqlen`` new tokens, after ``update``:
-        the layer's whole ``(B, max_len, n_kv, hd)`` tensors and the ``(B,)`` int32 lengths
-        (``length + seqlen`` for every sequence; one tensor per step, shared by the layers)."""
+        the layer's whole cache tensors (``(B, max_len, n_kv, hd)``, or the paged pools, read
+        through ``block_table``) and the ``(B,)`` int32 lengths (``length + seqlen`` for every
+        sequence; one tensor per step, shared by the layers)."""
         end = self.length + seqlen
         if self._seqlens is None or self._seqlens[0] != end:
             k = self.k[layer]
-            self._seqlens = (end, torch.full((k.shape[0],), end, dtype=torch.int32, device=k.device))
+            batch = k.shape[0] if self.block_table is None else self.block_table.shape[0]
+            self._seqlens = (end, torch.full((batch,), end, dtype=torch.int32, device=k.device))
         return self.k[layer], self.v[layer], self._seqlens[1]
 
     def advance(self, seqlen: int, chain: int) -> None:

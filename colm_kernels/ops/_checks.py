@@ -65,8 +65,12 @@ def check_seq_chains(seq_chains, q: Tensor, n_seq: int, scale: int, check_values
 
 
 def softmax_scale_or_default(softmax_scale, head_dim: int) -> float:
-    """``softmax_scale`` as a float: ``head_dim ** -0.5`` when None, else a positive finite number."""
+    """``softmax_scale`` as a float: ``head_dim ** -0.5`` when None (``head_dim`` must then be
+    positive), else a positive finite number."""
     if softmax_scale is None:
+        if head_dim <= 0:
+            raise ValueError(f"head dim q.shape[-1]={head_dim}: the default softmax_scale = head_dim ** -0.5 "
+                             "needs a positive head dim (or pass softmax_scale)")
         return head_dim ** -0.5
     if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
             or not 0 < softmax_scale < float("inf")):

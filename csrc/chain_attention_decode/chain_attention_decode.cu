@@ -1,6 +1,17 @@
 // colm_kernels: chain attention over a KV cache, split-K flash-decoding (COLM_SPEC.md 3, 4, 6).
 // Math and tensor contracts: chain_attention_decode.h.
 //
+// Head dims: every multiple of 8 in [8, 256]. Kernels are compiled for the padded head dims
+// kDPad = 16, 32, 64, 128, 256 (the next power of two, at least 16); the real one, p.head_dim, is a
+// runtime value. A row of D elements is D / kVec whole 16-byte vectors in every dtype (D % 8 == 0),
+// so a lane's vectors are either inside the head dim (loaded) or padding (zeros, never loaded or
+// stored): padding costs idle lanes, never extra memory traffic.
+//
+// Paged caches (block_table != nullptr): key j of sequence b lives at row
+// [block_table[b, j / page_size], j % page_size] of the (num_blocks, page_size, Hkv, D) caches; the
+// block index is clamped into [0, num_blocks) so that no table, checked or not, sends a read
+// outside the cache.
+//
 // Work split. A thread block (128 threads) owns (split s, kv head g, row block, sequence b): the
 // keys [s * split_size, min((s + 1) * split_size, L_b)) of kv head g and up to kRows packed rows
 // (new token i x query head of g, active heads first, as the Triton kernel). The block is cut into
@@ -19,8 +30,9 @@
 //
 // Math is fp32 on CUDA cores (no tensor cores): the kernel is bound by K/V bandwidth while
 // rows_per_block * (2 FMAs per element) stays below the SM's FMA rate per loaded byte, i.e. for
-// the usual decode shapes (Sq * G <= 8). Larger packed row counts are split into row blocks,
-// each of which reads the split's K/V again.
+// the usual decode shapes (Sq * G <= 8). Larger packed row counts (up to 128 new tokens x G) are
+// split into row blocks of 8, each of which reads the split's K/V again: correct, and L2 serves
+// the re-reads, but a long chunk of new tokens is cheaper through chain_attention's tensor cores.
 
 #include <cuda_runtime.h>
 
@@ -61,21 +73,39 @@ struct Params {
   const int32_t* group_heads;
   const int32_t* group_chains;
   const int32_t* head_chain;
-  int32_t sq, hq, group, s_max, split_size, num_splits, row_blocks;
+  const int32_t* block_table;  // nullptr: contiguous caches
+  index_t bt_stride;           // elements between block_table rows
+  int32_t page_size, num_blocks;
+  int32_t sq, hq, group, s_max, split_size, num_splits, row_blocks, head_dim;
   float qk_scale;  // softmax_scale * log2(e)
 };
 
-template <typename T, int D>
+// Lane layout for the padded head dim DP (a power of two): kTd lanes per key, kEpt consecutive
+// elements (kNv 16-byte vectors) per lane.
+template <typename T, int DP>
 struct Traits {
   static constexpr int kVec = dev::VecWidth<T>::value;                          // elements / 16 B
-  static constexpr int kEpt = (D / kWarpSize > kVec) ? D / kWarpSize : kVec;    // per thread
-  static constexpr int kTd = D / kEpt;                                          // threads / key
+  static constexpr int kEpt = (DP / kWarpSize > kVec) ? DP / kWarpSize : kVec;  // per thread
+  static constexpr int kTd = DP / kEpt;                                         // threads / key
   static constexpr int kGroups = kThreads / kTd;                                // keys in flight
-  static constexpr int kNv = kEpt / kVec;                                       // vectors / key
-  static_assert(D % kEpt == 0 && kEpt % kVec == 0, "head dim must split into 16-byte vectors");
+  static constexpr int kNv = kEpt / kVec;                                       // vectors / lane
+  static_assert(DP % kEpt == 0 && kEpt % kVec == 0, "head dim must split into 16-byte vectors");
   static_assert(kTd >= 1 && kTd <= kWarpSize && kWarpSize % kTd == 0,
                 "a key group must lie inside one warp");
 };
+
+// Cache row of key `key` of sequence b: (block, position in block). Contiguous caches: (b, key).
+struct CacheSlot {
+  index_t block, pos;
+};
+
+__device__ __forceinline__ CacheSlot cache_slot(const Params& p, index_t b64, int key) {
+  if (p.block_table == nullptr) return {b64, static_cast<index_t>(key)};
+  const int page = key / p.page_size;
+  int blk = p.block_table[b64 * p.bt_stride + page];
+  blk = blk < 0 ? 0 : (blk >= p.num_blocks ? p.num_blocks - 1 : blk);
+  return {static_cast<index_t>(blk), static_cast<index_t>(key - page * p.page_size)};
+}
 
 __device__ __forceinline__ int seq_len(const Params& p, int b) {
   const int n = p.seqlens[b];
@@ -111,17 +141,18 @@ __device__ __forceinline__ float group_sum(float v) {
   return v;
 }
 
-template <typename T, int D, int kRows>
+template <typename T, int DP, int kRows>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) {
-  using Tr = Traits<T, D>;
+  using Tr = Traits<T, DP>;
   constexpr int kEpt = Tr::kEpt;
   constexpr int kUnroll = kRows >= 8 ? 1 : 2;  // keys per group per step (registers allowing)
   constexpr int kStep = Tr::kGroups * kUnroll;
-  __shared__ float sm_acc[Tr::kGroups][kRows][D];
+  __shared__ float sm_acc[Tr::kGroups][kRows][DP];
   __shared__ float sm_m[Tr::kGroups][kRows];
   __shared__ float sm_l[Tr::kGroups][kRows];
   __shared__ int sm_pos[kRows];
   __shared__ int sm_head[kRows];
+  __shared__ int sm_rows;  // n_rows for the merge: read back, not kept live across the key loop
 
   const int split = static_cast<int>(blockIdx.x);
   const int g = static_cast<int>(blockIdx.y) / p.row_blocks;
@@ -130,6 +161,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
   const index_t b64 = b;
   const int G = p.group;
   const int Sq = p.sq;
+  const int D = p.head_dim;
   const int L = seq_len(p, b);
   const int A = active_members(p, b, g);
   const int n_act = A * Sq;
@@ -156,6 +188,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
   const int grp = tid / Tr::kTd;
   const int lane = tid % Tr::kTd;
   const int d0 = lane * kEpt;
+  // This lane's vectors inside the head dim; the rest (d >= D) are padding, read as zeros.
+  const int n_vec = min(max((D - d0) / Tr::kVec, 0), Tr::kNv);
 
   float q[kRows][kEpt];
   int lim[kRows];  // row r sees keys j < lim[r]
@@ -174,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
       const T* qp = static_cast<const T*>(p.q) + b64 * p.q_sb + static_cast<index_t>(pos) * p.q_ss +
                     static_cast<index_t>(head) * p.q_sh + d0;
 #pragma unroll
-      for (int e = 0; e < kEpt; ++e) q[r][e] = dev::to_float(qp[e]) * p.qk_scale;
+      for (int e = 0; e < kEpt; ++e) q[r][e] = e < n_vec * Tr::kVec ? dev::to_float(qp[e]) * p.qk_scale : 0.f;
       if (tid == 0) {
         sm_pos[r] = pos;
         sm_head[r] = head;
@@ -182,6 +216,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
     }
   }
   const int hi = min(key_end, max_lim);  // keys no row sees are never loaded
+  if (tid == 0) sm_rows = n_rows;
 
   float m[kRows], l[kRows], acc[kRows][kEpt];
 #pragma unroll
@@ -191,8 +226,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
 #pragma unroll
     for (int e = 0; e < kEpt; ++e) acc[r][e] = 0.f;
   }
-  const T* kbase = static_cast<const T*>(p.k) + b64 * p.k_sb + static_cast<index_t>(g) * p.k_sh + d0;
-  const T* vbase = static_cast<const T*>(p.v) + b64 * p.v_sb + static_cast<index_t>(g) * p.v_sh + d0;
+  const T* kbase = static_cast<const T*>(p.k) + static_cast<index_t>(g) * p.k_sh + d0;
+  const T* vbase = static_cast<const T*>(p.v) + static_cast<index_t>(g) * p.v_sh + d0;
 
   for (int base = key_start; base < hi; base += kStep) {  // block-uniform trip count
     float kf[kUnroll][kEpt], vf[kUnroll][kEpt];
@@ -201,13 +236,16 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
     for (int u = 0; u < kUnroll; ++u) {
       key[u] = base + u * Tr::kGroups + grp;
       if (key[u] < hi) {
-        const T* kp = kbase + static_cast<index_t>(key[u]) * p.k_ss;
-        const T* vp = vbase + static_cast<index_t>(key[u]) * p.v_ss;
+        const CacheSlot s = cache_slot(p, b64, key[u]);
+        const T* kp = kbase + s.block * p.k_sb + s.pos * p.k_ss;
+        const T* vp = vbase + s.block * p.v_sb + s.pos * p.v_ss;
 #pragma unroll
         for (int i = 0; i < Tr::kNv; ++i) {
-          float tk[Tr::kVec], tv[Tr::kVec];
-          dev::load_f32<Tr::kVec>(kp + i * Tr::kVec, tk);
-          dev::load_f32<Tr::kVec>(vp + i * Tr::kVec, tv);
+          float tk[Tr::kVec] = {}, tv[Tr::kVec] = {};
+          if (i < n_vec) {
+            dev::load_f32<Tr::kVec>(kp + i * Tr::kVec, tk);
+            dev::load_f32<Tr::kVec>(vp + i * Tr::kVec, tv);
+          }
 #pragma unroll
           for (int j = 0; j < Tr::kVec; ++j) {
             kf[u][i * Tr::kVec + j] = tk[j];
@@ -262,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
   // Merge the key groups (fixed order: run-to-run reproducible).
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    if (r < n_rows) {
+    if (lim[r] != INT_MIN) {  // r < n_rows
 #pragma unroll
       for (int e = 0; e < kEpt; ++e) sm_acc[grp][r][d0 + e] = acc[r][e];
       if (lane == 0) {
@@ -272,7 +310,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
     }
   }
   __syncthreads();
-  for (int idx = tid; idx < n_rows * D; idx += kThreads) {
+  const int rows_done = sm_rows;
+  for (int idx = tid; idx < rows_done * D; idx += kThreads) {
     const int r = idx / D;
     const int d = idx % D;
     float mx = -INFINITY;
@@ -334,20 +373,27 @@ __global__ void __launch_bounds__(kThreads) decode_combine_kernel(const Params p
   }
 }
 
-template <typename T, int D>
+// The power of two (at least 16) the kernels compute a head dim at.
+int64_t padded_head_dim(int64_t head_dim) {
+  int64_t dp = 16;
+  while (dp < head_dim) dp <<= 1;
+  return dp;
+}
+
+template <typename T, int DP>
 void launch_rows(int rows, dim3 grid, const Params& p, cudaStream_t stream) {
   switch (rows) {
     case 1:
-      decode_split_kernel<T, D, 1><<<grid, kThreads, 0, stream>>>(p);
+      decode_split_kernel<T, DP, 1><<<grid, kThreads, 0, stream>>>(p);
       break;
     case 2:
-      decode_split_kernel<T, D, 2><<<grid, kThreads, 0, stream>>>(p);
+      decode_split_kernel<T, DP, 2><<<grid, kThreads, 0, stream>>>(p);
       break;
     case 4:
-      decode_split_kernel<T, D, 4><<<grid, kThreads, 0, stream>>>(p);
+      decode_split_kernel<T, DP, 4><<<grid, kThreads, 0, stream>>>(p);
       break;
     case 8:
-      decode_split_kernel<T, D, 8><<<grid, kThreads, 0, stream>>>(p);
+      decode_split_kernel<T, DP, 8><<<grid, kThreads, 0, stream>>>(p);
       break;
     default:
       COLM_CHECK(false, "chain_attention_decode: rows_per_block must be 1, 2, 4 or 8, got ", rows);
@@ -361,7 +407,13 @@ void launch_typed(const ChainAttentionDecodeArgs& a, const ChainAttentionDecodeP
   const dim3 grid(static_cast<unsigned>(plan.num_splits),
                   static_cast<unsigned>(a.hkv * plan.row_blocks), static_cast<unsigned>(a.batch));
   const int rows = static_cast<int>(plan.rows_per_block);
-  switch (a.head_dim) {
+  switch (padded_head_dim(a.head_dim)) {
+    case 16:
+      launch_rows<T, 16>(rows, grid, p, stream);
+      break;
+    case 32:
+      launch_rows<T, 32>(rows, grid, p, stream);
+      break;
     case 64:
       launch_rows<T, 64>(rows, grid, p, stream);
       break;
@@ -373,7 +425,7 @@ void launch_typed(const ChainAttentionDecodeArgs& a, const ChainAttentionDecodeP
       break;
     default:
       COLM_CHECK(false, "chain_attention_decode: head dim ", a.head_dim,
-                 " is not compiled (supported: 64, 128, 256)");
+                 " is not supported (multiples of 8 in [8, 256])");
   }
   if (plan.num_splits > 1) {
     constexpr int kWarps = kThreads / kWarpSize;
@@ -400,7 +452,13 @@ void check_args(const ChainAttentionDecodeArgs& a, const char* op) {
   COLM_CHECK(a.s_max >= 0 && a.s_max <= INT32_MAX / 2, op, ": S_max must be in [0, 2^30], got ",
              a.s_max);
   COLM_CHECK(chain_attention_decode_supports_head_dim(a.head_dim), op, ": head dim ", a.head_dim,
-             " is not compiled (supported: 64, 128, 256)");
+             " is not supported (multiples of 8 in [8, 256])");
+  if (a.block_table != nullptr) {
+    COLM_CHECK(a.page_size >= 1 && a.page_size <= INT32_MAX / 2 && a.num_blocks >= 1 &&
+                   a.num_blocks <= INT32_MAX && a.block_table_stride >= 0,
+               op, ": a paged cache needs page_size >= 1 and num_blocks >= 1 (got ", a.page_size,
+               ", ", a.num_blocks, ")");
+  }
   COLM_CHECK(std::isfinite(a.softmax_scale) && a.softmax_scale > 0, op,
              ": softmax_scale must be positive and finite, got ", a.softmax_scale);
 }
@@ -418,7 +476,7 @@ void check_vector_operand(const void* ptr, int64_t sb, int64_t ss, int64_t sh, i
 }  // namespace
 
 bool chain_attention_decode_supports_head_dim(int64_t head_dim) {
-  return head_dim == 64 || head_dim == 128 || head_dim == 256;
+  return head_dim >= 8 && head_dim <= 256 && head_dim % 8 == 0;
 }
 
 ChainAttentionDecodePlan chain_attention_decode_plan(const ChainAttentionDecodeArgs& a,
@@ -509,6 +567,11 @@ void launch_chain_attention_decode(const ChainAttentionDecodeArgs& a,
   p.group_heads = a.group_heads;
   p.group_chains = a.group_chains;
   p.head_chain = a.head_chain;
+  p.block_table = a.block_table;
+  p.bt_stride = a.block_table_stride;
+  p.page_size = static_cast<int32_t>(a.block_table != nullptr ? a.page_size : 1);
+  p.num_blocks = static_cast<int32_t>(a.block_table != nullptr ? a.num_blocks : 1);
+  p.head_dim = static_cast<int32_t>(a.head_dim);
   p.sq = static_cast<int32_t>(a.sq);
   p.hq = static_cast<int32_t>(a.hq);
   p.group = static_cast<int32_t>(a.hq / a.hkv);

@@ -11,8 +11,14 @@
 //
 // Tensor contracts (element strides; the last dimension is always contiguous):
 //   q            (B, Sq, Hq, D), any strides, read element-wise
-//   k, v         (B, S_max, >= Hkv, D), any strides that are multiples of 16 bytes, 16-byte aligned
-//                base (16-byte vector loads); only kv heads 0..Hkv-1 and positions < L_b are read
+//   k, v         contiguous cache (block_table == nullptr): (B, S_max, >= Hkv, D);
+//                paged cache: (num_blocks, page_size, >= Hkv, D), key j of sequence b at
+//                [block_table[b * block_table_stride + j / page_size], j % page_size], and
+//                S_max = max_blocks_per_seq * page_size (the keys a sequence can hold);
+//                any strides that are multiples of 16 bytes, 16-byte aligned base (16-byte
+//                vector loads); only kv heads 0..Hkv-1 and positions < L_b are read
+//   block_table  nullable int32 (B, max_blocks_per_seq), rows block_table_stride apart; entries a
+//                sequence uses are clamped into [0, num_blocks) in the kernel
 //   out          (B, Sq, Hq, D) contiguous, q's dtype
 //   cache_seqlens, seq_chains (nullable): int32 (B,)
 //   group_heads, group_chains: int32 (Hkv, G) contiguous: the G query heads of each kv head,
@@ -20,7 +26,8 @@
 //   head_chain   int32 (Hq,): the chain of every query head
 //   workspace    fp32, chain_attention_decode_workspace_floats(args, plan) elements (none when
 //                plan.num_splits == 1): per-split outputs (B, Sq * Hq, NS, D) then lse (B, Sq * Hq, NS)
-// Head dims 64, 128, 256; 1 <= Sq <= kDecodeMaxTokens; dtypes float32, float16, bfloat16.
+// Head dims: multiples of 8 in [8, 256]; 1 <= Sq <= kDecodeMaxTokens; dtypes float32, float16,
+// bfloat16.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -31,7 +38,7 @@
 
 namespace colm_kernels {
 
-constexpr int64_t kDecodeMaxTokens = 16;
+constexpr int64_t kDecodeMaxTokens = 128;  // = MAX_DECODE_TOKENS (chain_attention/heads.py)
 constexpr int64_t kDecodeMaxSplits = 64;
 constexpr int64_t kDecodeSplitGranule = 64;  // keys; a split is a multiple of it
 
@@ -48,6 +55,8 @@ struct ChainAttentionDecodeArgs {
   const int32_t* group_heads = nullptr;
   const int32_t* group_chains = nullptr;
   const int32_t* head_chain = nullptr;
+  const int32_t* block_table = nullptr;  // nullptr: contiguous caches
+  int64_t block_table_stride = 0, page_size = 0, num_blocks = 0;  // paged caches only
   int64_t batch = 0, sq = 0, hq = 0, hkv = 0, s_max = 0, head_dim = 0;
   double softmax_scale = 1.0;
 };

@@ -94,15 +94,21 @@ def run_chain_attention(dtype, head_dim, varlen, causal, seq_chains):
                           0.125, **kw)
 
 
-def run_chain_attention_decode(dtype, head_dim, sq, num_splits, seq_chains):
+def run_chain_attention_decode(dtype, head_dim, sq, num_splits, seq_chains, page_size=None):
     from colm_kernels.ops.chain_attention_decode import triton_kernels as K
     kv_index, head_chain = [0, 0, 1, 1], [0, 1, 0, 1]
     B, Hq, Hkv, S, D = 2, 4, 2, 300, head_dim
     q = _t(B, sq, Hq, D, dtype=dtype)
-    kc, vc = _t(B, S, Hkv, D, dtype=dtype), _t(B, S, Hkv, D, dtype=dtype)
+    table = None
+    if page_size:  # paged: (num_blocks, page_size, Hkv, D) pools and an int32 (B, pages) table
+        pages = -(-S // page_size)
+        kc, vc = (_t(B * pages, page_size, Hkv, D, dtype=dtype) for _ in range(2))
+        table = torch.randperm(B * pages).view(B, pages).to(torch.int32)
+    else:
+        kc, vc = _t(B, S, Hkv, D, dtype=dtype), _t(B, S, Hkv, D, dtype=dtype)
     lens = torch.tensor([S, 77], dtype=torch.int32)
     sc = torch.tensor([1, 0]) if seq_chains else None
-    K.chain_attention_decode_fwd(q, kc, vc, lens, kv_index, head_chain, sc, 0.125, num_splits=num_splits)
+    K.chain_attention_decode_fwd(q, kc, vc, lens, kv_index, head_chain, sc, 0.125, table, num_splits=num_splits)
 
 
 def run_multi_chain_cross_entropy(dtype, aligned):
@@ -139,9 +145,17 @@ def cases():
         for d, varlen, causal, sc in ((64, False, True, False), (128, True, False, True)):
             yield (f"chain_attention {dtype} D={d} varlen={varlen} causal={causal} sc={sc}",
                    run_chain_attention, (dtype, d, varlen, causal, sc), full)
-        for d, sq, splits, sc in ((64, 1, 4, False), (128, 2, 1, True)):
-            yield (f"chain_attention_decode {dtype} D={d} Sq={sq} splits={splits} sc={sc}",
-                   run_chain_attention_decode, (dtype, d, sq, splits, sc), full)
+        # Head dims padded inside the kernel (8 -> 16, 40 -> 64, 80 -> 128, 160 -> 256), many new
+        # tokens (BLOCK_M at its cap), paged caches.
+        for d, sq, splits, sc, page in ((64, 1, 4, False, None), (128, 2, 1, True, None), (8, 3, 2, False, None),
+                                        (40, 1, 1, True, 16), (80, 128, 2, False, 7), (160, 4, 2, True, None),
+                                        (256, 128, 1, False, 16)):
+            yield (f"chain_attention_decode {dtype} D={d} Sq={sq} splits={splits} sc={sc} page={page}",
+                   run_chain_attention_decode, (dtype, d, sq, splits, sc, page), full)
+    # float32 decode (IEEE tl.dot on FMA units, its own tile sizes).
+    for d, sq, splits, page in ((40, 16, 2, 16), (256, 128, 1, None)):
+        yield (f"chain_attention_decode {torch.float32} D={d} Sq={sq} splits={splits} page={page}",
+               run_chain_attention_decode, (torch.float32, d, sq, splits, False, page), True)
 
 
 def discover_kernels():

@@ -7,7 +7,9 @@ mappings, every elastic scale, Sq = 1 and 3, per-sequence lengths that are not t
 (1, 17, 40; a row with no visible key), a cache larger than every length with NaN past each length
 and in the kv heads a scale does not read, a strided cache, mixed ``seq_chains`` (exact zeros),
 more than one split (forced through the launchers' ``num_splits``), the split heuristic, errors,
-opcheck, torch.compile and the model's decode path.
+opcheck, torch.compile and the model's decode path. Head dims: every multiple of 8 (8, 40, 80, 96,
+112, 160, 192, 256 here, padded inside the kernels); 64 and 128 new tokens per sequence; a ``q``
+with a strided last dim. The paged cache: ``test_chain_attention_decode_paged.py``.
 """
 
 
@@ -21,7 +23,8 @@ from colm_kernels import BackendError, _cuda
 from colm_kernels.ops.chain_attention_decode.api import decode_head_maps
 from numerics import assert_within_eager_error
 
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+              pytest.mark.usefixtures("nan_empty")]  # unwritten outputs are NaN
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -29,7 +32,9 @@ F64 = torch.float64
 DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE == "cuda" else [])
 HAS_CUDA_EXT = torch.cuda.is_available() and _cuda.unavailable_reason() is None
 KERNEL_BACKENDS = ["triton"] + (["cuda"] if HAS_CUDA_EXT else [])
-HEAD_DIM = 16 if DEVICE == "cpu" else 64  # the cuda kernels are compiled for 64 / 128 / 256
+HEAD_DIM = 16 if DEVICE == "cpu" else 64
+# flash-attn's head dims that are not powers of two, the smallest and the largest.
+ODD_HEAD_DIMS = [8, 40, 80, 96, 112, 160, 192, 256]
 S_MAX = 48
 LENGTHS = [1, 17, 40]  # not multiples of the 16-key tiles; 1 < Sq = 3: rows with no key
 
@@ -219,6 +224,105 @@ def test_gpu_head_dims_long_cache(backend, d):
         assert_within_eager_error(ours, eager, ref, name=f"out {backend} D={d} {dtype}")
 
 
+def _compare(backend, case, n_q, sq, dtype, *, sc=None, **make_kw):
+    """``backend`` against the float64 reference, with the eager-error rule of ``numerics.py``."""
+    chains, _, sharing, mapping = case
+    q, k, v, lengths = _make(case, n_q, sq, **make_kw)
+    kw = dict(kv_sharing=sharing, kv_mapping=mapping, seq_chains=sc)
+    ref = _run("reference", q, k, v, lengths, chains, F64, **kw)
+    eager = _run("reference", q, k, v, lengths, chains, dtype, **kw)
+    ours = _run(backend, q, k, v, lengths, chains, dtype, **kw)
+    tag = f"{backend} {_dt(dtype)} Hq={n_q} Sq={sq} D={q.shape[-1]} seq_chains={sc}"
+    assert ours.dtype == dtype and ours.shape == q.shape, tag
+    assert_within_eager_error(ours, eager, ref, name=tag)
+    return ours
+
+
+# fp16 runs in the interpreter too (small shapes); bf16 tl.dot needs a GPU.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dt)
+@pytest.mark.parametrize("d", ODD_HEAD_DIMS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_every_head_dim_multiple_of_8(backend, d, dtype):
+    """Head dims padded to a power of two inside the kernels: the padded columns read as zeros
+    and are never written (NaN-filled outputs would show them). GQA G = 2, Sq = 2, lengths not
+    tile multiples, seq_chains mixed, one split and (forced) two."""
+    from colm_kernels.ops.chain_attention_decode import cuda_kernels, triton_kernels
+
+    case = CASES[1]
+    scale, kv_index, head_chain, _ = decode_head_maps(case[0], 4, case[1], False, "tile")
+    sc = _seq_chains(scale)
+    _compare(backend, case, 4, 2, dtype, d=d, sc=sc, lengths=[1, 17, 33], s_max=33)
+    launch = (triton_kernels if backend == "triton" else cuda_kernels).chain_attention_decode_fwd
+    q, k, v, lengths = _make(case, 4, 2, d=d, lengths=[1, 17, 33], s_max=33)
+    ref = _run("reference", q, k, v, lengths, case[0], F64, seq_chains=sc)
+    eager = _run("reference", q, k, v, lengths, case[0], dtype, seq_chains=sc)
+    ours = launch(_to(q, dtype), _to(k, dtype), _to(v, dtype), lengths.to(DEVICE), kv_index, head_chain,
+                  sc.to(DEVICE), d ** -0.5, num_splits=2)
+    assert_within_eager_error(ours, eager, ref, name=f"{backend} D={d} two splits")
+
+
+@pytest.mark.skipif(not HAS_CUDA_EXT, reason=f"needs a CUDA device and the built extension "
+                                             f"({_cuda.unavailable_reason()})")
+@pytest.mark.parametrize("d", ODD_HEAD_DIMS + [16, 24, 64, 128, 136, 248])
+def test_cuda_every_head_dim_long_cache(d):
+    """Every padded kernel of the extension (16 .. 256) with real head dims at both ends of its
+    range, each dtype, a cache long enough for the automatic split heuristic."""
+    case = ((4, 4), 2, False, "tile")
+    for dtype in DTYPES:
+        _compare("cuda", case, 8, 3, dtype, d=d, B=3, lengths=[700, 2, 1025], s_max=1100)
+
+
+@pytest.mark.parametrize("d", [4, 12, 264])
+def test_head_dims_the_kernels_decline(d):
+    """Head dims that are not multiples of 8 in [8, 256]: each kernel backend declines with the
+    reason (BackendError when named, auto moves on), the reference computes them."""
+    from colm_kernels.ops.chain_attention_decode.limits import head_dim_reasons
+
+    for backend in ("triton", "cuda"):
+        assert head_dim_reasons(backend, d) == [
+            f"{backend} chain_attention_decode takes head dims that are multiples of 8 in [8, 256], got {d}"]
+    case = CASES[1]
+    q, k, v, lengths = _make(case, 4, 1, d=d)
+    with torch.no_grad(), ck.use_backend("triton"), pytest.raises(BackendError, match="multiples of 8"):
+        ck.chain_attention_decode(_to(q, torch.float32), _to(k, torch.float32), _to(v, torch.float32),
+                                  lengths.to(DEVICE), case[0])
+    ref = _run("reference", q, k, v, lengths, case[0], F64)
+    with torch.no_grad():  # auto: the kernels decline, the reference runs
+        out = ck.chain_attention_decode(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), lengths.to(DEVICE), case[0])
+    torch.testing.assert_close(out.cpu(), ref)
+
+
+@pytest.mark.parametrize("sq, case, n_q", [(64, CASES[3], 6), (128, CASES[1], 4)],
+                         ids=["Sq64-shared-G3", "Sq128-gqa-G2"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_many_new_tokens(backend, sq, case, n_q):
+    """64 and 128 new tokens per sequence (speculative decoding, chunked prefill): causal
+    bottom-right per sequence, small caches, a sequence shorter than Sq (its first rows see no
+    key), seq_chains mixed; 128 x G packed rows span many row blocks."""
+    scale, *_ = decode_head_maps(case[0], n_q, case[1], case[2], case[3])
+    for dtype in DTYPES:
+        _compare(backend, case, n_q, sq, dtype, B=3, lengths=[sq + 9, sq, sq // 2], s_max=sq + 12,
+                 sc=_seq_chains(scale))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_q_with_strided_last_dim(backend):
+    """A q whose last dim is strided (a view of every other element) is copied by the public
+    function: every backend gives the reference's answer (chain_attention takes the same q)."""
+    case = CASES[4]
+    chains = case[0]
+    q, k, v, lengths = _make(case, 8, 3)
+    wide = torch.randn(*q.shape[:-1], 2 * HEAD_DIM, dtype=F64)
+    wide[..., ::2] = q
+    strided = _to(wide, torch.float32)[..., ::2]
+    assert strided.stride(-1) == 2
+    ref = _run("reference", q, k, v, lengths, chains, F64, kv_sharing=True)
+    with torch.no_grad(), ck.use_backend(backend):
+        out = ck.chain_attention_decode(strided, _to(k, torch.float32), _to(v, torch.float32),
+                                        lengths.to(DEVICE), chains, kv_sharing=True)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_length_zero_and_rows_without_keys():
     """A sequence of length 0 and one shorter than Sq: rows that see no key are zeros."""
     case = CASES[2]
@@ -266,8 +370,8 @@ def test_errors():
     with pytest.raises(RuntimeError, match="inference-only"):
         ck.chain_attention_decode(q.requires_grad_(), k, v, lengths, chains)
     q = q.detach()
-    with pytest.raises(ValueError, match=r"new tokens must be in \[1, 16\]"):
-        ck.chain_attention_decode(q.expand(3, 17, 4, HEAD_DIM), k, v, lengths, chains)
+    with pytest.raises(ValueError, match=r"new tokens must be in \[1, 128\]"):
+        ck.chain_attention_decode(q.expand(3, 129, 4, HEAD_DIM), k, v, lengths, chains)
     with pytest.raises(ValueError, match="cache_seqlens values"):
         ck.chain_attention_decode(q, k, v, torch.tensor([1, 2, S_MAX + 1]), chains)
     with pytest.raises(TypeError, match="cache_seqlens must be an integer tensor"):

@@ -30,7 +30,7 @@ __all__ = [
 LOG2E = 1.4426950408889634  # softmax in exp2: scores are scaled by softmax_scale * log2(e)
 NOT_A_CHAIN = 2**30  # table padding: never <= a sequence's chain
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # head dims (powers of two) of the Triton kernels
-MAX_DECODE_TOKENS = 16  # new tokens per sequence of chain_attention_decode
+MAX_DECODE_TOKENS = 128  # new tokens per sequence of chain_attention_decode (flash-attn tests 64, 128)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -2,7 +2,8 @@
 
 Op (namespace ``colm_kernels``): ``chain_attention_decode_cuda`` with the reference op's schema
 ``(q, k_cache, v_cache, cache_seqlens, int[] kv_head_index, int[] head_chain, Tensor? seq_chains,
-float softmax_scale) -> Tensor``, a custom op with a fake. Forward only (no autograd formula).
+float softmax_scale, Tensor? block_table=None) -> Tensor``, a custom op with a fake. Forward only
+(no autograd formula).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import Tensor
 from ... import _cuda
 from ..chain_attention.heads import group_counts
 from . import cuda_kernels as kernels
+from .limits import dtype_reasons, head_dim_reasons
 
 _FUNCTIONS = ("chain_attention_decode", ("chain_attention_decode_fwd",))
 # Resolved at import (backends.preload_available), never first inside a torch.compile trace.
@@ -24,27 +26,25 @@ _cuda.functions_unavailable_reason(*_FUNCTIONS)
 def chain_attention_decode_cuda(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, kv_head_index: list[int],
     head_chain: list[int], seq_chains: Optional[Tensor], softmax_scale: float,
+    block_table: Optional[Tensor] = None,
 ) -> Tensor:
     return kernels.chain_attention_decode_fwd(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain,
-                                              seq_chains, softmax_scale)
+                                              seq_chains, softmax_scale, block_table)
 
 
 chain_attention_decode_cuda.register_fake(kernels.chain_attention_decode_fake)
 
 
 def not_supported_reasons(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains,
-                          softmax_scale) -> list[str]:
+                          softmax_scale, block_table=None) -> list[str]:
     """Why the CUDA kernels cannot run these inputs (device availability is checked elsewhere)."""
-    reasons = []
     reason = _cuda.functions_unavailable_reason(*_FUNCTIONS)
     if reason:
         return [reason]
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"cuda chain_attention_decode supports float16/bfloat16/float32, got {q.dtype}")
+    reasons = dtype_reasons("cuda", q.dtype)
+    if reasons:
         return reasons
-    d = int(q.shape[-1])
-    if d not in kernels.HEAD_DIMS:
-        reasons.append(f"cuda chain_attention_decode is compiled for head dims {kernels.HEAD_DIMS}, got {d}")
+    reasons += head_dim_reasons("cuda", int(q.shape[-1]))
     counts = group_counts(kv_head_index)
     if len(set(counts)) != 1:
         reasons.append(f"every kv head must serve the same number of query heads, got counts {counts}")

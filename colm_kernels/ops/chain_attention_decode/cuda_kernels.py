@@ -3,10 +3,12 @@
 Math: ``reference.chain_attention_decode`` (split-K flash-decoding, fp32 math, one rounding to the
 output dtype). Contracts (all tensors on one CUDA device):
 
-- ``q`` ``(B, Sq, Hq, D)``, ``1 <= Sq <= 16``; ``k_cache``, ``v_cache`` ``(B, S_max, Hkv_cache, D)``
-  in q's dtype (float32, float16 or bfloat16), any strides that are multiples of 16 bytes with a
-  unit last stride and a 16-byte aligned start (read in place with 16-byte vector loads);
-  ``D`` in ``HEAD_DIMS``.
+- ``q`` ``(B, Sq, Hq, D)``, ``1 <= Sq <= MAX_DECODE_TOKENS``; ``k_cache``, ``v_cache`` ``(B,
+  S_max, Hkv_cache, D)`` or, with ``block_table`` (int32 ``(B, max_blocks)``), paged ``(num_blocks,
+  page_size, Hkv_cache, D)``, in q's dtype (float32, float16 or bfloat16), any strides that are
+  multiples of 16 bytes with a unit last stride and a 16-byte aligned start (read in place with
+  16-byte vector loads); ``D`` in ``DECODE_HEAD_DIMS`` (multiples of 8 up to 256: whole 16-byte
+  vectors; the kernels are compiled for the padded power of two).
 - ``cache_seqlens`` / ``seq_chains``: integer ``(B,)`` (converted to int32).
 - ``kv_head_index`` / ``head_chain``: one int per query head (``api.decode_head_maps``); every kv
   head ``0 .. max(kv_head_index)`` serves the same number of query heads.
@@ -26,8 +28,6 @@ import torch
 from ..._cuda import require_extension
 from ..chain_attention.heads import group_rows
 
-HEAD_DIMS = (64, 128, 256)
-
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
     return (t if t.dtype == torch.int32 else t.to(torch.int32)).contiguous()
@@ -36,7 +36,7 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
 def chain_attention_decode_fwd(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     kv_head_index: Sequence[int], head_chain: Sequence[int], seq_chains: Optional[torch.Tensor],
-    softmax_scale: float, *, num_splits: Optional[int] = None,
+    softmax_scale: float, block_table: Optional[torch.Tensor] = None, *, num_splits: Optional[int] = None,
 ) -> torch.Tensor:
     ext = require_extension()
     # Imported here, not at module level: importing this module (the backend's reasons) needs no
@@ -54,12 +54,12 @@ def chain_attention_decode_fwd(
     return ext.chain_attention_decode_fwd(
         q, k_cache, v_cache, _int32(cache_seqlens), int32_table(heads, dev), int32_table(chains, dev),
         int32_table((hc,), dev), None if seq_chains is None else _int32(seq_chains),
-        float(softmax_scale), int(num_splits or 0),
+        float(softmax_scale), int(num_splits or 0), None if block_table is None else _int32(block_table),
     )
 
 
 def chain_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains,
-                                softmax_scale) -> torch.Tensor:
+                                softmax_scale, block_table=None) -> torch.Tensor:
     """Output of ``chain_attention_decode_fwd`` with the right shape and dtype, no data."""
     return q.new_empty(q.shape)
 

@@ -1,20 +1,31 @@
-"""Triton split-K flash-decoding kernels for chain attention over a KV cache.
+"""Triton split-K flash-decoding kernels for chain attention over a KV cache (contiguous or paged).
 
 Math (matches ``reference.chain_attention_decode``). Named dimensions: B batch, Sq new tokens per
-sequence (1..16), S_max cache capacity, Hq query heads, Hkv kv heads read (a prefix of the cache's
-heads), D head dim, G = Hq / Hkv query heads per kv head, NS splits. ``L_b = cache_seqlens[b]``
-(the Sq new tokens included), clamped to ``[0, S_max]`` in the kernel. Query head ``h`` reads kv
-head ``kv_head_index[h]``; query ``i`` of sequence ``b`` sees keys ``j < L_b - Sq + i + 1``:
+sequence (1..MAX_DECODE_TOKENS), S_max cache capacity per sequence, Hq query heads, Hkv kv heads
+read (a prefix of the cache's heads), D head dim, G = Hq / Hkv query heads per kv head, NS splits.
+``L_b = cache_seqlens[b]`` (the Sq new tokens included), clamped to ``[0, S_max]`` in the kernel.
+Query head ``h`` reads kv head ``kv_head_index[h]``; query ``i`` of sequence ``b`` sees keys
+``j < L_b - Sq + i + 1`` (causal, bottom-right):
 
     O[b, i, h] = softmax_j(softmax_scale * q[b, i, h] . k[b, j, g]) @ v[b, :, g]   (g = kv head)
 
 a row that sees no key outputs zeros. With ``seq_chains`` head ``h`` of sequence ``b`` is active
 iff ``head_chain[h] <= seq_chains[b]``: inactive heads output exact zeros and load no K/V.
 
-Layouts: q ``(B, Sq, Hq, D)``, caches ``(B, S_max, Hkv_cache, D)``: any strides, unit last dim;
-out ``(B, Sq, Hq, D)`` contiguous. Partials (split mode): ``PART_O`` fp32 ``(B, Sq * Hq, NS, D)``
-(each split's normalised output) and ``PART_LSE`` fp32 ``(B, Sq * Hq, NS)`` (log2 units, ``-inf``
-for a row that sees none of the split's keys).
+Layouts: q ``(B, Sq, Hq, D)``: any strides, unit last dim. Caches, contiguous: ``(B, S_max,
+Hkv_cache, D)``, key j of sequence b at ``[b, j]``; paged (flash-attn's ``block_table``
+convention): ``(num_blocks, page_size, Hkv_cache, D)`` with an int32 ``block_table (B,
+max_blocks)``, key j of sequence b at ``[block_table[b, j // page_size], j % page_size]``, and
+``S_max = max_blocks * page_size``. Any cache strides with a unit last dim. A block-table entry is
+clamped to ``[0, num_blocks)`` before it meets a stride: whatever the table holds, no read leaves
+the cache. out ``(B, Sq, Hq, D)`` contiguous. Partials (split mode): ``PART_O`` fp32 ``(B, Sq * Hq,
+NS, D)`` (each split's normalised output) and ``PART_LSE`` fp32 ``(B, Sq * Hq, NS)`` (log2 units,
+``-inf`` for a row that sees none of the split's keys).
+
+Head dims: every multiple of 8 in [8, 256] (``limits.DECODE_HEAD_DIMS``). The kernels compute at
+``HEAD_DIM_P2``, the next power of two (at least 16, for ``tl.dot``): the padded columns are
+masked on every load (read as zeros, so they add nothing to ``q . k`` and give zero output
+columns) and never stored.
 
 Kernels:
 - ``_decode_split_kernel``: grid ``(NS, Hkv * row_blocks, B)``. A program owns one split of the
@@ -32,8 +43,9 @@ Kernels:
 The number of splits comes from the cache capacity ``S_max`` and the SM count
 (``num_splits_heuristic``, a power of two), never from the lengths in the batch: it changes
 neither with the step nor with the lengths, and ``split_size`` is a runtime argument. Constexprs:
-head dim, G, the seq_chains flag, the split flag and block sizes (BLOCK_M from ``G * Sq``, rounded
-to a power of two). Offsets that meet a stride are int64.
+head dim (and its padding), G, the seq_chains / split / paged flags and block sizes (BLOCK_M from
+``G * Sq``, rounded to a power of two and capped, so more new tokens mean more row blocks, never a
+larger register tile). Offsets that meet a stride are int64.
 """
 from __future__ import annotations
 
@@ -51,27 +63,25 @@ from colm_kernels._triton.utils import (
     device_guard,
     int32_table,
     is_interpreter,
-    is_pow2_in,
     last_dim_contiguous,
     mma,
 )
-from colm_kernels.ops.chain_attention.heads import (
-    LOG2E,
-    MAX_DECODE_TOKENS,
-    MAX_HEAD_DIM,
-    MIN_HEAD_DIM,
-    group_rows,
-)
+from colm_kernels.ops.chain_attention.heads import LOG2E, group_rows
 from colm_kernels.ops.chain_attention.heads import layout_reasons as _layout_reasons
+from colm_kernels.ops.chain_attention_decode.limits import (
+    DECODE_HEAD_DIMS,
+    MAX_DECODE_TOKENS,
+    head_dim_reasons,
+    padded_head_dim,
+)
 
 __all__ = [
     "chain_attention_decode_fwd",
     "decode_plan",
     "layout_reasons",
     "num_splits_heuristic",
+    "DECODE_HEAD_DIMS",
     "MAX_DECODE_TOKENS",
-    "MIN_HEAD_DIM",
-    "MAX_HEAD_DIM",
 ]
 
 MAX_SPLITS = 64
@@ -90,20 +100,58 @@ def _seq_len(SEQLENS, b, S_max):
 
 
 @triton.jit
-def _split_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, lim, lo, hi, end,
-                 qk_scale, offs_d, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _cache_slots(BT, b64, cols, cols_ok, page_size, n_blocks, stride_btb,
+                 PAGED: tl.constexpr, MASK: tl.constexpr):
+    """``(block, slot)``, int64: key ``cols`` of sequence b sits in cache row ``[block, slot]``.
+    Contiguous: ``(b, col)``. Paged: the table's block of the key's page, clamped into
+    ``[0, n_blocks)`` (an unchecked table never sends a read outside the cache), and the key's
+    offset in the page. ``MASK``: table entries of keys outside ``cols_ok`` are not read."""
+    if PAGED:
+        page = cols // page_size
+        if MASK:
+            blk = tl.load(BT + b64 * stride_btb + page, mask=cols_ok, other=0)
+        else:
+            blk = tl.load(BT + b64 * stride_btb + page)
+        blk = tl.minimum(tl.maximum(blk, 0), n_blocks - 1).to(tl.int64)
+        slot = (cols - page * page_size).to(tl.int64)
+    else:
+        blk = b64
+        slot = cols.to(tl.int64)
+    return blk, slot
+
+
+@triton.jit
+def _load_rows(ptrs, rows_ok, d_ok, MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr):
+    """A ``(rows, HEAD_DIM_P2)`` tile; rows outside ``rows_ok`` and the padded head-dim columns
+    (``MASK_D``) read as zeros. Unmasked where nothing needs a mask (full tiles, power-of-two D)."""
+    if MASK_ROWS:
+        if MASK_D:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    else:
+        if MASK_D:
+            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _split_inner(acc, l_i, m_i, q, k_head, v_head, BT, b64, stride_btb, page_size, n_blocks,
+                 stride_kb, stride_ks, stride_vb, stride_vs, lim, lo, hi, end, qk_scale, offs_d, d_ok,
+                 MASK: tl.constexpr, PAGED: tl.constexpr, MASK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over key blocks ``[lo, hi)``. ``MASK``: keys ``>= end`` are not loaded and
-    row r sees key j only if ``j < lim[r]`` (causal); without it every key is visible to every row."""
+    row r sees key j only if ``j < lim[r]`` (causal); without it every key is visible to every row.
+    ``k_head`` / ``v_head``: the caches offset to kv head g."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :]
-        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :]
-        if MASK:
-            in_split = cols < end
-            k = tl.load(k_ptrs, mask=in_split[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        in_split = cols < end
+        blk, slot = _cache_slots(BT, b64, cols, in_split, page_size, n_blocks, stride_btb, PAGED, MASK)
+        k_ptrs = k_head + (blk * stride_kb + slot * stride_ks)[:, None] + offs_d[None, :]
+        v_ptrs = v_head + (blk * stride_vb + slot * stride_vs)[:, None] + offs_d[None, :]
+        k = _load_rows(k_ptrs, in_split, d_ok, MASK, MASK_D)
         s = mma(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)) * qk_scale
         if MASK:
             vis = in_split[None, :] & (cols[None, :] < lim[:, None])
@@ -113,10 +161,7 @@ def _split_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, lim, lo
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK:
-            v = tl.load(v_ptrs, mask=in_split[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_rows(v_ptrs, in_split, d_ok, MASK, MASK_D)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -125,17 +170,25 @@ def _split_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, lim, lo
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["Sq", "S_max", "split_size", "n_splits"])
+@triton.jit(do_not_specialize=["Sq", "S_max", "split_size", "n_splits", "page_size", "n_blocks"])
 def _decode_split_kernel(
-    Q, K, V, OUT, PART_O, PART_LSE, SEQLENS, SC, HEADS, CHAINS,
+    Q, K, V, OUT, PART_O, PART_LSE, SEQLENS, SC, HEADS, CHAINS, BT,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
+    stride_btb, page_size, n_blocks,
     Sq, Hq, S_max, split_size, n_splits, qk_scale,
-    HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, HAS_SC: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
+    HAS_SC: tl.constexpr, SPLIT: tl.constexpr, PAGED: tl.constexpr, KV_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # The cache strides arrive divided by KV_ALIGN (the elements in 16 bytes, when every one is a
+    # multiple of it; else 1). Multiplying back tells the compiler that K/V rows start on 16-byte
+    # boundaries, so tiles are read with vector loads / cp.async for any head dim: a stride of 40
+    # elements (Hkv=1, D=40) is not a multiple of 16, the only divisibility Triton infers itself.
+    stride_kb, stride_ks, stride_kh = stride_kb * KV_ALIGN, stride_ks * KV_ALIGN, stride_kh * KV_ALIGN
+    stride_vb, stride_vs, stride_vh = stride_vb * KV_ALIGN, stride_vs * KV_ALIGN, stride_vh * KV_ALIGN
     split = tl.program_id(0)
     n_rb = tl.cdiv(G * Sq, BLOCK_M)
     g = tl.program_id(1) // n_rb
@@ -156,7 +209,9 @@ def _decode_split_kernel(
     mem = tl.where(act, r % a_div, A + ri % i_div)
     valid = r < G * Sq
     head = tl.load(HEADS + g * G + mem, mask=valid, other=0)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = offs_d < HEAD_DIM
+    MASK_D: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
     row_off = pos.to(tl.int64)[:, None] * stride_os + head.to(tl.int64)[:, None] * stride_oh
 
     # This program's keys: [start, end). In split mode a split past L_b does no work.
@@ -179,18 +234,19 @@ def _decode_split_kernel(
     hi = tl.where(work, tl.maximum(hi, full), start)
     full = tl.where(work, full, start)
 
-    q = tl.load(Q + b64 * stride_qb + pos.to(tl.int64)[:, None] * stride_qs
-                + head.to(tl.int64)[:, None] * stride_qh + offs_d[None, :],
-                mask=act[:, None], other=0.0)
-    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    q = _load_rows(Q + b64 * stride_qb + pos.to(tl.int64)[:, None] * stride_qs
+                   + head.to(tl.int64)[:, None] * stride_qh + offs_d[None, :], act, d_ok, True, MASK_D)
+    k_head = K + g.to(tl.int64) * stride_kh
+    v_head = V + g.to(tl.int64) * stride_vh
+    acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, lim,
-                                 start, full, end, qk_scale, offs_d, False, BLOCK_N)
-    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, lim,
-                                 full, hi, end, qk_scale, offs_d, True, BLOCK_N)
+    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, k_head, v_head, BT, b64, stride_btb, page_size, n_blocks,
+                                 stride_kb, stride_ks, stride_vb, stride_vs, lim, start, full, end, qk_scale,
+                                 offs_d, d_ok, False, PAGED, MASK_D, BLOCK_N)
+    acc, l_i, m_i = _split_inner(acc, l_i, m_i, q, k_head, v_head, BT, b64, stride_btb, page_size, n_blocks,
+                                 stride_kb, stride_ks, stride_vb, stride_vs, lim, full, hi, end, qk_scale,
+                                 offs_d, d_ok, True, PAGED, MASK_D, BLOCK_N)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
@@ -200,13 +256,13 @@ def _decode_split_kernel(
         slot = prow * n_splits + split
         # A tensor, not a scalar bool: triton 3.9's interpreter rejects `tensor & scalar` masks.
         keep = act & (start + tl.zeros_like(r) < end)
-        tl.store(PART_O + slot[:, None] * HEAD_DIM + offs_d[None, :], o, mask=keep[:, None])
+        tl.store(PART_O + slot[:, None] * HEAD_DIM + offs_d[None, :], o, mask=keep[:, None] & d_ok[None, :])
         lse = tl.where(has, m_i + tl.math.log2(l_safe), float("-inf"))
         tl.store(PART_LSE + slot, lse, mask=keep)
     else:
         # Active rows get their output, inactive heads their zeros.
         tl.store(OUT + b64 * stride_ob + row_off + offs_d[None, :], o.to(OUT.dtype.element_ty),
-                 mask=valid[:, None])
+                 mask=valid[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["Sq", "S_max", "split_size", "n_splits"])
@@ -214,7 +270,7 @@ def _decode_reduce_kernel(
     PART_O, PART_LSE, OUT, SEQLENS, SC, HEAD_CHAIN,
     stride_ob, stride_os, stride_oh,
     Sq, Hq, S_max, split_size, n_splits,
-    HEAD_DIM: tl.constexpr, HAS_SC: tl.constexpr, BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, HAS_SC: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     b = tl.program_id(1)
     b64 = b.to(tl.int64)
@@ -229,14 +285,16 @@ def _decode_reduce_kernel(
         sc = tl.load(SC + b).to(tl.int32)
         ch = tl.load(HEAD_CHAIN + h, mask=valid, other=_NOT_A_CHAIN)
         act = act & (ch <= sc)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = offs_d < HEAD_DIM
     base = (b64 * Sq * Hq + rows.to(tl.int64)) * n_splits
     m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, HEAD_DIM_P2), dtype=tl.float32)
     for s in range(0, n_valid):
         lse = tl.load(PART_LSE + base + s, mask=act, other=float("-inf"))
-        o = tl.load(PART_O + (base + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=act[:, None], other=0.0)
+        o = tl.load(PART_O + (base + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=act[:, None] & d_ok[None, :], other=0.0)
         m_new = tl.maximum(m, lse)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
@@ -248,7 +306,7 @@ def _decode_reduce_kernel(
     out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
     ptrs = (OUT + b64 * stride_ob + pos.to(tl.int64)[:, None] * stride_os
             + h.to(tl.int64)[:, None] * stride_oh + offs_d[None, :])
-    tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=valid[:, None])
+    tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=valid[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,22 +328,36 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _blocks(head_dim: int, rows: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M: the packed rows ``G * Sq`` rounded up
-    to a power of two (tl.dot needs 16), capped so that the fp32 accumulator stays in registers."""
+# (BLOCK_M cap, BLOCK_N, num_warps, num_stages) per padded head dim. Chosen so that no kernel
+# variant spills on sm_90a: every combination of paged / split / seq_chains / padded or power-of-two
+# D / BLOCK_M was compiled by Triton 3.9 (its ptxas flags) for each candidate, and the first
+# candidate without a spilled byte kept. ptxas trades a few spilled bytes for occupancy at the
+# register cliffs (64, 80, 128, 168), so neighbouring configs spill 8-32 B: e.g. 16-bit D=256 at
+# 8 warps (BLOCK_N 32) spilled up to 32 B at 128 registers, at 4 warps with BLOCK_N 16 none (221
+# registers at most). float32 tl.dot (IEEE) runs on FMA units with whole operand rows per thread:
+# BLOCK_M 16 (BLOCK_M 32 spilled 700+ B at D=64). Not timed on a GPU yet.
+_TILES_16BIT = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
+                256: (32, 16, 4, 2)}
+_TILES_FP32 = {16: (16, 32, 4, 2), 32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 32, 8, 2),
+               256: (16, 32, 8, 1)}
+
+
+def _blocks(head_dim: int, rows: int, fp32: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the padded ``head_dim``. BLOCK_M: the packed
+    rows ``G * Sq`` rounded up to a power of two (tl.dot needs 16), capped so that the fp32
+    accumulator stays in registers (more rows: more row blocks)."""
     if is_interpreter():
         return 16, 16, 1, 1
-    cap = 64 if head_dim <= 128 else 32
-    block_m = min(max(16, triton.next_power_of_2(rows)), cap)
-    block_n = 64 if head_dim <= 128 else 32
-    return block_m, block_n, 4, 2
+    cap, block_n, warps, stages = (_TILES_FP32 if fp32 else _TILES_16BIT)[head_dim]
+    return min(max(16, triton.next_power_of_2(rows)), cap), block_n, warps, stages
 
 
 def decode_plan(batch: int, n_kv: int, rows: int, s_max: int, head_dim: int, device,
-                num_splits: Optional[int] = None) -> dict:
-    """Block sizes and the split of the key axis for one launch. ``num_splits`` forces a split
-    count (tests); the split size is then ``cdiv(key blocks, num_splits)`` key blocks."""
-    block_m, block_n, warps, stages = _blocks(head_dim, rows)
+                num_splits: Optional[int] = None, fp32: bool = False) -> dict:
+    """Block sizes and the split of the key axis for one launch (``head_dim``: the padded one,
+    ``s_max``: keys per sequence the cache holds). ``num_splits`` forces a split count (tests);
+    the split size is then ``cdiv(key blocks, num_splits)`` key blocks."""
+    block_m, block_n, warps, stages = _blocks(head_dim, rows, fp32)
     n_rb = triton.cdiv(rows, block_m)
     n_blocks = max(1, triton.cdiv(s_max, block_n))
     if num_splits is None:
@@ -311,7 +383,9 @@ def layout_reasons(n_q: int, n_kv: int, kv_head_index: Sequence[int], head_chain
     return _layout_reasons(n_q, n_kv, kv_head_index, head_chain, kv_prefix=True)
 
 
-def _check_inputs(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains, softmax_scale):
+def _check_inputs(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains, softmax_scale,
+                  block_table):
+    """What the kernels rely on (the public function checks more, and names the arguments)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor")
@@ -319,17 +393,26 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain,
             raise TypeError(f"{name} has dtype {t.dtype}; expected float16/bfloat16/float32")
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device})")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
     B, Sq, Hq, D = q.shape
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
+    paged = block_table is not None
+    if (k_cache.shape != v_cache.shape or k_cache.shape[3] != D
+            or (not paged and k_cache.shape[0] != B)):
         raise ValueError(f"inconsistent shapes q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
                          f"v_cache {tuple(v_cache.shape)}")
+    if paged:
+        if (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B
+                or block_table.device != q.device):
+            raise ValueError(f"block_table must be an int32 ({B}, max_blocks) tensor on {q.device}, got "
+                             f"{block_table.dtype} {tuple(block_table.shape)} on {block_table.device}")
+        if k_cache.shape[1] < 1 or k_cache.shape[0] < 1:
+            raise ValueError(f"a paged cache needs page_size >= 1 and num_blocks >= 1, got k_cache "
+                             f"{tuple(k_cache.shape)}")
     if not 1 <= Sq <= MAX_DECODE_TOKENS:
         raise ValueError(f"q.shape[1]={Sq} new tokens must be in [1, {MAX_DECODE_TOKENS}]")
-    if not is_pow2_in(int(D), MIN_HEAD_DIM, MAX_HEAD_DIM):
-        raise ValueError(f"head dim {D} must be a power of two in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
-    reasons = layout_reasons(Hq, k_cache.shape[2], kv_head_index, head_chain)
+    reasons = head_dim_reasons("triton", int(D)) + layout_reasons(Hq, k_cache.shape[2], kv_head_index, head_chain)
     if reasons:
         raise ValueError("; ".join(reasons))
     for name, t in (("cache_seqlens", cache_seqlens), ("seq_chains", seq_chains)):
@@ -343,23 +426,40 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain,
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
 
 
+def _kv_align(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """Elements per 16 bytes when every cache stride (batch or block, position, head) is a
+    multiple of it, else 1: what ``KV_ALIGN`` may promise the compiler."""
+    vec = 16 // k_cache.element_size()
+    ok = all(s % vec == 0 for t in (k_cache, v_cache) for s in t.stride()[:3])
+    return vec if ok and not is_interpreter() else 1
+
+
+def cache_capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> int:
+    """Keys each sequence can hold: ``S_max`` of a contiguous cache, ``max_blocks * page_size`` of
+    a paged one."""
+    return int(k_cache.shape[1]) * (1 if block_table is None else int(block_table.shape[1]))
+
+
 def chain_attention_decode_fwd(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     kv_head_index: Sequence[int], head_chain: Sequence[int], seq_chains: Optional[torch.Tensor],
-    softmax_scale: float, *, num_splits: Optional[int] = None,
+    softmax_scale: float, block_table: Optional[torch.Tensor] = None, *, num_splits: Optional[int] = None,
 ) -> torch.Tensor:
-    """``out (B, Sq, Hq, D)``, contiguous, in q's dtype. ``num_splits`` forces the number of
+    """``out (B, Sq, Hq, D)``, contiguous, in q's dtype. ``block_table``: None (contiguous cache)
+    or the paged cache's int32 ``(B, max_blocks)`` table. ``num_splits`` forces the number of
     splits of the key axis (default: ``num_splits_heuristic``)."""
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains, softmax_scale)
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, kv_head_index, head_chain, seq_chains, softmax_scale,
+                  block_table)
     q = last_dim_contiguous(q)
     B, Sq, Hq, D = q.shape
-    S_max = k_cache.shape[1]
+    D_P2 = padded_head_dim(D)
+    S_max = cache_capacity(k_cache, block_table)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     heads, chains = group_rows(kv_head_index, head_chain)
     Hkv, G = len(heads), len(heads[0])
-    plan = decode_plan(B, Hkv, G * Sq, S_max, D, q.device, num_splits)
+    plan = decode_plan(B, Hkv, G * Sq, S_max, D_P2, q.device, num_splits, q.dtype == torch.float32)
     n_splits, n_rb = plan["num_splits"], plan["row_blocks"]
     if B > _MAX_GRID_YZ or Hkv * n_rb > _MAX_GRID_YZ:
         raise ValueError(f"batch {B} and kv heads x row blocks {Hkv * n_rb} must be <= {_MAX_GRID_YZ} (grid limit)")
@@ -367,31 +467,39 @@ def chain_attention_decode_fwd(
     seqlens = cache_seqlens.contiguous()
     has_sc = seq_chains is not None
     sc = seq_chains.contiguous() if has_sc else seqlens  # any int tensor when unused
+    paged = block_table is not None
+    if paged:
+        table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+        page_size, n_blocks, stride_btb = k_cache.shape[1], k_cache.shape[0], table.stride(0)
+    else:
+        table, page_size, n_blocks, stride_btb = seqlens, 1, 1, 0  # unused
     split = n_splits > 1
     if split:
         part_o = torch.empty((B, Sq * Hq, n_splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Sq * Hq, n_splits), dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused
-    meta = dict(HEAD_DIM=D, G=G, G_P2=max(2, triton.next_power_of_2(G)), HAS_SC=has_sc)
+    meta = dict(HEAD_DIM=D, HEAD_DIM_P2=D_P2, HAS_SC=has_sc)
+    align = _kv_align(k_cache, v_cache)
     with device_guard(q.device):
         _decode_split_kernel[(n_splits, Hkv * n_rb, B)](
-            q, k_cache, v_cache, out, part_o, part_lse, seqlens, sc, heads_t, chains_t,
+            q, k_cache, v_cache, out, part_o, part_lse, seqlens, sc, heads_t, chains_t, table,
             q.stride(0), q.stride(1), q.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            *(s // align for s in k_cache.stride()[:3]), *(s // align for s in v_cache.stride()[:3]),
             out.stride(0), out.stride(1), out.stride(2),
+            stride_btb, page_size, n_blocks,
             Sq, Hq, S_max, plan["split_size"], n_splits, float(softmax_scale) * LOG2E,
-            SPLIT=split, BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"],
+            G=G, G_P2=max(2, triton.next_power_of_2(G)), SPLIT=split, PAGED=paged, KV_ALIGN=align,
+            BLOCK_M=plan["BLOCK_M"], BLOCK_N=plan["BLOCK_N"],
             num_warps=plan["num_warps"], num_stages=plan["num_stages"], **meta,
         )
         if split:
-            block_r = 16 if is_interpreter() else max(1, min(64, 4096 // D))
+            block_r = 16 if is_interpreter() else max(1, min(64, 4096 // D_P2))
             head_chain_t = int32_table([list(head_chain)], q.device)
             _decode_reduce_kernel[(triton.cdiv(Sq * Hq, block_r), B)](
                 part_o, part_lse, out, seqlens, sc, head_chain_t,
                 out.stride(0), out.stride(1), out.stride(2),
                 Sq, Hq, S_max, plan["split_size"], n_splits,
-                HEAD_DIM=D, HAS_SC=has_sc, BLOCK_R=block_r, num_warps=1 if is_interpreter() else 4,
+                BLOCK_R=block_r, num_warps=1 if is_interpreter() else 4, **meta,
             )
     return out
