@@ -38,7 +38,9 @@ def _inputs(op: str, gen: torch.Generator):
         c = Chains((1, 2, 1))
         t = torch.randint(0, 53, (37,), generator=gen)
         t[::7] = -100
-        return [rnd(37, 48), rnd(53, 48) / 4], lambda h, w: multi_chain_cross_entropy(h, w, t, c)
+        # every option at once: per-row losses (z-loss included), smoothing, softcap
+        return [rnd(37, 48), rnd(53, 48) / 4], lambda h, w: multi_chain_cross_entropy(
+            h, w, t, c, reduction="none", label_smoothing=0.1, lse_square_scale=1e-2, softcap=8.0)
     if op == "chain_attention_decode":
         c = Chains((2, 2))
         lengths = torch.tensor([5, 40, 17], dtype=torch.int32)  # cache of 40, uneven lengths

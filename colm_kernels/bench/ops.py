@@ -333,7 +333,8 @@ def multi_chain_cross_entropy_cases(size: str, device, dtype, passes=("fwd", "fw
         providers = {"paper-naive": naive}
         for b in our_backends("multi_chain_cross_entropy", [h, w, t], hidden=h, weight=w, targets=t,
                               offsets=list(offsets), ignore_index=-100):
-            providers[f"ours-{b}"] = _ours(lambda x, p: multi_chain_cross_entropy(x, p[0], t, c), b)
+            # no value check: one host sync per step, as the models run it
+            providers[f"ours-{b}"] = _ours(lambda x, p: multi_chain_cross_entropy(x, p[0], t, c, check_values=False), b)
         flops = 2.0 * m * vocab * dim
         for pass_name, (name, fwd) in itertools.product(passes, providers.items()):
             yield Case("multi_chain_cross_entropy", name, label, pass_name,

@@ -60,11 +60,15 @@ class CoLM(nn.Module):
         h = self.hidden(tokens, chain)
         return F.linear(h, self.output.weight[:, : h.shape[-1]])
 
-    def multi_chain_loss(self, tokens: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    def multi_chain_loss(self, tokens: Tensor, targets: Tensor, ignore_index: int = -100, *,
+                         check_values: bool = False) -> Tensor:
         """Mean cross-entropy at every scale ``(n_chains,)`` from one full-scale pass, without
-        materialising a logit tensor per scale."""
+        materialising a logit tensor per scale. ``targets`` are not checked on the host by
+        default (no GPU sync per step): a target outside ``[0, vocab_size)`` that is not
+        ``ignore_index`` makes every scale's loss NaN; ``check_values=True`` raises instead."""
         h = self.hidden(tokens)
-        return multi_chain_cross_entropy(h, self.output.weight, targets, self.chains, ignore_index)
+        return multi_chain_cross_entropy(h, self.output.weight, targets, self.chains, ignore_index,
+                                         check_values=check_values)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config

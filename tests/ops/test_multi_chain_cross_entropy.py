@@ -3,7 +3,8 @@ the losses at every scale and the gradients of hidden and weight against the flo
 backend with the accuracy rule of ``numerics.py`` (kernel error <= 2x, gradients 3x, the error of
 the reference backend in the same dtype + a floor); one chain, equal and unequal chains, prefix
 widths (fewer scales), a vocabulary that is not a multiple of the block, N = 1 / 17 / 37, ignored
-rows (a whole row block of them, every row), several backward chunks, opcheck and torch.compile.
+rows (a whole row block of them, every row), several backward chunks, opcheck and torch.compile
+(with the options; the options themselves: ``test_multi_chain_cross_entropy_options.py``).
 ``torch.empty`` is NaN-filled here, so any output element a kernel leaves unwritten fails.
 """
 
@@ -120,12 +121,29 @@ def test_every_row_ignored_is_nan_like_reference():
     assert torch.isnan(got).all() and torch.isnan(ref).all()
 
 
-def test_several_backward_chunks(monkeypatch):
-    from colm_kernels.ops.multi_chain_cross_entropy import triton_kernels
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_several_backward_chunks(monkeypatch, reduction):
+    """Three row chunks of 16 (first, middle, last dW pass; per-row weights sliced per chunk)."""
+    from colm_kernels.ops.multi_chain_cross_entropy import triton_bwd
 
     chains, d, v = (1, 2, 1), 40, 101
-    monkeypatch.setattr(triton_kernels, "_CHUNK_ELEMS", 3 * 16 * v)  # one row block per chunk
-    _check_against_reference(*_inputs(chains, d, v, 37, torch.float32, ignore=[2, 20]), chains)
+    monkeypatch.setattr(triton_bwd, "_WORKSPACE_BYTES", 3 * 16 * v * 4)  # fp32: 16 rows a chunk
+    hidden, weight, targets = _inputs(chains, d, v, 37, torch.float32, ignore=[2, 20])
+    if reduction == "mean":
+        _check_against_reference(hidden, weight, targets, chains)
+        return
+    upstream = torch.randn(3, 37, dtype=torch.float64).to(DEVICE)
+    runs = []
+    for backend, dt in (("triton", torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+        h = hidden.detach().to(dt).requires_grad_(True)
+        w = weight.detach().to(dt).requires_grad_(True)
+        with ck.use_backend(backend):
+            loss = ck.multi_chain_cross_entropy(h, w, targets, chains, reduction="none",
+                                                label_smoothing=0.1, softcap=3.0)
+        (loss * upstream.to(loss)).sum().backward()
+        runs.append((loss.detach(), h.grad, w.grad))
+    for name, a, b, c in zip(("loss", "d_hidden", "d_weight"), *runs):
+        assert_within_eager_error(a, b, c, factor=2 if name == "loss" else 3, name=name)
 
 
 def test_leading_dims_and_frozen_weight():
@@ -156,16 +174,20 @@ def test_unsupported_inputs_raise_with_reasons():
 
 def test_opcheck():
     from colm_kernels.ops.multi_chain_cross_entropy.triton import (
-        multi_chain_cross_entropy_triton, multi_chain_cross_entropy_triton_bwd)
+        multi_chain_cross_entropy_triton_bwd, multi_chain_cross_entropy_triton_fwd)
 
-    hidden, weight, targets = _inputs((1, 2, 1), 40, 101, 17, torch.float32, ignore=[1])
+    options = ("none", 0.1, 0.02, 3.0)  # reduction, label_smoothing, lse_square_scale, softcap
+    hidden, weight, targets = _inputs((1, 2, 1), 16, 33, 9, torch.float32, ignore=[1])
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    torch.library.opcheck(multi_chain_cross_entropy_triton, (hidden, weight, targets, [0, 10, 30, 40], -100))
-    torch.library.opcheck(multi_chain_cross_entropy_triton, (hidden[:, :30], weight, targets, [0, 10, 30], -100))
-    grad = torch.randn(3, device=DEVICE)
+    torch.library.opcheck(multi_chain_cross_entropy_triton_fwd, (hidden, weight, targets, [0, 4, 12, 16], -100, *options))
+    torch.library.opcheck(multi_chain_cross_entropy_triton_fwd, (hidden[:, :12], weight, targets, [0, 4, 12], -100,
+                                                                 "mean", 0.0, 0.0, 0.0))
+    out, lse = multi_chain_cross_entropy_triton_fwd(hidden.detach(), weight.detach(), targets, [0, 4, 12, 16], -100,
+                                                    *options)
     torch.library.opcheck(multi_chain_cross_entropy_triton_bwd,
-                          (grad, hidden.detach(), weight.detach(), targets, [0, 10, 30, 40], -100, True, False))
+                          (torch.randn_like(out), hidden.detach(), weight.detach(), targets, lse, [0, 4, 12, 16],
+                           -100, *options, True, False))
 
 
 def test_compile_fullgraph_matches_eager(monkeypatch):
@@ -176,7 +198,12 @@ def test_compile_fullgraph_matches_eager(monkeypatch):
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     with ck.use_backend("triton"):
-        fn = lambda h, w: ck.multi_chain_cross_entropy(h, w, targets, chains, check_values=False)  # noqa: E731
+        def fn(h, w):
+            loss, z = ck.multi_chain_cross_entropy(h, w, targets, chains, check_values=False, reduction="none",
+                                                   label_smoothing=0.1, lse_square_scale=0.01, softcap=4.0,
+                                                   return_z_loss=True)
+            return loss.sum(1) + 2 * z.sum(1)
+
         expected = fn(hidden, weight)
         got = torch.compile(fn, fullgraph=True, backend="aot_eager")(hidden, weight)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -1,5 +1,8 @@
-"""``multi_chain_cross_entropy``: the mean cross-entropy at every scale, the public function."""
+"""``multi_chain_cross_entropy``: the cross-entropy at every scale, the public function."""
 from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -11,11 +14,15 @@ from .._library import register_reference_op
 from . import reference
 
 OP = "multi_chain_cross_entropy"
-SCHEMA = "(Tensor hidden, Tensor weight, Tensor targets, int[] offsets, int ignore_index) -> Tensor"
+SCHEMA = ("(Tensor hidden, Tensor weight, Tensor targets, int[] offsets, int ignore_index, "
+          "str reduction=\"mean\", float label_smoothing=0.0, float lse_square_scale=0.0, "
+          "float softcap=0.0) -> Tensor")
 
 
-def _fake(hidden, weight, targets, offsets, ignore_index):
-    return hidden.new_empty((len(offsets) - 1,), dtype=reference.loss_dtype(hidden.dtype))
+def _fake(hidden, weight, targets, offsets, ignore_index, reduction="mean", label_smoothing=0.0,
+          lse_square_scale=0.0, softcap=0.0):
+    shape = reference.out_shape(len(offsets) - 1, hidden.shape[0], reduction)
+    return hidden.new_empty(shape, dtype=reference.loss_dtype(hidden.dtype))
 
 
 multi_chain_cross_entropy_reference = register_reference_op(
@@ -26,22 +33,58 @@ backends.register(OP, "triton", "colm_kernels.ops.multi_chain_cross_entropy.trit
                   "multi_chain_cross_entropy_triton", reasons_fn="not_supported_reasons")
 
 
+def _real(name: str, value, *, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < lo or (lo_open and value == lo) or value > hi:
+        left = "(" if lo_open else "["
+        raise ValueError(f"{name} must be a finite float in {left}{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    """``t`` with a unit-stride last dim (a copy when it has another stride): every backend reads
+    the same values, whatever layout the caller passes (a ``W.T`` head, ``hidden[:, ::2]``)."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 def multi_chain_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, chains: ChainsLike, ignore_index: int = -100,
-    *, check_values: bool = True,
-) -> Tensor:
-    """Mean cross-entropy of the output head at every scale, without the caller building logits.
+    *, reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None, return_z_loss: bool = False, check_values: bool = True,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Cross-entropy of the output head at every scale, without the caller building logits.
+
+    Scale ``s`` reads the first ``P_(s+1)`` columns of ``hidden`` and ``weight``:
+    ``logits_s = hidden[..., :P_(s+1)] @ weight[:, :P_(s+1)]^T`` (never materialised by the kernel
+    backends), and its loss is ``F.cross_entropy(logits_s, targets, ignore_index=ignore_index,
+    reduction=reduction, label_smoothing=label_smoothing)`` plus the z-loss.
 
     Args:
         hidden: ``(..., W)`` final hidden states; ``W`` is a prefix width ``P_(k+1)`` of ``D``
             (``D`` itself for all scales), which selects scales ``0..k``.
-        weight: output head ``(V, D)``; scale j uses its first ``P_(j+1)`` columns.
+        weight: output head ``(V, D)``; any layout (a last dim that is not unit-stride, such as a
+            ``W.T`` view, is copied first).
         targets: integer ``(...)`` matching ``hidden``'s leading dims; ``ignore_index`` entries
-            are excluded from every mean.
+            count in no loss and get zero gradients.
+        reduction: ``"mean"`` (over the rows that are not ignored), ``"sum"`` or ``"none"``.
+        label_smoothing: PyTorch's: ``(1 - eps) * nll + eps * mean_v(lse - logit_v)`` per row,
+            in ``[0, 1]``; ignored rows stay out of both terms and of the mean's count.
+        lse_square_scale: z-loss ``scale * logsumexp(logits_s)^2`` per row (>= 0), reduced like
+            the loss and added to it.
+        softcap: ``None`` or a positive float: each scale's logits become
+            ``softcap * tanh(logits_s / softcap)`` before the softmax (and the z-loss).
+        return_z_loss: also return the z-loss alone (already included in the loss).
         check_values: check on the host (one sync) that every target is a class index or
-            ``ignore_index``.
+            ``ignore_index``. With ``False`` (no sync; the models use it) an out-of-range target
+            is never read past the vocabulary: its row's loss is NaN at every scale, so every
+            reduced scale loss is NaN and the row's gradients are NaN.
 
-    Returns a 1-D tensor: the loss at each scale ``0..k`` (float32, or float64 for float64 input).
+    Returns the losses, float32 (float64 for float64 input): ``(k+1,)`` one per scale, or
+    ``(k+1, *targets.shape)`` for ``reduction="none"`` (0 at ignored rows); with
+    ``return_z_loss`` a pair ``(loss, z_loss)`` of that shape. When every target is ignored,
+    ``mean`` gives NaN losses with zero gradients and ``sum`` zeros, as ``F.cross_entropy``.
     """
     chains = as_chains(chains)
     check_tensor("hidden", hidden, min_ndim=1)
@@ -51,6 +94,15 @@ def multi_chain_cross_entropy(
     check_like("hidden", hidden, dtype=False, targets=targets)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+    label_smoothing = _real("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
+    lse_square_scale = _real("lse_square_scale", lse_square_scale, lo=0.0)
+    cap = 0.0 if softcap is None else _real("softcap", softcap, lo=0.0, lo_open=True)
+    if not isinstance(return_z_loss, bool):
+        raise TypeError(f"return_z_loss must be a bool, got {return_z_loss!r}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one row (class), got shape {tuple(weight.shape)}")
     dim = weight.shape[1]
     offsets = chains.offsets(dim, name="weight.shape[1]")
     k = chains.scale_of_width(hidden.shape[-1], dim, name="hidden.shape[-1]")
@@ -60,7 +112,8 @@ def multi_chain_cross_entropy(
             f"got {tuple(targets.shape)}"
         )
     offsets = list(offsets[: k + 2])
-    h2 = hidden.reshape(-1, hidden.shape[-1])
+    h2 = _unit_stride(hidden.reshape(-1, hidden.shape[-1]))
+    weight = _unit_stride(weight)
     t1 = targets.reshape(-1).long()  # any integer dtype in; every backend reads int64
     if check_values and not torch.compiler.is_compiling() and t1.numel():
         # One host sync per call: an out-of-range target would be a device-side assert on GPU.
@@ -70,6 +123,11 @@ def multi_chain_cross_entropy(
                 f"targets must be in [0, {weight.shape[0]}) (weight.shape[0] classes) or "
                 f"ignore_index={ignore_index}, got {t1[bad][:5].tolist()}"
             )
+    options = dict(reduction=reduction, label_smoothing=label_smoothing,
+                   lse_square_scale=lse_square_scale, softcap=cap)
     op = backends.dispatch(OP, [h2, weight, t1], hidden=h2, weight=weight, targets=t1,
-                           offsets=offsets, ignore_index=ignore_index)
-    return op(h2, weight, t1, offsets, ignore_index)
+                           offsets=offsets, ignore_index=ignore_index, **options)
+    out = op(h2, weight, t1, offsets, ignore_index, **options)
+    if reduction == "none":
+        out = out.reshape(2, len(offsets) - 1, *targets.shape)
+    return (out[0], out[1]) if return_z_loss else out[0]

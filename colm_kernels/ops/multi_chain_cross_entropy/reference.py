@@ -1,9 +1,20 @@
 """Multi-chain (Matryoshka-style) cross-entropy in plain PyTorch: one loss per scale.
 
-``logits_k = hidden[:, :P_k] @ weight[:, :P_k]^T`` is built up one chain at a time
-(``logits_k = logits_(k-1) + hidden_k @ weight_k^T``) and ``loss_k`` is the mean cross-entropy over
-targets that are not ``ignore_index``. This naive version materialises every ``(N, V)`` logit
-tensor. Math in float32 (float64 for float64 inputs); the result has that dtype.
+``logits_s = hidden[:, :P_(s+1)] @ weight[:, :P_(s+1)]^T`` is built up one chain at a time
+(``logits_s = logits_(s-1) + hidden_s @ weight_s^T``); with ``softcap`` each scale's logits become
+``softcap * tanh(logits_s / softcap)``. Per row ``i`` with a target that is not ``ignore_index``:
+
+    ce_s[i] = F.cross_entropy(logits_s[i], t_i, label_smoothing=eps)   (PyTorch's definition)
+    z_s[i]  = lse_square_scale * logsumexp(logits_s[i])^2               (z-loss)
+
+Ignored rows count 0. ``reduction``: ``mean`` divides the sums over rows by the number of rows that
+are not ignored (NaN when there are none, as in PyTorch), ``sum`` sums, ``none`` keeps the rows.
+A target outside ``[0, V)`` (values unchecked) makes its row NaN at every scale, forward and
+backward (the row's hidden state is poisoned with NaN before the head), never an index error.
+
+The op returns ``(2, NS)`` (``(2, NS, N)`` for ``none``): row 0 the loss (cross-entropy plus
+z-loss), row 1 the z-loss alone. This naive version materialises every ``(N, V)`` logit tensor.
+Math in float32 (float64 for float64 inputs); the result has that dtype.
 """
 from __future__ import annotations
 
@@ -13,19 +24,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+REDUCTIONS = ("mean", "sum", "none")
+
 
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def out_shape(n_scales: int, n_rows: int, reduction: str) -> tuple:
+    """The op's output shape (every backend and the fake implementations use it)."""
+    return (2, n_scales, n_rows) if reduction == "none" else (2, n_scales)
+
+
 def multi_chain_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, offsets: Sequence[int], ignore_index: int
+    hidden: Tensor, weight: Tensor, targets: Tensor, offsets: Sequence[int], ignore_index: int,
+    reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+    softcap: float = 0.0,
 ) -> Tensor:
     compute = loss_dtype(hidden.dtype)
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= weight.shape[0]))
+    safe = torch.where(bad, torch.zeros_like(targets), targets)
+    # NaN rows for unchecked out-of-range targets: NaN losses and NaN gradients, no gather past V.
+    poison = torch.where(bad, float("nan"), 0.0).to(compute)[:, None]
+    h = hidden.to(compute) + poison
     logits = None
-    losses = []
+    rows, zrows = [], []
     for lo, hi in zip(offsets[:-1], offsets[1:]):
-        part = hidden[:, lo:hi].to(compute) @ weight[:, lo:hi].to(compute).T
+        part = h[:, lo:hi] @ weight[:, lo:hi].to(compute).T
         logits = part if logits is None else logits + part
-        losses.append(F.cross_entropy(logits, targets, ignore_index=ignore_index))
-    return torch.stack(losses)
+        z = softcap * torch.tanh(logits / softcap) if softcap else logits
+        ce = F.cross_entropy(z, safe, ignore_index=ignore_index, reduction="none",
+                             label_smoothing=label_smoothing)
+        zl = torch.where(valid, lse_square_scale * torch.logsumexp(z, dim=-1) ** 2, 0.0)
+        rows.append(ce + zl)
+        zrows.append(zl)
+    out = torch.stack([torch.stack(rows), torch.stack(zrows)])  # (2, NS, N)
+    if reduction == "none":
+        return out
+    total = out.sum(-1)
+    return total / valid.sum() if reduction == "mean" else total

@@ -1,0 +1,327 @@
+"""``multi_chain_cross_entropy`` backward kernels and launcher (``triton_kernels`` has the math and
+the tile plan): ``_mcce_bwd_dlogits_kernel`` rebuilds logit tiles from the saved logsumexp and
+writes the per-chain gradients ``G_c`` of a row chunk; ``_mcce_bwd_dh_kernel`` and
+``_mcce_bwd_dw_kernel`` are the two gradient GEMMs over them."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from colm_kernels._triton.utils import (
+    autotune,
+    device_guard,
+    find_segment,
+    gemm_configs,
+    grouped_tile,
+    load_int,
+    mma,
+    segment_tile_count,
+    tile_count,
+)
+
+from .triton_fwd import _lse_and_rows, _row_unit
+from .triton_tiles import (
+    _H100_GRAD,
+    _H100_LOGITS,
+    _chain_k_tiles,
+    _chain_table,
+    _check,
+    _dh_pruner,
+    _dlogits_pruner,
+    _dw_pruner,
+    _flags,
+    _layout_key,
+    _logit_k_tile,
+    _n_counted,
+    _tanh,
+)
+
+# Bytes of the backward's G workspace (NS x rows x V, input dtype). Tests lower it to force several
+# row chunks. 1 GiB: the default bench case (bf16, N 4096, V 32000, 4 scales) is one chunk.
+_WORKSPACE_BYTES = 1 << 30
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dlogits(x, s, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
+             label_smoothing, lse_square_scale, softcap, NUM_SCALES: tl.constexpr,
+             SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
+             ROW_WEIGHTS: tl.constexpr):
+    """``D_s`` (over alpha, fp32) of a tile from its scale-``s`` logits ``x`` and the saved lse."""
+    lse = tl.load(LSE + rm64 * NUM_SCALES + s, mask=m_ok, other=0.0)
+    if ROW_WEIGHTS:
+        a = tl.load(WT + s * stride_ws + rm64, mask=m_ok, other=0.0)
+        b = tl.load(WT + stride_wf + s * stride_ws + rm64, mask=m_ok, other=0.0)
+    else:
+        zero_rows = tl.zeros_like(lse)
+        a = zero_rows + tl.load(WT + s * stride_ws)
+        b = zero_rows + tl.load(WT + stride_wf + s * stride_ws)
+    z = x
+    if SOFTCAP:
+        th = _tanh(x / softcap)
+        z = softcap * th
+    coef = a
+    if ZLOSS:
+        coef = a + 2.0 * lse_square_scale * lse * b
+    d = tl.exp(z - lse[:, None]) * coef[:, None]
+    hit = rn[None, :] == tgt32[:, None]
+    if SMOOTH:
+        d -= a[:, None] * (tl.where(hit, 1.0 - label_smoothing, 0.0) + label_smoothing / V)
+    else:
+        d -= tl.where(hit, a[:, None], 0.0)
+    if SOFTCAP:
+        d *= 1.0 - th * th
+    return tl.where(valid[:, None] & n_ok[None, :], d, 0.0)
+
+
+# WT: upstream weights over alpha, (2, NS) or (2, NS, rows) (ROW_WEIGHTS): 0 loss, 1 loss + z-loss.
+@autotune(configs=gemm_configs(_H100_LOGITS), key=["LAYOUT_KEY", "ALIGN"], prune=_dlogits_pruner)
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_K"])
+def _mcce_bwd_dlogits_kernel(
+    H, W, T, TBL, LSE, WT, G,
+    N, V, stride_hn, stride_wv, stride_gs, stride_gn, stride_wf, stride_ws, ignore_index,
+    label_smoothing, lse_square_scale, softcap,
+    LAYOUT_KEY, MAX_K,  # autotune key / pruning only
+    NUM_SCALES: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
+    ROW_WEIGHTS: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    ELEM: tl.constexpr = G.dtype.element_ty
+    pid = tl.program_id(0)
+    tile_m, tile_n = grouped_tile(pid, tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < N
+    n_ok = rn < V
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    tgt = tl.load(T + rm64, mask=m_ok, other=ignore_index)
+    valid = m_ok & (tgt != ignore_index)
+    tgt32 = tl.where((tgt >= 0) & (tgt < V), tgt, -1).to(tl.int32)  # never an address
+    h_rows = H + rm64[:, None] * stride_hn
+    w_cols = W + rn64[None, :] * stride_wv
+    g_ptrs = G + rm64[:, None] * stride_gn + rn64[None, :]
+    st_mask = m_ok[:, None] & n_ok[None, :]
+    starts, widths, k_tiles = _chain_k_tiles(TBL, NUM_SCALES, ALIGN, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c = pid * 0  # chain of the current K tile, and the tile's column in it
+    kc = pid * 0
+    for _ in range(0, k_tiles):
+        a, b, ends = _logit_k_tile(h_rows, w_cols, starts, widths, c, kc, m_ok, n_ok, BLOCK_K)
+        acc = mma(a, b, acc)
+        if ends & (c < NUM_SCALES - 1):  # the last scale's D stays in registers (below)
+            d = _dlogits(acc, c, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
+                         label_smoothing, lse_square_scale, softcap, NUM_SCALES, SOFTCAP, SMOOTH,
+                         ZLOSS, ROW_WEIGHTS)
+            tl.store(g_ptrs + c.to(tl.int64) * stride_gs, d.to(ELEM), mask=st_mask)
+        c += ends.to(tl.int32)
+        kc = tl.where(ends, 0, kc + BLOCK_K)
+
+    last = NUM_SCALES - 1
+    d = _dlogits(acc, last, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
+                 label_smoothing, lse_square_scale, softcap, NUM_SCALES, SOFTCAP, SMOOTH, ZLOSS,
+                 ROW_WEIGHTS)
+    tl.store(g_ptrs + last * stride_gs, d.to(ELEM), mask=st_mask)
+    if NUM_SCALES > 1:
+        # Suffix sums in place: G_c = D_c + G_(c+1), from the last scale (in fp32) down.
+        tl.debug_barrier()  # the slots are read back, possibly by other threads of the program
+        for j in tl.static_range(1, NUM_SCALES):
+            cc = NUM_SCALES - 1 - j
+            d += tl.load(g_ptrs + cc * stride_gs, mask=st_mask, other=0.0).to(tl.float32)
+            tl.store(g_ptrs + cc * stride_gs, d.to(ELEM), mask=st_mask)
+
+
+# dh[:, chain c] = alpha * G_c @ W[:, chain c]. TBL rows as in the forward.
+@autotune(
+    configs=gemm_configs(_H100_GRAD),
+    key=["LAYOUT_KEY", "ALIGN"],
+    prune=_dh_pruner,
+)
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_W"])
+def _mcce_bwd_dh_kernel(
+    G, W, TBL, ALPHA, DH,
+    N, V, stride_gs, stride_gn, stride_wv, stride_dhn,
+    LAYOUT_KEY, MAX_W,  # autotune key / pruning only
+    NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    ELEM: tl.constexpr = DH.dtype.element_ty
+    pid = tl.program_id(0)
+    num_tiles_n = segment_tile_count(TBL + NUM_SCALES, BLOCK_N, None, 1, NUM_SCALES)
+    tile_m, tile_n = grouped_tile(pid, tl.cdiv(N, BLOCK_M), num_tiles_n, GROUP_M)
+    chain, tile_n, _na, _nb = find_segment(tile_n, TBL + NUM_SCALES, BLOCK_N, None, 1, NUM_SCALES)
+    lo = load_int(TBL, chain, ALIGN)
+    width = load_int(TBL + NUM_SCALES, chain, ALIGN)
+
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < N
+    c_ok = rc < width
+    cols = lo + rc
+    a_ptrs = G + chain.to(tl.int64) * stride_gs + rm.to(tl.int64)[:, None] * stride_gn + rk[None, :]
+    b_ptrs = W + rk.to(tl.int64)[:, None] * stride_wv + cols[None, :]
+    step_b = tl.cast(stride_wv, tl.int64) * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, V, BLOCK_K):
+        k_ok = rk < V - k
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = mma(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += step_b
+    acc *= tl.load(ALPHA)
+    dh_ptrs = DH + rm.to(tl.int64)[:, None] * stride_dhn + cols[None, :]
+    tl.store(dh_ptrs, acc.to(ELEM), mask=m_ok[:, None] & c_ok[None, :])
+
+
+# dW[:, chain c] = alpha * G_c^T @ h[:, chain c] (+ ACC when LOAD_ACC), written to OUT.
+@autotune(
+    configs=gemm_configs(_H100_GRAD),
+    key=["LAYOUT_KEY", "ALIGN"],
+    prune=_dw_pruner,
+)
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_W"])
+def _mcce_bwd_dw_kernel(
+    G, H, TBL, ALPHA, ACC, OUT,
+    N, V, stride_gs, stride_gn, stride_hn, stride_acc, stride_out,
+    LAYOUT_KEY, MAX_W,  # autotune key / pruning only
+    NUM_SCALES: tl.constexpr, LOAD_ACC: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_tiles_n = segment_tile_count(TBL + NUM_SCALES, BLOCK_N, None, 1, NUM_SCALES)
+    tile_m, tile_n = grouped_tile(pid, tl.cdiv(V, BLOCK_M), num_tiles_n, GROUP_M)
+    chain, tile_n, _na, _nb = find_segment(tile_n, TBL + NUM_SCALES, BLOCK_N, None, 1, NUM_SCALES)
+    lo = load_int(TBL, chain, ALIGN)
+    width = load_int(TBL + NUM_SCALES, chain, ALIGN)
+
+    rv = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    v_ok = rv < V
+    c_ok = rc < width
+    cols = lo + rc
+    rk64 = rk.to(tl.int64)
+    a_ptrs = G + chain.to(tl.int64) * stride_gs + rk64[None, :] * stride_gn + rv[:, None]  # G_c^T
+    b_ptrs = H + rk64[:, None] * stride_hn + cols[None, :]
+    step_a = tl.cast(stride_gn, tl.int64) * BLOCK_K
+    step_b = tl.cast(stride_hn, tl.int64) * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, N, BLOCK_K):
+        k_ok = rk < N - k
+        a = tl.load(a_ptrs, mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = mma(a, b, acc)
+        a_ptrs += step_a
+        b_ptrs += step_b
+    acc *= tl.load(ALPHA)
+    rv64 = rv.to(tl.int64)
+    mask = v_ok[:, None] & c_ok[None, :]
+    if LOAD_ACC:
+        acc += tl.load(ACC + rv64[:, None] * stride_acc + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + rv64[:, None] * stride_out + cols[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _upstream_weights(grad, targets, ignore_index, reduction):
+    """``(wt, alpha)``: the per-scale (``(2, NS)``) or per-row (``(2, NS, N)``, ``none``) weights
+    of the loss (0) and of loss + z-loss (1), divided by ``alpha = max |weight|`` (a device scalar;
+    1 when that is 0 or not finite), so the workspace holds values of at most about 1."""
+    g = grad.to(torch.float32)
+    if g.dim() == (2 if reduction == "none" else 1):  # the loss's gradient alone (standalone use)
+        g = torch.stack([g, torch.zeros_like(g)])
+    if reduction == "mean":  # no row counts when the count is 0: any finite weight will do
+        g = g / _n_counted(targets, ignore_index).clamp_min(1.0)
+    wt = torch.stack([g[0], g[0] + g[1]])
+    alpha = wt.abs().amax() if wt.numel() else torch.ones((), device=wt.device)
+    alpha = torch.where(torch.isfinite(alpha) & (alpha > 0), alpha, torch.ones_like(alpha))
+    return (wt / alpha).contiguous(), alpha.reshape(1).contiguous()
+
+
+def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index: int,
+             needs_hidden: bool = True, needs_weight: bool = True, *, lse: Optional[torch.Tensor] = None,
+             reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+             softcap: float = 0.0):
+    """``(dh (N, P) | None, dW (V, D) | None)`` in the input dtype for the output's gradient
+    ``grad`` (``mcce_out_shape``; without the leading 2 it is the loss's alone). ``lse`` is the
+    forward's (autograd passes it); standalone callers may leave it None (one forward pass).
+    Row chunks of at most ``_WORKSPACE_BYTES`` of workspace run in order: dlogits, dh, dW."""
+    offsets = [int(o) for o in offsets]
+    _check(hidden, weight, targets, offsets, reduction)
+    n, ns, v = hidden.shape[0], len(offsets) - 1, weight.shape[0]
+    p = offsets[-1]
+    dev = hidden.device
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if needs_hidden else None
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if needs_weight else None
+    if dw is not None:
+        dw[:, p:].zero_()  # columns no active scale reads
+        if n == 0:
+            dw.zero_()
+    if n == 0 or not (needs_hidden or needs_weight):
+        return dh, dw
+    if lse is None:
+        lse, _ = _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothing,
+                               lse_square_scale, softcap)
+    wt, alpha = _upstream_weights(grad, targets, ignore_index, reduction)
+    row_weights = wt.dim() == 3
+    flags = _flags(label_smoothing, lse_square_scale, softcap)
+    tbl, align = _chain_table(offsets, dev, hidden.element_size())
+    widths = [b - a for a, b in zip(offsets, offsets[1:])]
+    grad_key = _layout_key("grad", v, tuple(offsets))
+    logits_key = _layout_key("dlogits", v, tuple(offsets), tuple(sorted(flags.items())), row_weights)
+
+    unit = _row_unit()
+    chunk = max(unit, _WORKSPACE_BYTES // (ns * v * hidden.element_size()) // unit * unit)
+    chunk = min(chunk, n)
+    gbuf = torch.empty((ns, chunk, v), dtype=hidden.dtype, device=dev)
+    starts = list(range(0, n, chunk))
+    acc = None
+    if needs_weight and len(starts) > 1:
+        acc = torch.empty((v, p), dtype=torch.float32, device=dev)
+    for i, r0 in enumerate(starts):
+        rows = min(chunk, n - r0)
+        h = hidden[r0: r0 + rows]
+        w_rows = wt[:, :, r0: r0 + rows] if row_weights else wt
+        with device_guard(dev):
+            _mcce_bwd_dlogits_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"])
+                                                   * triton.cdiv(v, meta["BLOCK_N"]),)](
+                h, weight, targets[r0: r0 + rows], tbl, lse[r0: r0 + rows], w_rows, gbuf,
+                rows, v, h.stride(0), weight.stride(0), gbuf.stride(0), gbuf.stride(1),
+                w_rows.stride(0), w_rows.stride(1), ignore_index,
+                float(label_smoothing), float(lse_square_scale), float(softcap),
+                logits_key, max(widths),
+                NUM_SCALES=ns, ROW_WEIGHTS=row_weights, ALIGN=align, **flags,
+            )
+            if needs_hidden:
+                out = dh[r0: r0 + rows]
+                _mcce_bwd_dh_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"])
+                                                  * tile_count(widths, meta["BLOCK_N"]),)](
+                    gbuf, weight, tbl, alpha, out,
+                    rows, v, gbuf.stride(0), gbuf.stride(1), weight.stride(0), out.stride(0),
+                    grad_key, max(widths),
+                    NUM_SCALES=ns, ALIGN=align,
+                )
+            if needs_weight:
+                # One chunk: straight into dW. Several: an fp32 sum, the last chunk writes dW.
+                # Autotuning reruns the first launch of a key: that is chunk 0 (LOAD_ACC off) or a
+                # launch that writes dW and only reads ACC, so no rerun adds a chunk twice.
+                last = i == len(starts) - 1
+                target = dw if last else acc
+                _mcce_bwd_dw_kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_M"])
+                                                  * tile_count(widths, meta["BLOCK_N"]),)](
+                    gbuf, h, tbl, alpha, acc if acc is not None else dw, target,
+                    rows, v, gbuf.stride(0), gbuf.stride(1), h.stride(0),
+                    (acc if acc is not None else dw).stride(0), target.stride(0),
+                    grad_key, max(widths),
+                    NUM_SCALES=ns, LOAD_ACC=i > 0, ALIGN=align,
+                )
+    return dh, dw

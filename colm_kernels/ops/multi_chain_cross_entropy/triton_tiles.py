@@ -1,0 +1,194 @@
+"""Shared pieces of ``multi_chain_cross_entropy``'s Triton kernels (``triton_fwd``, ``triton_bwd``):
+autotune configs and pruners, the one K loop over a logit tile's chains, tuple helpers for the
+per-scale row state, tanh, and the launchers' checks and tables. The math and the tile plan are in
+``triton_kernels``'s docstring."""
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from colm_kernels._triton.utils import check_tensor, int64_table, load_int, make_gemm_pruner
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# H100 configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). 16-bit inputs take the
+# BLOCK_K = 64 rows (wgmma), fp32 inputs (IEEE FMA dots) the BLOCK_K <= 32 rows; every row kept
+# for its dtype compiles without register spills on sm_90a at the default bench shape (V 32000,
+# D 2048, 4 chains), with and without every option (ptxas -v; the pruners below say where not).
+# Logit kernels (forward and dlogits): a GEMM tile plus an epilogue per scale. The (128, 64) and
+# (64, 128) tiles take 8 warps: with 4 (64 accumulator values a thread) their epilogues spilled.
+_H100_LOGITS = (
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 8, 4),
+    (64, 128, 64, 8, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 8, 8, 2),  # fp32 (FMA dots): spill-free up to 8 scales; 16-deep tiles spilled 8-1500 B
+)
+# Gradient GEMMs (dh: K = V; dW: K = rows). (128, 256) spilled in dW at 8 chains.
+_H100_GRAD = (
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 32, 8, 3),  # fp32
+    (64, 64, 32, 4, 3),  # fp32
+)
+
+
+def _pruner(extent_args, dtype_arg: str, heavy=None):
+    """``make_gemm_pruner`` over the configs of the input's dtype class (BLOCK_K <= 32 for fp32,
+    64 for 16-bit inputs), then, where ``heavy(args)``, at most 32 fp32 accumulator values a
+    thread instead of 64."""
+    base = make_gemm_pruner(extent_args, dtype_arg)
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        wide = args[dtype_arg].element_size() >= 4
+        mine = [c for c in configs if (c.kwargs["BLOCK_K"] <= 32) == wide]
+        kept = base(mine or configs, named_args, **kwargs)
+        if heavy is not None and heavy(args):
+            light = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps]
+            kept = light or kept
+        return kept
+
+    return prune
+
+
+# Heavy logit epilogues, where the 128x128 / 8-warp tile spilled (up to 220 B a thread, sm_90a):
+# dlogits with softcap (the logit tile stays live beside tanh and D), and the forward with more
+# than 16 per-scale state vectors (NS * (2 + label smoothing)). 16 scales with label smoothing and
+# softcap still spill in every forward config (up to 188 B): a known limit.
+_fwd_pruner = _pruner({"BLOCK_N": "V", "BLOCK_K": "MAX_K"}, "H",
+                      lambda a: a["NUM_SCALES"] * (2 + int(bool(a["SMOOTH"]))) > 16)
+_dlogits_pruner = _pruner({"BLOCK_N": "V", "BLOCK_K": "MAX_K"}, "H", lambda a: bool(a["SOFTCAP"]))
+_dh_pruner = _pruner({"BLOCK_N": "MAX_W", "BLOCK_K": "V"}, "G")
+_dw_pruner = _pruner({"BLOCK_M": "V", "BLOCK_N": "MAX_W"}, "G")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _chain_k_tiles(TBL, NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(starts, widths, k_tiles)``: the chains' first columns and widths as tuples of scalars and
+    the number of BLOCK_K tiles of the K loop (no tile straddles two chains)."""
+    starts = ()
+    widths = ()
+    k_tiles = 0
+    for j in tl.static_range(NUM_SCALES):
+        w = load_int(TBL + NUM_SCALES, j, ALIGN)
+        starts = starts + (load_int(TBL, j, ALIGN),)
+        widths = widths + (w,)
+        k_tiles += tl.cdiv(w, BLOCK_K)
+    return starts, widths, k_tiles
+
+
+@triton.jit
+def _pick(t, i):
+    """``t[i]`` for a runtime index ``i`` (a chain of selects over the tuple)."""
+    out = t[0]
+    for j in tl.static_range(1, len(t)):
+        out = tl.where(i == j, t[j], out)
+    return out
+
+
+@triton.jit
+def _put(t, i, value):
+    """Tuple ``t`` with entry ``i`` (a runtime index) replaced by ``value``."""
+    out = ()
+    for j in tl.static_range(len(t)):
+        out = out + (tl.where(i == j, value, t[j]),)
+    return out
+
+
+@triton.jit
+def _logit_k_tile(h_rows, w_cols, starts, widths, c, kc, m_ok, n_ok, BLOCK_K: tl.constexpr):
+    """Operands of the K tile at column ``kc`` of chain ``c``: ``h[rows, .]`` ``(BLOCK_M,
+    BLOCK_K)`` and ``W[cols, .]^T`` ``(BLOCK_K, BLOCK_N)``, masked to the chain; and whether this
+    tile ends the chain (then the tile's logits are scale ``c``'s).
+
+    The logit kernels run ONE K loop over every chain's tiles, with the per-scale epilogue under
+    ``if`` at chain ends: one pipelined loop per chain (a static loop of K loops) kept every
+    chain's prefetch state live and spilled registers on sm_90a (255 registers and up to 2 KB of
+    spills per thread at 4 chains, against ~140-215 registers with one loop)."""
+    lo = _pick(starts, c)
+    width = _pick(widths, c)
+    kk = kc + tl.arange(0, BLOCK_K)
+    k_ok = kk < width
+    a = tl.load(h_rows + (lo + kk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    b = tl.load(w_cols + (lo + kk)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    return a, b, kc + BLOCK_K >= width
+
+
+@triton.jit
+def _tanh(x):
+    """fp32 tanh from exp (the interpreter has no libdevice): odd Taylor series below 1/8 (no
+    cancellation), ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` above; about 1e-7 relative."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(ax < 0.125, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _repeat(value, n: tl.constexpr):
+    out = ()
+    for _ in tl.static_range(n):
+        out = out + (value,)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Host helpers
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
+def _layout_key(*parts) -> int:
+    """A stable int (same in every process) for the autotune cache: vocabulary, chain layout and
+    options, never the token count."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=7).digest(), "little")
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100 SXM: the interpreter and the compile-only checks plan for it
+
+
+def _check(hidden, weight, targets, offsets, reduction):
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("hidden", hidden, ndim=2, dtype=weight.dtype, device=weight.device)
+    if targets.dtype != torch.int64 or targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets must be int64 of shape ({hidden.shape[0]},), got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != hidden.shape[1] or \
+            offsets[-1] > weight.shape[1] or any(a >= b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"offsets {list(offsets)} must rise strictly from 0 to hidden.shape[1]="
+                         f"{hidden.shape[1]} <= weight.shape[1]={weight.shape[1]}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _chain_table(offsets, device, element_size) -> Tuple[torch.Tensor, int]:
+    """The ``(2, NS)`` table of chain starts and widths, and the ``ALIGN`` hint for them
+    (elements per 16 bytes when every start and width is a multiple of it, else 1)."""
+    starts, widths = list(offsets[:-1]), [b - a for a, b in zip(offsets, offsets[1:])]
+    step = max(1, 16 // element_size)
+    align = step if all(x % step == 0 for x in starts + widths) else 1
+    return int64_table([starts, widths], device), align
+
+
+def _flags(label_smoothing, lse_square_scale, softcap):
+    return dict(SOFTCAP=softcap > 0, SMOOTH=label_smoothing > 0, ZLOSS=lse_square_scale > 0)
+
+
+def _n_counted(targets, ignore_index) -> torch.Tensor:
+    """The rows that count (not ignored) as an fp32 device scalar: no host sync."""
+    return (targets != ignore_index).sum().to(torch.float32)
