@@ -107,6 +107,19 @@ def _rows(ORDER, COUNTS, block, pos, M, ROWS: tl.constexpr):
 
 
 @triton.jit
+def fwd_tile(WIDTHS, M, NUM_CHAINS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             GROUP_M: tl.constexpr):
+    """``(tile_m, chain, tile_n)`` of this program in a forward-shaped grid: BLOCK_N tiles of every
+    chain's output width (``WIDTHS``, one entry per chain) times BLOCK_M row tiles, GROUP_M-swizzled,
+    later chains (longer K loops) first. Shared by the chain-linear and SwiGLU forwards."""
+    num_tiles_m = tl.cdiv(M, BLOCK_M)
+    num_tiles_n = segment_tile_count(WIDTHS, BLOCK_N, None, 1, NUM_CHAINS)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), num_tiles_m, num_tiles_n, GROUP_M)
+    chain, tile_n, _na, _nb = find_segment(num_tiles_n - 1 - tile_n, WIDTHS, BLOCK_N, None, 1, NUM_CHAINS)
+    return tile_m, chain, tile_n
+
+
+@triton.jit
 def _rows_used(COUNTS, block, M, ROWS: tl.constexpr):
     """How many sorted positions use ``block``'s chain (all ``M`` without ``ROWS``)."""
     if ROWS:
@@ -133,12 +146,7 @@ def _chain_linear_fwd_kernel(
     USE_TMA: tl.constexpr,
 ):
     ELEM: tl.constexpr = X.dtype.element_ty
-    pid = tl.program_id(0)
-    num_tiles_m = tl.cdiv(M, BLOCK_M)
-    num_tiles_n = segment_tile_count(TBL + 1 * NUM_CHAINS, BLOCK_N, None, 1, NUM_CHAINS)
-    tile_m, tile_n = grouped_tile(pid, num_tiles_m, num_tiles_n, GROUP_M)
-    tile_n = num_tiles_n - 1 - tile_n  # later chains (longer K loops) first
-    chain, tile_n, _na, _nb = find_segment(tile_n, TBL + 1 * NUM_CHAINS, BLOCK_N, None, 1, NUM_CHAINS)
+    tile_m, chain, tile_n = fwd_tile(TBL + 1 * NUM_CHAINS, M, NUM_CHAINS, BLOCK_M, BLOCK_N, GROUP_M)
 
     w_ptr = load_ptr(TBL, chain, ELEM, ALIGN > 1)
     d = load_int(TBL + 1 * NUM_CHAINS, chain, ALIGN)

@@ -53,7 +53,6 @@ from colm_kernels._triton.utils import (
     ensure_tma_allocator,
     find_segment,
     gemm_configs,
-    grouped_tile,
     int64_table,
     load_int,
     load_ptr,
@@ -74,6 +73,7 @@ from colm_kernels.ops.chain_linear.triton_kernels import (
     _rows,
     _rows_used,
     fwd_layout_key,
+    fwd_tile,
     row_plan,
 )
 
@@ -137,12 +137,7 @@ def _chain_swiglu_fwd_kernel(
     USE_TMA: tl.constexpr,
 ):
     ELEM: tl.constexpr = X.dtype.element_ty
-    pid = tl.program_id(0)
-    num_tiles_m = tl.cdiv(M, BLOCK_M)
-    num_tiles_n = segment_tile_count(TBL + 2 * NUM_CHAINS, BLOCK_N, None, 1, NUM_CHAINS)
-    tile_m, tile_n = grouped_tile(pid, num_tiles_m, num_tiles_n, GROUP_M)
-    tile_n = num_tiles_n - 1 - tile_n  # later chains (longer K loops) first
-    chain, tile_n, _na, _nb = find_segment(tile_n, TBL + 2 * NUM_CHAINS, BLOCK_N, None, 1, NUM_CHAINS)
+    tile_m, chain, tile_n = fwd_tile(TBL + 2 * NUM_CHAINS, M, NUM_CHAINS, BLOCK_M, BLOCK_N, GROUP_M)
 
     w1_ptr = load_ptr(TBL, chain, ELEM, ALIGN > 1)
     w3_ptr = load_ptr(TBL + 1 * NUM_CHAINS, chain, ELEM, ALIGN > 1)

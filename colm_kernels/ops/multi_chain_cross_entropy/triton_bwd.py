@@ -33,6 +33,7 @@ from .triton_tiles import (
     _dlogits_pruner,
     _dw_pruner,
     _flags,
+    gemm_layout,
     _layout_key,
     _logit_k_tile,
     _n_counted,
@@ -276,8 +277,10 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
     flags = _flags(label_smoothing, lse_square_scale, softcap)
     tbl, align = _chain_table(offsets, dev, hidden.element_size())
     widths = [b - a for a, b in zip(offsets, offsets[1:])]
-    grad_key = _layout_key("grad", v, tuple(offsets))
-    logits_key = _layout_key("dlogits", v, tuple(offsets), tuple(sorted(flags.items())), row_weights)
+    dh_key = gemm_layout("dh", _layout_key("dh", v, tuple(offsets)), v, widths)
+    dw_key = gemm_layout("dw", _layout_key("dw", v, tuple(offsets)), v, widths)
+    logits_key = gemm_layout("logits", _layout_key("dlogits", v, tuple(offsets), tuple(sorted(flags.items())),
+                                                   row_weights), v, widths)
 
     unit = _row_unit()
     chunk = max(unit, _WORKSPACE_BYTES // (ns * v * hidden.element_size()) // unit * unit)
@@ -307,7 +310,7 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                                                   * tile_count(widths, meta["BLOCK_N"]),)](
                     gbuf, weight, tbl, alpha, out,
                     rows, v, gbuf.stride(0), gbuf.stride(1), weight.stride(0), out.stride(0),
-                    grad_key, max(widths),
+                    dh_key, max(widths),
                     NUM_SCALES=ns, ALIGN=align,
                 )
             if needs_weight:
@@ -321,7 +324,7 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                     gbuf, h, tbl, alpha, acc if acc is not None else dw, target,
                     rows, v, gbuf.stride(0), gbuf.stride(1), h.stride(0),
                     (acc if acc is not None else dw).stride(0), target.stride(0),
-                    grad_key, max(widths),
+                    dw_key, max(widths),
                     NUM_SCALES=ns, LOAD_ACC=i > 0, ALIGN=align,
                 )
     return dh, dw

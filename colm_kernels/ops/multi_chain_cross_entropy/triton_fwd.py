@@ -19,6 +19,7 @@ from .triton_tiles import (
     _check,
     _flags,
     _fwd_pruner,
+    gemm_layout,
     _layout_key,
     _logit_k_tile,
     _n_counted,
@@ -225,7 +226,8 @@ def _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothin
         _mcce_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
             hidden, weight, tbl, part,
             n, v, hidden.stride(0), weight.stride(0), split_cols, float(softcap),
-            _layout_key("fwd", v, tuple(offsets), flags["SOFTCAP"], flags["SMOOTH"]), max(widths),
+            gemm_layout("logits", _layout_key("fwd", v, tuple(offsets), flags["SOFTCAP"], flags["SMOOTH"]),
+                        v, widths), max(widths),
             NUM_SCALES=ns, SOFTCAP=flags["SOFTCAP"], SMOOTH=flags["SMOOTH"], ALIGN=align,
         )
         block_r, block_d = (16, 16) if is_interpreter() else (16, 64)

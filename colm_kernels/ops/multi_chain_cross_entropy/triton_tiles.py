@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from colm_kernels._triton.utils import check_tensor, int64_table, load_int, make_gemm_pruner
+from colm_kernels._triton.utils import (check_tensor, int64_table, load_int, make_gemm_pruner,
+                                        register_gemm_layout)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -40,11 +41,12 @@ _H100_GRAD = (
 )
 
 
-def _pruner(extent_args, dtype_arg: str, heavy=None):
-    """``make_gemm_pruner`` over the configs of the input's dtype class (BLOCK_K <= 32 for fp32,
-    64 for 16-bit inputs), then, where ``heavy(args)``, at most 32 fp32 accumulator values a
-    thread instead of 64."""
-    base = make_gemm_pruner(extent_args, dtype_arg)
+def _pruner(dtype_arg: str, heavy=None):
+    """``make_gemm_pruner`` (the layout registered under the launch's ``LAYOUT_KEY``, see
+    ``gemm_layout``) over the configs of the input's dtype class (BLOCK_K <= 32 for fp32, 64 for
+    16-bit inputs), then, where ``heavy(args)``, at most 32 fp32 accumulator values a thread
+    instead of 64."""
+    base = make_gemm_pruner(dtype_arg)
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -63,11 +65,22 @@ def _pruner(extent_args, dtype_arg: str, heavy=None):
 # dlogits with softcap (the logit tile stays live beside tanh and D), and the forward with more
 # than 16 per-scale state vectors (NS * (2 + label smoothing)). 16 scales with label smoothing and
 # softcap still spill in every forward config (up to 188 B): a known limit.
-_fwd_pruner = _pruner({"BLOCK_N": "V", "BLOCK_K": "MAX_K"}, "H",
-                      lambda a: a["NUM_SCALES"] * (2 + int(bool(a["SMOOTH"]))) > 16)
-_dlogits_pruner = _pruner({"BLOCK_N": "V", "BLOCK_K": "MAX_K"}, "H", lambda a: bool(a["SOFTCAP"]))
-_dh_pruner = _pruner({"BLOCK_N": "MAX_W", "BLOCK_K": "V"}, "G")
-_dw_pruner = _pruner({"BLOCK_M": "V", "BLOCK_N": "MAX_W"}, "G")
+_fwd_pruner = _pruner("H", lambda a: a["NUM_SCALES"] * (2 + int(bool(a["SMOOTH"]))) > 16)
+_dlogits_pruner = _pruner("H", lambda a: bool(a["SOFTCAP"]))
+_dh_pruner = _pruner("G")
+_dw_pruner = _pruner("G")
+
+
+def gemm_layout(kind: str, key: int, vocab: int, widths) -> int:
+    """Register what each CE GEMM's blocks tile (``register_gemm_layout``) under autotune key
+    ``key``: logits (forward, dlogits): BLOCK_N over the vocabulary, BLOCK_K over each chain's
+    columns; dh: BLOCK_N over a chain's columns, BLOCK_K over the vocabulary; dW: BLOCK_M over
+    the vocabulary, BLOCK_N over a chain's columns."""
+    if kind == "logits":
+        return register_gemm_layout(key, ("BLOCK_N", "BLOCK_K"), [(vocab, w) for w in widths])
+    if kind == "dh":
+        return register_gemm_layout(key, ("BLOCK_N", "BLOCK_K"), [(w, vocab) for w in widths])
+    return register_gemm_layout(key, ("BLOCK_M", "BLOCK_N"), [(vocab, w) for w in widths])
 
 
 # ----------------------------------------------------------------------------------------------
