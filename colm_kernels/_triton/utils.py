@@ -219,14 +219,21 @@ def gemm_configs(h100_table: Sequence[tuple] = _H100_GEMM,
     ``USE_TMA`` True (pointer configs first: ``COLM_KERNELS_AUTOTUNE=0`` runs the first kept one).
     Under the interpreter one 16x16x16 config (GROUP_M 4; small tiles keep masking paths exercised
     and the interpreter fast) and its TMA twin, which the pruner offers only in
-    ``tma_mode("only")``."""
+    ``tma_mode("only")``. An empty ``tma_table`` (a kernel without a ``USE_TMA`` parameter) gives
+    configs without the ``USE_TMA`` key."""
+    twins = (False, True) if tma_table else (None,)
+
+    def tagged(kw, tma):
+        return kw if tma is None else {**kw, "USE_TMA": tma}
+
     if small_tiles():
         kw, warps, stages = _INTERPRETER_GEMM
-        return [triton.Config({**kw, "USE_TMA": tma}, num_warps=warps, num_stages=stages) for tma in (False, True)]
+        return [triton.Config(tagged(kw, tma), num_warps=warps, num_stages=stages) for tma in twins]
+    tables = ((h100_table, False), (tma_table, True)) if tma_table else ((h100_table, None),)
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": tma},
+        triton.Config(tagged({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, tma),
                       num_warps=w, num_stages=s)
-        for table, tma in ((h100_table, False), (tma_table, True))
+        for table, tma in tables
         for bm, bn, bk, w, s in table
     ]
 

@@ -81,7 +81,7 @@ def _dlogits(x, s, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf,
 
 
 # WT: upstream weights over alpha, (2, NS) or (2, NS, rows) (ROW_WEIGHTS): 0 loss, 1 loss + z-loss.
-@autotune(configs=gemm_configs(_H100_LOGITS), key=["LAYOUT_KEY", "ALIGN"], prune=_dlogits_pruner)
+@autotune(configs=gemm_configs(_H100_LOGITS, ()), key=["LAYOUT_KEY", "ALIGN"], prune=_dlogits_pruner)
 @triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_K"])
 def _mcce_bwd_dlogits_kernel(
     H, W, T, TBL, LSE, WT, G,
@@ -140,7 +140,7 @@ def _mcce_bwd_dlogits_kernel(
 
 # dh[:, chain c] = alpha * G_c @ W[:, chain c]. TBL rows as in the forward.
 @autotune(
-    configs=gemm_configs(_H100_GRAD),
+    configs=gemm_configs(_H100_GRAD, ()),
     key=["LAYOUT_KEY", "ALIGN"],
     prune=_dh_pruner,
 )
@@ -184,7 +184,7 @@ def _mcce_bwd_dh_kernel(
 
 # dW[:, chain c] = alpha * G_c^T @ h[:, chain c] (+ ACC when LOAD_ACC), written to OUT.
 @autotune(
-    configs=gemm_configs(_H100_GRAD),
+    configs=gemm_configs(_H100_GRAD, ()),
     key=["LAYOUT_KEY", "ALIGN"],
     prune=_dw_pruner,
 )

@@ -36,19 +36,19 @@ _MAX_SPLITS = 64  # vocabulary splits at most (partials: 2-3 x N x NS x splits f
 def _split_unit() -> int:
     """Columns per vocabulary-split unit: the largest BLOCK_N of the logit configs (16 in the
     interpreter), so every config's tiles fit a split exactly."""
-    return max(c.kwargs["BLOCK_N"] for c in gemm_configs(_H100_LOGITS))
+    return max(c.kwargs["BLOCK_N"] for c in gemm_configs(_H100_LOGITS, ()))
 
 
 def _row_unit() -> int:
     """Rows per block the split plan and the backward's chunks count with (the largest BLOCK_M)."""
-    return max(c.kwargs["BLOCK_M"] for c in gemm_configs(_H100_LOGITS))
+    return max(c.kwargs["BLOCK_M"] for c in gemm_configs(_H100_LOGITS, ()))
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 # TBL rows (NUM_SCALES long): 0 chain start o_c, 1 chain width.
-@autotune(configs=gemm_configs(_H100_LOGITS), key=["LAYOUT_KEY", "ALIGN"], prune=_fwd_pruner)
+@autotune(configs=gemm_configs(_H100_LOGITS, ()), key=["LAYOUT_KEY", "ALIGN"], prune=_fwd_pruner)
 @triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_K", "split_cols"])
 def _mcce_fwd_kernel(
     H, W, TBL, PART,
