@@ -244,6 +244,8 @@ def test_opcheck_and_compile():
             bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, kv_index,
                      head_chain, True, sc, 0.25, need_dq, need_dkv)
             torch.library.opcheck(chain_attention_triton_bwd, bargs)
+        # the deterministic backward (its own dQ kernel) through the same op
+        torch.library.opcheck(chain_attention_triton_bwd, bargs[:11] + (True, True, None, None, 0, 0, True))
     with ck.use_backend("triton"):
         fn = torch.compile(lambda q, k, v: ck.chain_attention(q, k, v, (1, 2), kv_sharing=True),
                            fullgraph=True, backend="aot_eager")

@@ -80,8 +80,10 @@ from colm_kernels.ops.chain_attention.triton_tiles import (
     dq_configs,
     fwd_configs,
     stack_rows,
+    stride_alignment,
     head_dim_p2,
     head_dim_reasons,
+    hint_strides,
     load_tile,
     packed_rows,
     prune_bwd,
@@ -196,12 +198,16 @@ def _chain_attention_fwd_kernel(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     Sq, Sk, Hkv, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
+    G_P2: tl.constexpr, CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, SUB_M: tl.constexpr,
     SUB_N: tl.constexpr,
 ):
     PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
+    stride_qb, stride_qs, stride_qh = hint_strides(stride_qb, stride_qs, stride_qh, ALIGN)
+    stride_kb, stride_ks, stride_kh = hint_strides(stride_kb, stride_ks, stride_kh, ALIGN)
+    stride_vb, stride_vs, stride_vh = hint_strides(stride_vb, stride_vs, stride_vh, ALIGN)
+    stride_ob, stride_os, stride_oh = hint_strides(stride_ob, stride_os, stride_oh, ALIGN)
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
@@ -258,11 +264,13 @@ def _chain_attention_bwd_preprocess_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_lb, stride_lh,
     Sq, Hkv,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
-    HAS_SC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
+    G_P2: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO * O over the active packed rows (inactive rows are never read)."""
     PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
+    stride_ob, stride_os, stride_oh = hint_strides(stride_ob, stride_os, stride_oh, ALIGN)
+    stride_dob, stride_dos, stride_doh = hint_strides(stride_dob, stride_dos, stride_doh, ALIGN)
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
@@ -391,14 +399,20 @@ def _chain_attention_bwd_kernel(
     stride_dkb, stride_dks, stride_dkh,
     stride_lb, stride_lh,
     Sq, Sk, Hkv, qk_scale, softmax_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
+    G_P2: tl.constexpr, CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, SUB_M: tl.constexpr,
     SUB_N: tl.constexpr,
 ):
     """dK, dV of one (b, kv head, key block), summed over the active rows of all G query heads
     (and, with DQ_ATOMIC, their dQ). A sequence with no query (varlen) still writes its keys' zeros."""
     PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
+    stride_qb, stride_qs, stride_qh = hint_strides(stride_qb, stride_qs, stride_qh, ALIGN)
+    stride_kb, stride_ks, stride_kh = hint_strides(stride_kb, stride_ks, stride_kh, ALIGN)
+    stride_vb, stride_vs, stride_vh = hint_strides(stride_vb, stride_vs, stride_vh, ALIGN)
+    stride_dob, stride_dos, stride_doh = hint_strides(stride_dob, stride_dos, stride_doh, ALIGN)
+    stride_dqb, stride_dqs, stride_dqh = hint_strides(stride_dqb, stride_dqs, stride_dqh, ALIGN)
+    stride_dkb, stride_dks, stride_dkh = hint_strides(stride_dkb, stride_dks, stride_dkh, ALIGN)
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
@@ -490,12 +504,17 @@ def _chain_attention_bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     Sq, Sk, Hkv, qk_scale, softmax_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
+    G_P2: tl.constexpr, CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, SUB_M: tl.constexpr,
     SUB_N: tl.constexpr,
 ):
     PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
+    stride_qb, stride_qs, stride_qh = hint_strides(stride_qb, stride_qs, stride_qh, ALIGN)
+    stride_kb, stride_ks, stride_kh = hint_strides(stride_kb, stride_ks, stride_kh, ALIGN)
+    stride_vb, stride_vs, stride_vh = hint_strides(stride_vb, stride_vs, stride_vh, ALIGN)
+    stride_dob, stride_dos, stride_doh = hint_strides(stride_dob, stride_dos, stride_doh, ALIGN)
+    stride_dqb, stride_dqs, stride_dqh = hint_strides(stride_dqb, stride_dqs, stride_dqh, ALIGN)
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
@@ -608,10 +627,11 @@ def _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
     return varlen
 
 
-def _bsh(t: torch.Tensor, varlen: bool) -> Tuple[int, int, int]:
-    """(batch, position, head) strides; a packed varlen tensor has no batch dim (stride 0: the
-    kernels offset by the sequence's first row instead)."""
-    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+def _bsh(t: torch.Tensor, varlen: bool, align: int = 1) -> Tuple[int, int, int]:
+    """(batch, position, head) strides in units of ``align`` elements (``hint_strides``); a packed
+    varlen tensor has no batch dim (stride 0: the kernels offset by the sequence's first row)."""
+    strides = (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+    return tuple(st // align for st in strides)
 
 
 def _geometry(q, k, varlen, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -667,12 +687,14 @@ def chain_attention_fwd(
     def grid(m):
         return (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)
 
+    align = stride_alignment(q, k, v, out)
     with device_guard(q.device):
         _chain_attention_fwd_kernel[grid](
             q, k, v, out, lse, heads, chains, sc, cu_q, cu_k,
-            *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lse_strides,
+            *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
+            *_bsh(out, varlen, align), *lse_strides,
             Sq, Sk, Hkv, float(softmax_scale) * LOG2E,
-            CAUSAL=bool(causal), **meta,
+            CAUSAL=bool(causal), ALIGN=align, **meta,
         )
     return out, lse
 
@@ -719,32 +741,34 @@ def chain_attention_bwd(
     G = meta["G"]
     qk_scale = float(softmax_scale) * LOG2E
     delta = torch.empty_like(lse)
+    align = stride_alignment(q, k, v, out, dout, *(t for t in (dq, dk, dv) if t is not None))
     pre_block = 16 if small_tiles() else 64
     with device_guard(q.device):
         if Sq > 0:
             _chain_attention_bwd_preprocess_kernel[(triton.cdiv(G * Sq, pre_block), B * Hkv)](
                 out, dout, delta, heads, chains, sc, cu_q,
-                *_bsh(out, varlen), *_bsh(dout, varlen), *lse_strides,
+                *_bsh(out, varlen, align), *_bsh(dout, varlen, align), *lse_strides,
                 Sq, Hkv, BLOCK_M=pre_block, num_warps=1 if small_tiles() else 4,
-                HEAD_DIM=meta["HEAD_DIM"], HEAD_DIM_P2=meta["HEAD_DIM_P2"], G=G, G_P2=meta["G_P2"],
-                HAS_SC=meta["HAS_SC"], VARLEN=varlen,
+                HEAD_DIM=meta["HEAD_DIM"], HEAD_DIM_P2=meta["HEAD_DIM_P2"], ALIGN=align, G=G,
+                G_P2=meta["G_P2"], HAS_SC=meta["HAS_SC"], VARLEN=varlen,
             )
         if need_dkv and Sk > 0:
             dq_arg = dq if atomic_dq else q  # unused without DQ_ATOMIC
             _chain_attention_bwd_kernel[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)](
                 q, k, v, dout, lse, delta, dq_arg, dk, dv, heads, chains, sc, cu_q, cu_k,
-                *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen),
-                *_bsh(dq_arg, varlen), *_bsh(dk, varlen), *lse_strides,
+                *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
+                *_bsh(dout, varlen, align), *_bsh(dq_arg, varlen, align), *_bsh(dk, varlen, align),
+                *lse_strides,
                 Sq, Sk, Hkv, qk_scale, float(softmax_scale),
-                CAUSAL=bool(causal), DQ_ATOMIC=atomic_dq, **meta,
+                CAUSAL=bool(causal), DQ_ATOMIC=atomic_dq, ALIGN=align, **meta,
             )
         if need_dq and not atomic_dq and Sq > 0:
             _chain_attention_bwd_dq_kernel[lambda m: (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)](
                 q, k, v, dout, lse, delta, dq, heads, chains, sc, cu_q, cu_k,
-                *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen),
-                *_bsh(dq, varlen), *lse_strides,
+                *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
+                *_bsh(dout, varlen, align), *_bsh(dq, varlen, align), *lse_strides,
                 Sq, Sk, Hkv, qk_scale, float(softmax_scale),
-                CAUSAL=bool(causal), **meta,
+                CAUSAL=bool(causal), ALIGN=align, **meta,
             )
     if atomic_dq and q.dtype != torch.float32:
         dq = dq.to(q.dtype)

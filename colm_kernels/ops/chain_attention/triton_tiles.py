@@ -7,12 +7,15 @@ power of two, at least 16 for ``tl.dot``) and loads / stores mask the columns pa
 and padded output columns are never stored.
 
 Causal diagonal. A tile that straddles the causal diagonal computes masked scores it throws away.
-The kernels therefore run the mask-free bulk of a program's work on big tiles and finish the
-diagonal on small ones (``SUB_M`` rows x ``SUB_N`` keys, from the config's ``DIAG`` granularity):
-the forward splits its rows into sub-blocks (``tl.gather`` of the accumulators), the backward
-splits its key block. At H100 tiles this keeps the executed MMA FLOPs of a causal 512-token
-attention within 3 % (forward) and 7 % (backward) of the visible (query, key) pairs, where whole
-128-wide tiles would execute 25 % more; ``tests/ops/test_attention_work.py`` holds the bounds.
+The kernels therefore run the mask-free bulk of a program's work on big tiles and the diagonal on
+small ones (``SUB_M`` rows x ``SUB_N`` keys, from the config's ``DIAG`` granularity): the forward
+splits its rows into sub-blocks, the backward its key block, each sub-block running only up to its
+own part of the diagonal. The sub-blocks are computed first, recursively by halves, and stacked
+(``stack_rows``) into the big tile's accumulators, so no accumulator is held twice. Counted at
+the H100 tiles (``colm_kernels.bench.work``), a causal 512-token attention executes 1.03x
+(forward) and 1.06x (backward) the MMA FLOPs of its visible (query, key) pairs, where whole
+128-wide tiles execute 1.25x; ``tests/ops/test_attention_work.py`` holds the bounds. The small
+diagonal products run on mma.sync where their M is below 64 (wgmma needs 64 rows a warpgroup).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import triton.language as tl
 from colm_kernels._triton.utils import SMEM_BUDGET, small_tiles
 
 __all__ = ["MIN_HEAD_DIM", "MAX_HEAD_DIM", "HEAD_DIM_STEP", "head_dim_p2", "head_dim_reasons",
-           "fwd_configs", "bwd_configs", "dq_configs", "prune_fwd", "prune_bwd", "prune_dq", "AUTOTUNE_KEY"]
+           "fwd_configs", "bwd_configs", "dq_configs", "prune_fwd", "prune_bwd", "prune_dq", "AUTOTUNE_KEY",
+           "seq_bounds", "packed_rows", "row_ptrs", "tile_mask", "load_tile", "visible_keys", "stack_rows",
+           "hint_strides", "stride_alignment"]
 
 # Head dims of the training kernels: multiples of 8 in [8, 256] (flash-attn's rule), padded inside
 # the kernels to a power of two. (``heads.MIN_HEAD_DIM`` / ``MAX_HEAD_DIM`` are the decode
@@ -48,41 +53,69 @@ def head_dim_reasons(d) -> List[str]:
 # ----------------------------------------------------------------------------------------------
 # Autotune configurations
 # ----------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M packed query rows, BLOCK_N keys. ``DIAG``: the
-# causal diagonal's granularity (keys per step; query positions per forward sub-block).
-_FWD_GPU = ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-            (64, 32, 4, 2))
-_FWD_DIAG = 16  # forward: 16 positions x 16 keys; 32 positions would leave 6 % of waste at 512 tokens
-# The fused backward (dK/dV reduced in-kernel, dQ by fp32 atomics): BLOCK_M rows per step of the
-# row loop over one BLOCK_N key block.
-_BWD_GPU = ((64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (32, 128, 8, 3),
-            (32, 64, 4, 3))
-_BWD_DIAG = 32
-_DQ_GPU = ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3))
-# Interpreter: small tiles keep masking paths exercised and the interpreter fast; the forward's
-# 32 rows and the backward's 32 keys still split into diagonal sub-blocks.
-_FWD_INTERPRETER, _BWD_INTERPRETER, _DQ_INTERPRETER = (32, 16, 1, 1), (16, 32, 1, 1), (16, 16, 1, 1)
+# Per head-dim class (HEAD_DIM_P2 for 16-bit inputs, each list first-choice first): (BLOCK_M,
+# BLOCK_N, num_warps, num_stages), BLOCK_M packed query rows, BLOCK_N keys. Each list is what
+# compiles for sm_90a without register spills in fp16 and bf16 (ptxas -v on every kept config,
+# G = 1, 2, 4, causal or not, atomic dQ or not); a bigger tile there spills (e.g. the forward's
+# 128 x 64 on 4 warps at head dim 128, the backward's 64 x 64 at head dim 128).
+_FWD = {
+    64: ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
+    128: ((128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)),
+    256: ((64, 64, 8, 2), (64, 32, 8, 2)),
+}
+# The key-block backward: BLOCK_N keys per program (the M of its dK/dV products), BLOCK_M rows per
+# step of its row loop (the M of the atomic dQ product: 32 rows run it on mma.sync). Head dim 256
+# keeps 32 keys: 64 keys' fp32 dK and dV alone take 128 registers a thread on 8 warps and spill, so
+# its key-major products run on mma.sync (wgmma needs M >= 64 per warpgroup); only its dQ is wgmma.
+_BWD = {
+    64: ((64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)),
+    128: ((32, 64, 8, 3), (32, 64, 8, 2)),
+    256: ((64, 32, 8, 2), (32, 32, 8, 2)),
+}
+_DQ = {
+    64: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
+    128: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
+    256: ((128, 32, 8, 2), (64, 32, 8, 2)),
+}
+# The causal diagonal's granularity (``_sub_blocks``): 16 query positions x 16 keys forward (32
+# positions would leave 6 % of masked work at 512 tokens), 32 keys backward.
+_DIAG = {"fwd": 16, "bwd": 32, "dq": 16}
+# Interpreter: one small config; the forward's 32 rows and the backward's 32 keys still split into
+# diagonal sub-blocks, so those paths run in the CPU tests.
+_INTERPRETER = {"fwd": (32, 16, 1, 1), "bwd": (16, 32, 1, 1), "dq": (16, 16, 1, 1)}
 _INTERPRETER_DIAG = 8
+_TABLES = {"fwd": _FWD, "bwd": _BWD, "dq": _DQ}
 
 
-def _configs(gpu, interpreter, diag: int) -> List[triton.Config]:
+def _table(kind: str, head_dim_p2_: int, element_size: int):
+    """The config list of a head-dim class; fp32 inputs take the class of twice the head dim."""
     if small_tiles():
-        gpu, diag = (interpreter,), _INTERPRETER_DIAG
-    # SUB_M / SUB_N are placeholders the pruner sets from G and the block sizes.
+        return (_INTERPRETER[kind],)
+    width = head_dim_p2_ * max(1, element_size // 2)
+    table = _TABLES[kind]
+    return table[min((c for c in table if c >= width), default=max(table))]
+
+
+def _configs(kind: str) -> List[triton.Config]:
+    """Every config any head-dim class uses (SUB_M / SUB_N placeholders the pruner sets)."""
+    if small_tiles():
+        rows, diag = [_INTERPRETER[kind]], _INTERPRETER_DIAG
+    else:
+        rows, diag = list(dict.fromkeys(c for table in _TABLES[kind].values() for c in table)), _DIAG[kind]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "DIAG": diag, "SUB_M": bm, "SUB_N": bn},
-                          num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
+                          num_warps=w, num_stages=s) for bm, bn, w, s in rows]
 
 
 def fwd_configs() -> List[triton.Config]:
-    return _configs(_FWD_GPU, _FWD_INTERPRETER, _FWD_DIAG)
+    return _configs("fwd")
 
 
 def bwd_configs() -> List[triton.Config]:
-    return _configs(_BWD_GPU, _BWD_INTERPRETER, _BWD_DIAG)
+    return _configs("bwd")
 
 
 def dq_configs() -> List[triton.Config]:
-    return _configs(_DQ_GPU, _DQ_INTERPRETER, 16)
+    return _configs("dq")
 
 
 AUTOTUNE_KEY = ["HEAD_DIM", "G", "CAUSAL", "HAS_SC", "VARLEN"]
@@ -98,54 +131,41 @@ def _sub_blocks(kind: str, bm: int, bn: int, diag: int, g: int):
     return min(bm, max(16, diag * triton.next_power_of_2(g))), min(bn, max(16, diag))
 
 
-def _make_pruner(kind: str, budget: Callable) -> Callable:
-    """Keep the configs whose shared memory fits the H100 and whose estimated registers a thread
-    (``budget(cfg, head_dim_p2, element_size)``) stay at most 255 (no spills; the estimates are
-    calibrated against ptxas for sm_90a); the smallest survives if none fits. Fills SUB_M /
-    SUB_N. Depends only on autotune keys (head dim, G) and the dtype."""
+def _make_pruner(kind: str) -> Callable:
+    """Keep the configs of the head-dim class (``_table``) in its order, those whose shared memory
+    fits the H100; fill SUB_M / SUB_N. Depends only on autotune keys (head dim, G) and the dtype."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         dp, es, g = int(args["HEAD_DIM_P2"]), args["Q"].element_size(), int(args["G"])
-        sized = []
-        for cfg in configs:
+        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+        kept = []
+        for shape in _table(kind, dp, es):
+            cfg = by_shape.get(shape)
+            if cfg is None:
+                continue
             kw = dict(cfg.kwargs)
             kw["SUB_M"], kw["SUB_N"] = _sub_blocks(kind, kw["BLOCK_M"], kw["BLOCK_N"], kw["DIAG"], g)
             stages = max(1, cfg.num_stages)
-            # resident q/k/v tiles + streamed tiles per pipeline stage, input dtype
+            # resident q/k/v tiles + streamed tiles per pipeline stage, in the input dtype
             tiles = {"fwd": kw["BLOCK_M"] + 2 * kw["BLOCK_N"] * stages,
                      "bwd": 2 * kw["BLOCK_N"] + 2 * kw["BLOCK_M"] * stages,
                      "dq": 2 * kw["BLOCK_M"] + 2 * kw["BLOCK_N"] * stages}[kind]
-            smem = tiles * dp * es
-            regs = budget(kw, cfg.num_warps, dp, es)
-            sized.append((smem, regs, triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
-        fitting = [c for s, r, c in sized if s <= SMEM_BUDGET and r <= 255]
-        return fitting or [min(sized, key=lambda t: (t[1], t[0]))[2]]
+            if tiles * dp * es <= SMEM_BUDGET:
+                kept.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        if not kept:  # fp32 at the largest head dims: the class's last (smallest) config
+            cfg = by_shape[_table(kind, dp, es)[-1]]
+            kw = dict(cfg.kwargs)
+            kw["SUB_M"], kw["SUB_N"] = _sub_blocks(kind, kw["BLOCK_M"], kw["BLOCK_N"], kw["DIAG"], g)
+            kept = [triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)]
+        return kept
 
     return prune
 
 
-def _fwd_regs(kw, warps, dp, es):
-    """fp32 accumulator + q tile + fp32 scores/probabilities of one step, 32-bit registers a thread."""
-    threads = 32 * warps
-    return (kw["BLOCK_M"] * dp * (4 + es) + 2 * kw["BLOCK_M"] * kw["BLOCK_N"] * 4) // (4 * threads) + 40
-
-
-def _bwd_regs(kw, warps, dp, es):
-    """fp32 dK, dV + k, v tiles + one step's fp32 scores / dP / dS (and the fp32 dQ tile)."""
-    threads = 32 * warps
-    return (2 * kw["BLOCK_N"] * dp * (4 + es) + 3 * kw["BLOCK_M"] * kw["BLOCK_N"] * 4
-            + kw["BLOCK_M"] * dp * 4) // (4 * threads) + 40
-
-
-def _dq_regs(kw, warps, dp, es):
-    threads = 32 * warps
-    return (kw["BLOCK_M"] * dp * (4 + 2 * es) + 3 * kw["BLOCK_M"] * kw["BLOCK_N"] * 4) // (4 * threads) + 40
-
-
-prune_fwd = _make_pruner("fwd", _fwd_regs)
-prune_bwd = _make_pruner("bwd", _bwd_regs)
-prune_dq = _make_pruner("dq", _dq_regs)
+prune_fwd = _make_pruner("fwd")
+prune_bwd = _make_pruner("bwd")
+prune_dq = _make_pruner("dq")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,3 +263,24 @@ def stack_rows(a, b):
     else:
         c = tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
     return c
+
+
+@triton.jit
+def hint_strides(stride_b, stride_s, stride_h, ALIGN: tl.constexpr):
+    """A tensor's (batch, position, head) strides, passed in units of ALIGN elements
+    (``stride_alignment``; the launchers divide) and scaled back here, so Triton knows them
+    multiples of ALIGN: rows of a head dim that is not a multiple of 16 then still load and store
+    as 16-byte vectors (Triton infers multiples of 16 only, and ``tl.multiple_of`` does not hold
+    on kernel arguments)."""
+    return stride_b * ALIGN, stride_s * ALIGN, stride_h * ALIGN
+
+
+def stride_alignment(*tensors) -> int:
+    """``ALIGN`` of the kernels: 1 when every stride but the last dim's is a multiple of 16 (Triton
+    specialises those itself) or some is not a multiple of a 16-byte vector; else the elements of
+    a 16-byte vector (8 for 16-bit dtypes), which every such stride is a multiple of."""
+    strides = [st for t in tensors for st in t.stride()[:-1]]
+    if all(st % 16 == 0 for st in strides):
+        return 1
+    vector = max(1, 16 // tensors[0].element_size())
+    return vector if all(st % vector == 0 for st in strides) else 1
