@@ -53,29 +53,31 @@ def head_dim_reasons(d) -> List[str]:
 # ----------------------------------------------------------------------------------------------
 # Autotune configurations
 # ----------------------------------------------------------------------------------------------
-# Per head-dim class (HEAD_DIM_P2 for 16-bit inputs, each list first-choice first): (BLOCK_M,
-# BLOCK_N, num_warps, num_stages), BLOCK_M packed query rows, BLOCK_N keys. Each list is what
-# compiles for sm_90a without register spills in fp16 and bf16 (ptxas -v on every kept config,
-# G = 1, 2, 4, causal or not, atomic dQ or not); a bigger tile there spills (e.g. the forward's
-# 128 x 64 on 4 warps at head dim 128, the backward's 64 x 64 at head dim 128).
+# Per head-dim class (the smallest key >= HEAD_DIM_P2 for 16-bit inputs; each list first choice
+# first): (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_M packed query rows, BLOCK_N keys. Each
+# list is what compiled for sm_90a without register spills (ptxas -v on every kept config, fp16
+# and bf16, head dims 8 to 256 padded or not, G = 1 to 4, causal or not, varlen and seq_chains or
+# not, atomic dQ or not), leaving out configs that reached 250+ registers in some of those.
 _FWD = {
-    64: ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
-    128: ((128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)),
-    256: ((64, 64, 8, 2), (64, 32, 8, 2)),
+    64: ((128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
+    128: ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)),  # 128 x 128 spills 48 B with varlen
+    256: ((64, 32, 8, 2),),  # 64 x 64 reaches 254 registers
 }
-# The key-block backward: BLOCK_N keys per program (the M of its dK/dV products), BLOCK_M rows per
-# step of its row loop (the M of the atomic dQ product: 32 rows run it on mma.sync). Head dim 256
-# keeps 32 keys: 64 keys' fp32 dK and dV alone take 128 registers a thread on 8 warps and spill, so
-# its key-major products run on mma.sync (wgmma needs M >= 64 per warpgroup); only its dQ is wgmma.
+# The key-block backward: BLOCK_N keys per program (the M of its dK/dV products: wgmma from 64),
+# BLOCK_M rows per step of its row loop (the M of the atomic dQ product). 64 rows would put dQ on
+# wgmma too, but 64 x 128 spills 12 B with varlen and seq_chains, and 64 x 64 reaches 252 registers
+# (255 at head dim 32); 32 rows leave dQ (and the diagonal's 32-key products) on mma.sync. Head dim
+# 256 runs mma.sync only: its fp32 dK and dV fit 32 keys (or 16), below wgmma's M = 64.
 _BWD = {
-    64: ((64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)),
+    32: ((32, 64, 4, 3),),
+    64: ((32, 128, 8, 3), (32, 64, 4, 3)),
     128: ((32, 64, 8, 3), (32, 64, 8, 2)),
-    256: ((64, 32, 8, 2), (32, 32, 8, 2)),
+    256: ((16, 32, 8, 2), (32, 16, 8, 2)),
 }
 _DQ = {
     64: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
-    128: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
-    256: ((128, 32, 8, 2), (64, 32, 8, 2)),
+    128: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)),
+    256: ((64, 16, 8, 2), (32, 64, 8, 2)),  # 128 x 32 spills 24 B with varlen; 32 x 64 is mma.sync
 }
 # The causal diagonal's granularity (``_sub_blocks``): 16 query positions x 16 keys forward (32
 # positions would leave 6 % of masked work at 512 tokens), 32 keys backward.
@@ -132,33 +134,28 @@ def _sub_blocks(kind: str, bm: int, bn: int, diag: int, g: int):
 
 
 def _make_pruner(kind: str) -> Callable:
-    """Keep the configs of the head-dim class (``_table``) in its order, those whose shared memory
-    fits the H100; fill SUB_M / SUB_N. Depends only on autotune keys (head dim, G) and the dtype."""
+    """Keep the configs of the head-dim class (``_table``), in its order, whose shared memory fits
+    the H100 (the class's last one if none does: fp32 at the largest head dims), with SUB_M /
+    SUB_N set. Depends only on autotune keys (head dim, G) and the dtype."""
+
+    def filled(cfg, g):
+        kw = dict(cfg.kwargs)
+        kw["SUB_M"], kw["SUB_N"] = _sub_blocks(kind, kw["BLOCK_M"], kw["BLOCK_N"], kw["DIAG"], g)
+        return triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def smem(cfg, dp, es):
+        bm, bn, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], max(1, cfg.num_stages)
+        # resident q / k, v tiles + the tiles streamed per pipeline stage, in the input dtype
+        tiles = {"fwd": bm + 2 * bn * stages, "bwd": 2 * bn + 2 * bm * stages, "dq": 2 * bm + 2 * bn * stages}
+        return tiles[kind] * dp * es
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         dp, es, g = int(args["HEAD_DIM_P2"]), args["Q"].element_size(), int(args["G"])
         by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
-        kept = []
-        for shape in _table(kind, dp, es):
-            cfg = by_shape.get(shape)
-            if cfg is None:
-                continue
-            kw = dict(cfg.kwargs)
-            kw["SUB_M"], kw["SUB_N"] = _sub_blocks(kind, kw["BLOCK_M"], kw["BLOCK_N"], kw["DIAG"], g)
-            stages = max(1, cfg.num_stages)
-            # resident q/k/v tiles + streamed tiles per pipeline stage, in the input dtype
-            tiles = {"fwd": kw["BLOCK_M"] + 2 * kw["BLOCK_N"] * stages,
-                     "bwd": 2 * kw["BLOCK_N"] + 2 * kw["BLOCK_M"] * stages,
-                     "dq": 2 * kw["BLOCK_M"] + 2 * kw["BLOCK_N"] * stages}[kind]
-            if tiles * dp * es <= SMEM_BUDGET:
-                kept.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        if not kept:  # fp32 at the largest head dims: the class's last (smallest) config
-            cfg = by_shape[_table(kind, dp, es)[-1]]
-            kw = dict(cfg.kwargs)
-            kw["SUB_M"], kw["SUB_N"] = _sub_blocks(kind, kw["BLOCK_M"], kw["BLOCK_N"], kw["DIAG"], g)
-            kept = [triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)]
-        return kept
+        table = [by_shape[shape] for shape in _table(kind, dp, es) if shape in by_shape]
+        kept = [cfg for cfg in table if smem(cfg, dp, es) <= SMEM_BUDGET] or table[-1:]
+        return [filled(cfg, g) for cfg in kept]
 
     return prune
 
