@@ -77,7 +77,9 @@ _BWD = {
 _DQ = {
     64: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
     128: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)),
-    256: ((64, 16, 8, 2), (32, 64, 8, 2)),  # 128 x 32 spills 24 B with varlen; 32 x 64 is mma.sync
+    # 128 x 32 spills 24 B with varlen; 32 x 64 (mma.sync, M = 32) is kept as the autotuner's
+    # alternative at 150 registers, where 64 x 16 (wgmma) takes 234
+    256: ((64, 16, 8, 2), (32, 64, 8, 2)),
 }
 # The causal diagonal's granularity (``_sub_blocks``): 16 query positions x 16 keys forward (32
 # positions would leave 6 % of masked work at 512 tokens), 32 keys backward.
