@@ -626,15 +626,19 @@ def interpreter_dtype_reasons(dtype: torch.dtype) -> List[str]:
     return []
 
 
-def attention_input_reasons(op: str, q: torch.Tensor, min_head_dim: int, max_head_dim: int) -> List[str]:
+def attention_input_reasons(op: str, q: torch.Tensor, min_head_dim: int, max_head_dim: int, *,
+                            head_dim_reasons: Optional[Callable[[int], List[str]]] = None) -> List[str]:
     """Why a Triton attention kernel cannot take ``q``: its dtype (fp16 / bf16 / fp32, and what the
-    interpreter cannot run) or its head dim (a power of two in ``[min_head_dim, max_head_dim]``)."""
+    interpreter cannot run) or its head dim (a power of two in ``[min_head_dim, max_head_dim]``,
+    or the kernel's own rule ``head_dim_reasons(d)`` when given)."""
     reasons = []
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"triton {op} supports float16/bfloat16/float32, got {q.dtype}")
     reasons += interpreter_dtype_reasons(q.dtype)
     d = int(q.shape[-1])
-    if not is_pow2_in(d, min_head_dim, max_head_dim):
+    if head_dim_reasons is not None:
+        reasons += head_dim_reasons(d)
+    elif not is_pow2_in(d, min_head_dim, max_head_dim):
         reasons.append(f"head dim must be a power of two in [{min_head_dim}, {max_head_dim}], got {d}")
     return reasons
 

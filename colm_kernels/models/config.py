@@ -14,7 +14,9 @@ class CoLMConfig:
     ``n_heads`` must equal ``sum(chains)`` (chain i owns ``c_i`` query heads); ``dim``,
     ``ffn_hidden_dim`` and (without KV sharing) ``n_kv_heads`` must split exactly. With
     ``kv_sharing=True`` (CoLM-Air) keys and values come from chain 1 only and every ``c_i`` must be
-    a multiple of ``n_kv_heads``.
+    a multiple of ``n_kv_heads``. ``deterministic_attention``: every attention layer's backward
+    is bitwise reproducible run to run (``chain_attention(..., deterministic=True)``: one more
+    QK^T and dP recompute); False (default) adds dQ by atomics, the faster FlashAttention-2 pass.
     """
 
     dim: int
@@ -28,6 +30,7 @@ class CoLMConfig:
     rope_theta: float = 500000.0
     kv_sharing: bool = False
     kv_mapping: str = "tile"
+    deterministic_attention: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "chains", Chains(self.chains).sizes)
@@ -39,6 +42,8 @@ class CoLMConfig:
             raise ValueError(f"CoLMConfig.norm_eps must be a positive float, got {self.norm_eps!r}")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise ValueError(f"CoLMConfig.rope_theta must be a positive float, got {self.rope_theta!r}")
+        if not isinstance(self.deterministic_attention, bool):
+            raise ValueError(f"CoLMConfig.deterministic_attention must be a bool, got {self.deterministic_attention!r}")
         if self.kv_mapping not in KV_MAPPINGS:
             raise ValueError(f"CoLMConfig.kv_mapping must be one of {KV_MAPPINGS}, got {self.kv_mapping!r}")
         chains = self.chain_config

@@ -30,7 +30,11 @@ class ChainAttention(nn.Module):
         kv_sharing: bool = False,
         kv_mapping: str = "tile",
         rope_theta: float = 500000.0,
+        deterministic: bool = False,
     ):
+        """``deterministic``: the training attention's backward (``chain_attention``'s flag):
+        False adds dQ by atomics (fastest; not bitwise reproducible run to run on a GPU), True
+        recomputes QK^T and dP in a separate dQ pass (bitwise reproducible)."""
         super().__init__()
         self.chains = chains = as_chains(chains)
         chains.check_heads(n_heads)
@@ -41,6 +45,9 @@ class ChainAttention(nn.Module):
         self.dim, self.n_heads, self.n_kv_heads = dim, n_heads, n_kv_heads
         self.head_dim = dim // n_heads
         self.kv_sharing, self.kv_mapping, self.rope_theta = kv_sharing, kv_mapping, rope_theta
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+        self.deterministic = deterministic
         kv_dim = n_kv_heads * self.head_dim
         self.wq = ChainLinear(dim, dim, chains, bias=False)
         if kv_sharing:
@@ -90,6 +97,6 @@ class ChainAttention(nn.Module):
             keys, values = cache.update(layer, keys, values, k)
         out = chain_attention(
             q, keys, values, self.chains, causal=True, kv_sharing=self.kv_sharing,
-            kv_mapping=self.kv_mapping,
+            kv_mapping=self.kv_mapping, deterministic=self.deterministic,
         )
         return self.wo(out.flatten(-2), k)

@@ -22,7 +22,7 @@ class ChainTransformerBlock(nn.Module):
         chains = config.chain_config
         self.attention = ChainAttention(
             config.dim, config.n_heads, config.n_kv_heads, chains, config.kv_sharing,
-            config.kv_mapping, config.rope_theta,
+            config.kv_mapping, config.rope_theta, deterministic=config.deterministic_attention,
         )
         self.attention_norm = ChainRMSNorm(config.dim, chains, config.norm_eps)
         self.feed_forward = ChainFeedForward(config.dim, config.ffn_hidden_dim, chains)

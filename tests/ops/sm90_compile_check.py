@@ -90,8 +90,9 @@ def run_chain_attention(dtype, head_dim, varlen, causal, seq_chains):
         kw = {}
     sc = torch.tensor([1, 0][:B]) if seq_chains else None
     out, lse = K.chain_attention_fwd(q, k, v, kv_index, head_chain, causal, sc, 0.125, **kw)
-    K.chain_attention_bwd(torch.randn_like(out), q, k, v, out, lse, kv_index, head_chain, causal, sc,
-                          0.125, **kw)
+    for deterministic in (False, True):  # dQ by atomics, or by its own kernel
+        K.chain_attention_bwd(torch.randn_like(out), q, k, v, out, lse, kv_index, head_chain, causal, sc,
+                              0.125, deterministic=deterministic, **kw)
 
 
 def run_chain_attention_decode(dtype, head_dim, sq, num_splits, seq_chains, page_size=None):

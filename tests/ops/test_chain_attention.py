@@ -1,8 +1,11 @@
 """``chain_attention`` through the public API on the ``triton`` backend (interpreter on CPU, real
 kernels on GPU): forward and dq/dk/dv against the float64 reference backend with the accuracy rule
-of ``numerics.py``; chains, GQA and shared KV (both mappings), every elastic scale, Sq == Sk and
-Sq != Sk (decode-like and rows with no visible key), odd lengths, non-causal, softmax_scale,
-seq_chains (exact zeros and zero gradients for inactive heads), strided inputs, opcheck."""
+of ``numerics.py``, for both backwards (``deterministic=False``: dQ by atomics in the key-block
+pass; ``True``: a separate dQ pass); chains, GQA and shared KV (both mappings), every elastic
+scale, Sq == Sk and Sq != Sk (decode-like and rows with no visible key), odd lengths, non-causal,
+softmax_scale, seq_chains (exact zeros and zero gradients for inactive heads), strided inputs,
+every multiple-of-8 head dim class (padded tiles), bitwise reproducibility of the deterministic
+backward, the modules' pass-through of the flag, opcheck."""
 
 import itertools
 
@@ -68,9 +71,17 @@ def _compare(tensors64, cot, chains, dtype, tag, **kw):
     return ours
 
 
+BACKWARDS = [False, True]  # deterministic: atomics in one pass, or a separate dQ pass
+
+
+def _bwd_id(deterministic):
+    return "deterministic" if deterministic else "atomic-dq"
+
+
+@pytest.mark.parametrize("deterministic", BACKWARDS, ids=_bwd_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_reference_every_scale(case, dtype):
+def test_matches_reference_every_scale(case, dtype, deterministic):
     chains, n_kv, sharing, mapping, sq, sk, causal, d, scale = case
     B = 2
     for n_q in itertools.accumulate(chains):  # q carries only the active chains' heads
@@ -78,7 +89,8 @@ def test_matches_reference_every_scale(case, dtype):
         q, k, v = (torch.randn(B, s, h, d, dtype=F64) for s, h in ((sq, n_q), (sk, h_kv), (sk, h_kv)))
         cot = torch.randn(B, sq, n_q, d, dtype=F64)
         out, grads = _compare((q, k, v), cot, chains, dtype, f"Hq={n_q}", causal=causal,
-                              kv_sharing=sharing, kv_mapping=mapping, softmax_scale=scale)
+                              kv_sharing=sharing, kv_mapping=mapping, softmax_scale=scale,
+                              deterministic=deterministic)
         if causal and sq > sk:  # rows that see no key: exact zeros, no gradient, no NaN
             blind = sq - sk
             assert torch.equal(out[:, :blind], torch.zeros_like(out[:, :blind]))
@@ -94,10 +106,11 @@ SEQ_CHAIN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("deterministic", BACKWARDS, ids=_bwd_id)
 @pytest.mark.parametrize("case", SEQ_CHAIN_CASES,
                          ids=lambda c: f"C{'.'.join(map(str, c[0]))}-{'shared-' + c[3] if c[2] else 'gqa'}"
                                        f"-Sq{c[4]}-Sk{c[5]}-sc{''.join(map(str, c[6]))}")
-def test_seq_chains_mixed_scales(case):
+def test_seq_chains_mixed_scales(case, deterministic):
     chains, n_kv, sharing, mapping, sq, sk, seq, scale = case
     dtype, d, B = torch.float32, 16, len(seq)
     n_q = sum(chains)
@@ -106,7 +119,8 @@ def test_seq_chains_mixed_scales(case):
     cot = torch.randn(B, sq, n_q, d, dtype=F64)
     seq_chains = torch.tensor(seq, device=DEVICE)
     out, (dq, dk, dv) = _compare((q, k, v), cot, chains, dtype, f"seq_chains={seq}", kv_sharing=sharing,
-                                 kv_mapping=mapping, seq_chains=seq_chains, softmax_scale=scale)
+                                 kv_mapping=mapping, seq_chains=seq_chains, softmax_scale=scale,
+                                 deterministic=deterministic)
     _, kv_index, head_chain = head_maps(chains, n_q, h_kv, sharing, mapping)
     for b, c in enumerate(seq):
         inactive = [h for h in range(n_q) if head_chain[h] > c]
@@ -116,6 +130,79 @@ def test_seq_chains_mixed_scales(case):
         idle_kv = [g for g in range(h_kv) if g not in active_kv]  # no active head reads them
         assert torch.equal(dk[b][:, idle_kv], torch.zeros_like(dk[b][:, idle_kv]))
         assert torch.equal(dv[b][:, idle_kv], torch.zeros_like(dv[b][:, idle_kv]))
+
+
+# Head dims: every class of padded tile (16 for 8, 64 for 40, 128 for 80..112, 256 for 160..256).
+HEAD_DIMS = [8, 40, 80, 96, 112, 160, 192, 256]
+
+
+@pytest.mark.parametrize("deterministic", BACKWARDS, ids=_bwd_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"D{d}")
+def test_head_dims_multiple_of_8(head_dim, dtype, deterministic):
+    """Head dims that are not powers of two run on padded tiles: GQA (G = 2), causal with
+    Sq < Sk and a second, non-causal scale with Sq > Sk."""
+    chains, B = (2, 2), 2
+    for n_q, sq, sk, causal in ((4, 13, 21, True), (2, 19, 9, False)):
+        n_kv = n_q // 2
+        q, k, v = (torch.randn(B, s, h, head_dim, dtype=F64) for s, h in ((sq, n_q), (sk, n_kv), (sk, n_kv)))
+        cot = torch.randn(B, sq, n_q, head_dim, dtype=F64)
+        _compare((q, k, v), cot, chains, dtype, f"D={head_dim} Hq={n_q}", causal=causal,
+                 deterministic=deterministic)
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    """``deterministic=True``: two backward runs give bitwise equal dq, dk, dv (on a GPU the
+    default's atomic dQ may differ in the last bits; the interpreter is sequential anyway, so
+    only the deterministic path's claim is checked here)."""
+    chains, B, sq, sk, d = (1, 2, 1), 2, 37, 45, 64
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    q, k, v = (torch.randn(B, s, h, d, device=DEVICE, dtype=dtype) for s, h in ((sq, 4), (sk, 1), (sk, 1)))
+    cot = torch.randn(B, sq, 4, d, device=DEVICE, dtype=dtype)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with ck.use_backend("triton"):
+            out = ck.chain_attention(*leaves, chains, kv_sharing=True, deterministic=True)
+        runs.append((out, *torch.autograd.grad(out, leaves, cot)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *runs):
+        assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+
+
+def test_modules_pass_deterministic_through(monkeypatch):
+    """``ChainAttention(deterministic=...)`` and ``CoLMConfig.deterministic_attention`` reach the
+    op's training call (the decode branch has no backward and ignores it)."""
+    import colm_kernels.nn.attention as attention_module
+    from colm_kernels.models import CoLM, CoLMConfig
+    from colm_kernels.nn import ChainAttention
+
+    seen = []
+    real = attention_module.chain_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("deterministic"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "chain_attention", spy)
+    x = torch.randn(1, 5, 32)
+    for flag in (False, True):
+        ChainAttention(32, 4, 2, (2, 2), deterministic=flag)(x)
+        assert seen[-1] is flag
+    assert ChainAttention(32, 4, 2, (2, 2)).deterministic is False
+    with pytest.raises(TypeError, match="deterministic"):
+        ChainAttention(32, 4, 2, (2, 2), deterministic=1)
+    cfg = CoLMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=11, chains=(2, 2),
+                     ffn_hidden_dim=64, deterministic_attention=True)
+    model = CoLM(cfg)
+    assert all(layer.attention.deterministic for layer in model.layers)
+    seen.clear()
+    model(torch.randint(0, 11, (1, 5)))
+    assert seen == [True, True]
+    with pytest.raises(ValueError, match="deterministic_attention"):
+        cfg.replace(deterministic_attention="yes")
+    with pytest.raises(TypeError, match="deterministic"):
+        ck.chain_attention(x.view(1, 5, 4, 8), x.view(1, 5, 4, 8)[:, :, :2], x.view(1, 5, 4, 8)[:, :, :2],
+                           (2, 2), deterministic=None)
 
 
 def test_strided_inputs():
@@ -157,6 +244,8 @@ def test_opcheck_and_compile():
             bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, kv_index,
                      head_chain, True, sc, 0.25, need_dq, need_dkv)
             torch.library.opcheck(chain_attention_triton_bwd, bargs)
+        # the deterministic backward (its own dQ kernel) through the same op
+        torch.library.opcheck(chain_attention_triton_bwd, bargs[:11] + (True, True, None, None, 0, 0, True))
     with ck.use_backend("triton"):
         fn = torch.compile(lambda q, k, v: ck.chain_attention(q, k, v, (1, 2), kv_sharing=True),
                            fullgraph=True, backend="aot_eager")
@@ -170,10 +259,11 @@ def test_opcheck_and_compile():
 def test_unsupported_inputs_raise_with_reasons():
     from colm_kernels.ops.chain_attention.triton import not_supported_reasons
 
-    q, k = torch.randn(1, 3, 2, 24, device=DEVICE), torch.randn(1, 3, 2, 24, device=DEVICE)
-    with ck.use_backend("triton"):
-        with pytest.raises(BackendError, match="head dim must be a power of two"):
-            ck.chain_attention(q, k, k, (1, 1))
+    for d in (12, 4, 264):  # not a multiple of 8, below 8, above 256
+        q = torch.randn(1, 3, 2, d, device=DEVICE)
+        with ck.use_backend("triton"):
+            with pytest.raises(BackendError, match=f"head dim must be a multiple of 8 in \\[8, 256\\], got {d}"):
+                ck.chain_attention(q, q, q, (1, 1))
     if DEVICE == "cpu":
         qb = torch.randn(1, 3, 2, 16, dtype=torch.bfloat16)
         with ck.use_backend("triton"):

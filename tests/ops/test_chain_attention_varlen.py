@@ -7,7 +7,8 @@ dtype for the accuracy rule of ``numerics.py``). Covered: empty and length-1 seq
 lengths and KV longer than Q per sequence (bottom-right causal per sequence), a sequence with keys
 but no query (its dK/dV rows must be written as zeros), GQA and shared KV with both mappings, two
 elastic scales, mixed ``seq_chains`` (exact zeros for inactive heads), non-causal, float16; bad
-``cu_seqlens`` / ``max_seqlen`` raise naming the argument; opcheck of the extended ops. Kernel
+``cu_seqlens`` / ``max_seqlen`` raise naming the argument; opcheck of the extended ops. The
+triton backend runs both backwards (``deterministic`` False and True). Kernel
 outputs are allocated NaN-filled here, so a row that no program writes fails the test."""
 
 import itertools
@@ -108,36 +109,40 @@ def _check(backend, lq, lk, layout, n_q, dtype=torch.float32, seq_chains=None, m
 
 
 BACKENDS = [("reference", F64), ("triton", torch.float32)]
+# (backend, dtype, deterministic): the triton backend with both backwards (dQ by atomics in the
+# key-block pass, or a separate dQ pass)
+RUNS = [("reference", F64, False), ("triton", torch.float32, False), ("triton", torch.float32, True)]
+RUN_IDS = ["reference", "triton", "triton-deterministic"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)
-@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=[b for b, _ in BACKENDS])
-def test_varlen_matches_per_sequence_loop(backend, dtype, lengths, layout, nan_empty):
+@pytest.mark.parametrize("backend,dtype,deterministic", RUNS, ids=RUN_IDS)
+def test_varlen_matches_per_sequence_loop(backend, dtype, deterministic, lengths, layout, nan_empty):
     lq, lk = LENGTHS[lengths]
     chains = LAYOUTS[layout][0]
     for n_q in (chains[0], sum(chains)):  # two elastic scales: the smallest and the full model
-        _check(backend, lq, lk, LAYOUTS[layout], n_q, dtype=dtype, causal=True)
+        _check(backend, lq, lk, LAYOUTS[layout], n_q, dtype=dtype, causal=True, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=[b for b, _ in BACKENDS])
-def test_varlen_non_causal_softmax_scale_bucketed_max(backend, dtype, nan_empty):
+@pytest.mark.parametrize("backend,dtype,deterministic", RUNS, ids=RUN_IDS)
+def test_varlen_non_causal_softmax_scale_bucketed_max(backend, dtype, deterministic, nan_empty):
     """Non-causal, an explicit softmax_scale, and max_seqlen above the real maximum (a bucket)."""
     lq, lk = LENGTHS["kvlonger-q1.3.0.2-k4.3.0.9"]
     _check(backend, lq, lk, LAYOUTS["C2.4-shared2-group"], 6, dtype=dtype, causal=False,
-           softmax_scale=0.4, max_pad=13)
+           softmax_scale=0.4, max_pad=13, deterministic=deterministic)
 
 
 @pytest.mark.parametrize("lengths,seq", [("eq-0.1.17.5", [1, 0, 2, 1]),
                                          ("kvlonger-q1.3.0.2-k4.3.0.9", [0, 2, 1, 1])],
                          ids=["eq-sc1021", "kvlonger-sc0211"])
-@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=[b for b, _ in BACKENDS])
-def test_varlen_seq_chains_mixed(backend, dtype, lengths, seq, nan_empty):
+@pytest.mark.parametrize("backend,dtype,deterministic", RUNS, ids=RUN_IDS)
+def test_varlen_seq_chains_mixed(backend, dtype, deterministic, lengths, seq, nan_empty):
     lq, lk = LENGTHS[lengths]
     layout = LAYOUTS["C1.2.1-shared1-tile"]
     seq_chains = torch.tensor(seq, device=DEVICE)
     (out, (dq, dk, dv)), (_, kv_index, head_chain) = _check(
-        backend, lq, lk, layout, 4, dtype=dtype, seq_chains=seq_chains)
+        backend, lq, lk, layout, 4, dtype=dtype, seq_chains=seq_chains, deterministic=deterministic)
     cq = _cu(lq).tolist()
     for b, c in enumerate(seq):
         inactive = [h for h in range(4) if head_chain[h] > c]

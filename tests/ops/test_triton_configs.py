@@ -46,10 +46,13 @@ def test_every_config_matches_reference(index):
                     _randn(hidden, k_in, scale=k_in ** -0.5)], dtype)
         for head_dim, dtype, kv_sharing, sq, sk in ((64, torch.float16, False, 200, 200),
                                                     (128, torch.bfloat16, True, 131, 260)):
-            # chains (2, 2): 4 query heads over 2 kv heads, per-chain GQA or shared (tile)
-            _check(f"chain_attention hd{head_dim}",
-                   lambda q, k, v: ck.chain_attention(q, k, v, (2, 2), kv_sharing=kv_sharing),
-                   [_randn(2, sq, 4, head_dim), _randn(2, sk, 2, head_dim), _randn(2, sk, 2, head_dim)], dtype)
+            # chains (2, 2): 4 query heads over 2 kv heads, per-chain GQA or shared (tile); both
+            # backwards (dQ by atomics, or the deterministic dQ kernel)
+            for deterministic in (False, True):
+                _check(f"chain_attention hd{head_dim} deterministic={deterministic}",
+                       lambda q, k, v: ck.chain_attention(q, k, v, (2, 2), kv_sharing=kv_sharing,
+                                                          deterministic=deterministic),
+                       [_randn(2, sq, 4, head_dim), _randn(2, sk, 2, head_dim), _randn(2, sk, 2, head_dim)], dtype)
         not_run = [k.base_fn.__name__ for k in autotuned_kernels() if not k.cache]
         assert not not_run, f"autotuned kernels these ops never launched: {not_run}"
 

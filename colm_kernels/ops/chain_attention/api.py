@@ -26,11 +26,12 @@ from . import reference
 
 OP = "chain_attention"
 # Varlen rides on the trailing optional arguments: ``cu_seqlens_q``/``cu_seqlens_k`` None (and the
-# max lengths 0) is the padded ``(B, S, H, D)`` layout.
+# max lengths 0) is the padded ``(B, S, H, D)`` layout. ``deterministic`` picks a backend's backward
+# (the reference's is deterministic anyway).
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, int[] kv_head_index, int[] head_chain, bool causal, "
     "Tensor? seq_chains, float softmax_scale, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
-    "int max_seqlen_q=0, int max_seqlen_k=0) -> Tensor"
+    "int max_seqlen_q=0, int max_seqlen_k=0, bool deterministic=False) -> Tensor"
 )
 
 chain_attention_reference = register_reference_op(
@@ -157,6 +158,7 @@ def chain_attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     check_values: bool = True,
+    deterministic: bool = False,
 ) -> Tensor:
     """Attention of ``q`` ``(B, Sq, Hq, D)`` over ``k``, ``v`` ``(B, Sk, Hkv, D)``.
 
@@ -180,6 +182,12 @@ def chain_attention(
         check_values: check the values of ``seq_chains`` and ``cu_seqlens_*`` on the host (a GPU
             sync each). A training loop whose metadata is valid by construction may pass False:
             the kernels then trust it.
+        deterministic: the backward's trade-off (keyword only). False (default): the Triton
+            backward runs one pass over the key blocks and adds dQ by fp32 atomics
+            (FlashAttention-2's 5 matmuls per tile; fastest, but the order of the additions, and so
+            the last bits of dQ, varies from run to run on a GPU). True: dQ comes from a second pass
+            that recomputes QK^T and dP (7 matmuls per tile), and the whole backward is bitwise
+            reproducible run to run. The forward and the reference backend are the same either way.
 
     Returns ``(B, Sq, Hq, D)`` (varlen: ``(total_q, Hq, D)``) in ``q``'s dtype.
     """
@@ -206,6 +214,8 @@ def chain_attention(
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if not isinstance(kv_sharing, bool):
         raise TypeError(f"kv_sharing must be a bool, got {kv_sharing!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     scale, kv_index, head_chain = head_maps(chains, q.shape[head_dim - 1], k.shape[head_dim - 1],
                                             kv_sharing, kv_mapping, q_heads=q_heads, k_heads=k_heads)
     check_seq_chains(seq_chains, q, n_seq, scale, check_values)
@@ -214,9 +224,9 @@ def chain_attention(
     args = (q, k, v, kv_index, head_chain, causal, seq_chains, float(softmax_scale))
     inputs = dict(q=q, k=k, v=v, kv_head_index=kv_index, head_chain=head_chain, causal=causal,
                   seq_chains=seq_chains, softmax_scale=float(softmax_scale))
-    if not varlen:
-        return backends.dispatch(OP, tensors, **inputs)(*args)
-    tensors += [cu_seqlens_q, cu_seqlens_k]
-    extra = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
-                 max_seqlen_k=int(max_seqlen_k))
+    extra = dict(deterministic=deterministic)
+    if varlen:
+        tensors += [cu_seqlens_q, cu_seqlens_k]
+        extra.update(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
+                     max_seqlen_k=int(max_seqlen_k))
     return backends.dispatch(OP, tensors, **inputs, **extra)(*args, **extra)

@@ -60,7 +60,10 @@ def chain_attention(
     cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
+    deterministic: bool = False,
 ) -> Tensor:
+    """The op's math; ``deterministic`` is the kernels' backward choice (autograd of this code is
+    deterministic either way) and ``max_seqlen_*`` are their grid bounds: both unused here."""
     if cu_seqlens_q is None and cu_seqlens_k is None:
         return _attend(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale)
     if cu_seqlens_q is None or cu_seqlens_k is None:

@@ -13,7 +13,8 @@ seq_chains[b]``; inactive heads output exact zeros, get zero gradients and cost 
 Layouts: q, out, dout, dq ``(B, Sq, Hq, D)``; k, v, dk, dv ``(B, Sk, Hkv, D)``; any strides with a
 contiguous last dim (the outputs are allocated contiguous). ``lse`` and ``delta`` are fp32
 ``(B, Hq, Sq)`` in log2 units (``lse = log2 sum_j 2^(S_ij * log2 e)``; ``+inf`` for a row with no
-visible key and for inactive heads, so their backward probabilities are exactly 0).
+visible key and for inactive heads, so their backward probabilities are exactly 0). D is any
+multiple of 8 in [8, 256]: tiles are padded to a power of two (``triton_tiles``).
 
 Variable-length packed batches (flash-attn convention, ``VARLEN`` constexpr, same kernels): q,
 out, dout, dq are ``(total_q, Hq, D)``, k, v, dk, dv ``(total_k, Hkv, D)`` and lse / delta
@@ -33,49 +34,65 @@ each other (adjacent in memory for ordinary GQA) and every K/V tile is loaded on
 heads (no repeated K/V in HBM). Since members are sorted by chain, the active members of a group
 for sequence b are a prefix of length A (computed in the kernel from ``seq_chains[b]``); the
 packed order then lists the A * Sq active rows first (``r // A``, ``r % A``), then the inactive
-ones. Programs whose rows are all inactive run no key loop: they write their rows' zeros (forward,
-dQ) and nothing else; the dK/dV kernel iterates only over the active rows.
+ones. Programs whose rows are all inactive run no key loop: they write their rows' zeros (forward)
+and nothing else; the backward iterates only over the active rows.
 
 Kernels:
 - ``_chain_attention_fwd_kernel``: grid (packed row blocks, B * Hkv), heavy blocks first; online
-  softmax in fp32 with exp2; causal key loop split into a mask-free part and a masked tail.
+  softmax in fp32 with exp2. Keys every row of the block sees run mask-free on BLOCK_N-wide tiles,
+  then SUB_N-wide ones; causal: the diagonal runs per sub-block of SUB_M rows (masked).
 - ``_chain_attention_bwd_preprocess_kernel``: delta = rowsum(dO * O) for the active rows.
-- ``_chain_attention_bwd_dkdv_kernel``: grid (key blocks, B * Hkv); loops over the active packed
-  rows (all G query heads of the kv head), so dK/dV are reduced over the group inside the kernel.
-- ``_chain_attention_bwd_dq_kernel``: grid as the forward; atomics-free.
+- ``_chain_attention_bwd_kernel``: grid (key blocks, B * Hkv), FlashAttention-2's backward. Each
+  program loads its K/V tile once and loops over the active packed rows (all G query heads of the
+  kv head, so dK/dV are reduced over the group in registers): 5 matmuls per tile (S^T = K Q^T
+  recomputed, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q and, with ``DQ_ATOMIC``, dQ += dS K added
+  by fp32 atomics into a zeroed buffer the launcher casts). Causal: rows that see the whole key
+  block run mask-free; the diagonal runs per SUB_N-key sub-block over SUB_M-row steps.
+- ``_chain_attention_bwd_dq_kernel``: the deterministic path's dQ (grid as the forward): a second
+  pass that recomputes S and dP per (row block, key block), so no two programs write one dQ row
+  (``deterministic=True``; then the kernel above runs without ``DQ_ATOMIC``). It also serves a
+  backward that needs dQ only (frozen K/V).
 All products accumulate in fp32 (fp32 inputs use IEEE dots); outputs are written once in the
 input dtype. Autotune keys: head dim, G, causal, seq_chains and varlen flags (and Triton adds the
 dtypes); never a sequence length (``Sq``, ``Sk`` and the lse strides are not specialised
 either). Offsets are int64.
 
-This file holds kernels and launchers only; the ops are registered in ``triton.py``.
+This file holds kernels and launchers only (tiles and configs: ``triton_tiles``); the ops are
+registered in ``triton.py``.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from colm_kernels._triton.attention import active_members as _active_members
-from colm_kernels._triton.utils import (
-    SMEM_BUDGET,
-    autotune,
-    device_guard,
-    int32_table,
-    is_interpreter,
-    is_pow2_in,
-    last_dim_contiguous,
-    mma,
-)
-from colm_kernels.ops.chain_attention.heads import (
-    LOG2E,
+from colm_kernels._triton.utils import autotune, device_guard, int32_table, last_dim_contiguous, mma, small_tiles
+from colm_kernels.ops.chain_attention.heads import LOG2E, group_rows, layout_reasons
+from colm_kernels.ops.chain_attention.triton_tiles import (
+    AUTOTUNE_KEY,
     MAX_HEAD_DIM,
     MIN_HEAD_DIM,
-    group_rows,
-    layout_reasons,
+    bwd_configs,
+    dq_configs,
+    fwd_configs,
+    stack_rows,
+    stride_alignment,
+    head_dim_p2,
+    head_dim_reasons,
+    hint_strides,
+    load_tile,
+    packed_rows,
+    prune_bwd,
+    prune_dq,
+    prune_fwd,
+    row_ptrs,
+    seq_bounds,
+    tile_mask,
+    visible_keys,
 )
 
 __all__ = [
@@ -84,6 +101,7 @@ __all__ = [
     "fwd_out_shapes",
     "group_layout",
     "layout_reasons",
+    "head_dim_reasons",
     "MIN_HEAD_DIM",
     "MAX_HEAD_DIM",
 ]
@@ -92,127 +110,24 @@ _MAX_GRID_Y = 65535
 
 
 # ----------------------------------------------------------------------------------------------
-# Autotune configurations
-# ----------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M tiles packed query rows, BLOCK_N keys.
-_FWD_GPU = ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-            (64, 32, 4, 2), (32, 32, 4, 2))
-_DKDV_GPU = ((32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2),
-             (16, 32, 4, 2))
-_DQ_GPU = ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2))
-_INTERPRETER = ((16, 16, 1, 1),)
-
-
-def _configs(gpu) -> List[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in (_INTERPRETER if is_interpreter() else gpu)]
-
-
-def _smem_pruner(resident: str, n_resident: int, stream: str, n_stream: int, acc: str, n_acc: int):
-    """Drop configs whose shared memory (``n_resident`` tiles of ``resident`` x D kept for the whole
-    program, ``n_stream`` tiles of ``stream`` x D per pipeline stage) overflows the budget, or whose
-    ``n_acc`` fp32 accumulators of ``acc`` x D need more than 128 registers a thread; the smallest
-    survives if none fits. Depends only on head dim and dtype (autotune keys)."""
-
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        d, es = int(args["HEAD_DIM"]), args["Q"].element_size()
-        sized = []
-        for cfg in configs:
-            kw = cfg.kwargs
-            smem = (n_resident * kw[resident] + n_stream * kw[stream] * max(1, cfg.num_stages)) * d * es
-            regs = n_acc * kw[acc] * d // (32 * cfg.num_warps)
-            sized.append((smem, regs, cfg))
-        fitting = [c for s, r, c in sized if s <= SMEM_BUDGET and r <= 128]
-        return fitting or [min(sized, key=lambda t: (t[1], t[0]))[2]]
-
-    return prune
-
-
-_KEY = ["HEAD_DIM", "G", "CAUSAL", "HAS_SC", "VARLEN"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Device helpers
+# Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN: tl.constexpr):
-    """``(first query row, Sq, first key row, Sk)`` of sequence b: read from the cu_seqlens tables
-    when VARLEN (the launch's ``Sq``/``Sk`` are then only the grid's bounds), else ``(0, Sq, 0, Sk)``."""
-    q_off = b.to(tl.int64) * 0
-    k_off = q_off
-    if VARLEN:
-        q_off = tl.load(CU_Q + b).to(tl.int64)
-        Sq = (tl.load(CU_Q + b + 1).to(tl.int64) - q_off).to(tl.int32)
-        k_off = tl.load(CU_K + b).to(tl.int64)
-        Sk = (tl.load(CU_K + b + 1).to(tl.int64) - k_off).to(tl.int32)
-    return q_off, Sq, k_off, Sk
-
-
-@triton.jit
-def _packed_rows(start, Sq, n_act, A, G: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SC: tl.constexpr):
-    """Packed rows [start, start + BLOCK_M) -> (position, group member, active, valid).
-
-    Active rows ``r < n_act = A * Sq`` are (r // A, r % A); the inactive rows that follow are
-    (r' // (G - A), A + r' % (G - A)) with r' = r - n_act; rows >= G * Sq are invalid (member
-    clamped so that table reads stay in bounds)."""
-    r = start + tl.arange(0, BLOCK_M)
-    valid = r < Sq * G
-    if HAS_SC:
-        act = r < n_act
-        a = tl.maximum(A, 1)
-        i = tl.maximum(G - A, 1)
-        ri = r - n_act
-        pos = tl.where(act, r // a, ri // i)
-        mem = tl.minimum(tl.where(act, r % a, A + ri % i), G - 1)
-    else:
-        act = valid
-        pos = r // G
-        mem = r % G
-    return pos, mem, act, valid
-
-
-@triton.jit
-def _row_ptrs(BASE, b64, pos, head, stride_b, stride_s, stride_h, offs_d):
-    return (BASE + b64 * stride_b + pos.to(tl.int64)[:, None] * stride_s
-            + head.to(tl.int64)[:, None] * stride_h + offs_d[None, :])
-
-
-@triton.jit
-def _key_range(start, n_act, A, Sq, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(end of the mask-free key blocks, end of all key blocks) for the active rows of a block."""
-    any_act = start < n_act
-    a = tl.maximum(A, 1)
-    if CAUSAL:
-        pos_lo = start // a
-        pos_hi = (tl.minimum(start + BLOCK_M, n_act) - 1) // a
-        hi = tl.maximum(tl.minimum(Sk, pos_hi + (Sk - Sq) + 1), 0)
-        full = tl.maximum(tl.minimum(Sk, pos_lo + (Sk - Sq) + 1), 0)
-    else:
-        hi = Sk
-        full = Sk
-    full = (full // BLOCK_N) * BLOCK_N
-    hi = tl.where(any_act, hi, 0)
-    full = tl.where(any_act, full, 0)
-    return full, hi
-
-
-@triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, start_n, end_n,
-               Sq, Sk, qk_scale, offs_d,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, start_n, end_n,
+              Sq, Sk, qk_scale, offs_d,
+              HEAD_DIM: tl.constexpr, PAD: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Online softmax of the rows of ``q`` over keys [start_n, end_n) in BLOCK_N-wide steps;
+    ``MASK``: keys past Sk and (causal) past each row's diagonal are masked."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start_n, end_n, BLOCK_N):
         cols = n0 + offs_n
-        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :]
-        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :]
-        if MASK:
-            k = tl.load(k_ptrs, mask=(cols < Sk)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        ok = cols < Sk
+        k = load_tile(k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], ok, offs_d,
+                      HEAD_DIM, PAD, MASK)
         s = mma(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)) * qk_scale
         if MASK:
-            vis = (cols < Sk)[None, :]
+            vis = ok[None, :]
             if CAUSAL:
                 vis = vis & (cols[None, :] <= pos[:, None] + (Sk - Sq))
             s = tl.where(vis, s, float("-inf"))
@@ -221,20 +136,59 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, star
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK:
-            v = tl.load(v_ptrs, mask=(cols < Sk)[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = load_tile(v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], ok, offs_d,
+                      HEAD_DIM, PAD, MASK)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
 
-# ----------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------
-@autotune(configs=_configs(_FWD_GPU), key=_KEY,
-           prune=_smem_pruner("BLOCK_M", 1, "BLOCK_N", 2, "BLOCK_M", 1))
+@triton.jit
+def _fwd_store(acc, l_i, m_i, pos, head, act, valid, O, LSE, b64, stride_ob, stride_os, stride_oh,
+               stride_lb, stride_lh, offs_d, HEAD_DIM: tl.constexpr, PAD: tl.constexpr):
+    empty = l_i == 0.0  # no visible key (or inactive): output 0, lse +inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = tl.where(act[:, None], out, 0.0)
+    tl.store(row_ptrs(O, b64, pos, head, stride_ob, stride_os, stride_oh, offs_d),
+             out.to(O.dtype.element_ty), mask=tile_mask(valid, offs_d, HEAD_DIM, PAD))
+    lse = tl.where(empty | (act == 0), float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + b64 * stride_lb + head.to(tl.int64) * stride_lh + pos, lse, mask=valid)
+
+
+@triton.jit
+def _fwd_diagonal(Q, HEADS, k_base, v_base, b64, g, start, A, n_act, stride_qb, stride_qs, stride_qh,
+                  stride_ks, stride_vs, first_key, Sq, Sk, qk_scale, offs_d,
+                  G: tl.constexpr, HAS_SC: tl.constexpr, HEAD_DIM: tl.constexpr, PAD: tl.constexpr,
+                  N_SUB: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr):
+    """Online-softmax state ``(acc, l, m)`` of packed rows [start, start + N_SUB * SUB_M) over the
+    causal diagonal's keys [first_key, each row's last key], one SUB_M-row sub-block at a time up
+    to its own last key; halves are built recursively and stacked, so no tile is held twice."""
+    if N_SUB == 1:
+        pos, mem, act, valid = packed_rows(start, Sq, n_act, A, G, SUB_M, HAS_SC)
+        head = tl.load(HEADS + g * G + mem)
+        q = load_tile(row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d), act, offs_d,
+                      HEAD_DIM, PAD, True)
+        _, hi = visible_keys(start, n_act, A, Sq, Sk, True, SUB_M)
+        acc = tl.zeros((SUB_M, offs_d.shape[0]), dtype=tl.float32)
+        l_i = tl.zeros((SUB_M,), dtype=tl.float32)
+        m_i = tl.full((SUB_M,), float("-inf"), dtype=tl.float32)
+        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, first_key, hi,
+                                  Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, True, True, SUB_N)
+    else:
+        acc_a, l_a, m_a = _fwd_diagonal(Q, HEADS, k_base, v_base, b64, g, start, A, n_act, stride_qb,
+                                        stride_qs, stride_qh, stride_ks, stride_vs, first_key, Sq, Sk,
+                                        qk_scale, offs_d, G, HAS_SC, HEAD_DIM, PAD, N_SUB // 2, SUB_M, SUB_N)
+        acc_b, l_b, m_b = _fwd_diagonal(Q, HEADS, k_base, v_base, b64, g, start + (N_SUB // 2) * SUB_M, A,
+                                        n_act, stride_qb, stride_qs, stride_qh, stride_ks, stride_vs,
+                                        first_key, Sq, Sk, qk_scale, offs_d, G, HAS_SC, HEAD_DIM, PAD,
+                                        N_SUB // 2, SUB_M, SUB_N)
+        acc = stack_rows(acc_a, acc_b)
+        l_i = stack_rows(l_a, l_b)
+        m_i = stack_rows(m_a, m_b)
+    return acc, l_i, m_i
+
+
+@autotune(configs=fwd_configs(), key=AUTOTUNE_KEY, prune=prune_fwd)
 @triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_fwd_kernel(
     Q, K, V, O, LSE, HEADS, CHAINS, SC, CU_Q, CU_K,
@@ -244,14 +198,21 @@ def _chain_attention_fwd_kernel(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     Sq, Sk, Hkv, qk_scale,
-    HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_SC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
+    G_P2: tl.constexpr, CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, SUB_M: tl.constexpr,
+    SUB_N: tl.constexpr,
 ):
+    PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
+    stride_qb, stride_qs, stride_qh = hint_strides(stride_qb, stride_qs, stride_qh, ALIGN)
+    stride_kb, stride_ks, stride_kh = hint_strides(stride_kb, stride_ks, stride_kh, ALIGN)
+    stride_vb, stride_vs, stride_vh = hint_strides(stride_vb, stride_vs, stride_vh, ALIGN)
+    stride_ob, stride_os, stride_oh = hint_strides(stride_ob, stride_os, stride_oh, ALIGN)
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
     start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # late (long) rows first
-    q_off, Sq, k_off, Sk = _seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    q_off, Sq, k_off, Sk = seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
     if VARLEN:
         if start >= G * Sq:  # past this sequence's rows: they belong to no program of it
             return
@@ -262,34 +223,40 @@ def _chain_attention_fwd_kernel(
         V += k_off * stride_vs
     A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
     n_act = A * Sq
-    pos, mem, act, valid = _packed_rows(start, Sq, n_act, A, G, BLOCK_M, HAS_SC)
-    head = tl.load(HEADS + g * G + mem)
     b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-
-    q = tl.load(_row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d),
-                mask=act[:, None], other=0.0)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
     k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
-    full, hi = _key_range(start, n_act, A, Sq, Sk, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, hi = visible_keys(start, n_act, A, Sq, Sk, CAUSAL, BLOCK_M)
+    bulk_end = (lo // BLOCK_N) * BLOCK_N
+    shared_end = (lo // SUB_N) * SUB_N  # keys [0, lo) are visible to every active row
 
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, 0, full,
-                               Sq, Sk, qk_scale, offs_d, False, CAUSAL, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, full, hi,
-                               Sq, Sk, qk_scale, offs_d, True, CAUSAL, BLOCK_N)
+    if CAUSAL:  # the diagonal first (softmax order is free), per sub-block of SUB_M rows
+        acc, l_i, m_i = _fwd_diagonal(Q, HEADS, k_base, v_base, b64, g, start, A, n_act, stride_qb, stride_qs,
+                                      stride_qh, stride_ks, stride_vs, shared_end, Sq, Sk, qk_scale, offs_d,
+                                      G, HAS_SC, HEAD_DIM, PAD, BLOCK_M // SUB_M, SUB_M, SUB_N)
+    else:
+        acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    pos, mem, act, valid = packed_rows(start, Sq, n_act, A, G, BLOCK_M, HAS_SC)
+    head = tl.load(HEADS + g * G + mem)
+    q = load_tile(row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d), act, offs_d,
+                  HEAD_DIM, PAD, True)
+    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, 0, bulk_end,
+                              Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, False, CAUSAL, BLOCK_N)
+    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, bulk_end,
+                              shared_end, Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, False, CAUSAL, SUB_N)
+    if not CAUSAL:  # the last keys past a whole SUB_N step
+        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, shared_end,
+                                  hi, Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, True, CAUSAL, SUB_N)
+    _fwd_store(acc, l_i, m_i, pos, head, act, valid, O, LSE, b64, stride_ob, stride_os, stride_oh,
+               stride_lb, stride_lh, offs_d, HEAD_DIM, PAD)
 
-    empty = l_i == 0.0  # no visible key (or inactive): output 0, lse +inf
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    out = tl.where(act[:, None], out, 0.0)
-    tl.store(_row_ptrs(O, b64, pos, head, stride_ob, stride_os, stride_oh, offs_d),
-             out.to(O.dtype.element_ty), mask=valid[:, None])
-    lse = tl.where(empty | (act == 0), float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + b64 * stride_lb + head.to(tl.int64) * stride_lh + pos, lse, mask=valid)
 
-
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["Sq", "stride_lb", "stride_lh"])
 def _chain_attention_bwd_preprocess_kernel(
     O, DO, DELTA, HEADS, CHAINS, SC, CU_Q,
@@ -297,15 +264,18 @@ def _chain_attention_bwd_preprocess_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_lb, stride_lh,
     Sq, Hkv,
-    HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, HAS_SC: tl.constexpr,
-    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
+    G_P2: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO * O over the active packed rows (inactive rows are never read)."""
+    PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
+    stride_ob, stride_os, stride_oh = hint_strides(stride_ob, stride_os, stride_oh, ALIGN)
+    stride_dob, stride_dos, stride_doh = hint_strides(stride_dob, stride_dos, stride_doh, ALIGN)
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
     start = tl.program_id(0) * BLOCK_M
-    q_off, Sq, _, _ = _seq_bounds(CU_Q, CU_Q, b, Sq, Sq, VARLEN)
+    q_off, Sq, _, _ = seq_bounds(CU_Q, CU_Q, b, Sq, Sq, VARLEN)
     if VARLEN:
         if start >= G * Sq:
             return
@@ -313,31 +283,39 @@ def _chain_attention_bwd_preprocess_kernel(
         DO += q_off * stride_dos
         DELTA += q_off
     A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
-    pos, mem, act, valid = _packed_rows(start, Sq, A * Sq, A, G, BLOCK_M, HAS_SC)
+    pos, mem, act, valid = packed_rows(start, Sq, A * Sq, A, G, BLOCK_M, HAS_SC)
     head = tl.load(HEADS + g * G + mem)
     b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o = tl.load(_row_ptrs(O, b64, pos, head, stride_ob, stride_os, stride_oh, offs_d),
-                mask=act[:, None], other=0.0)
-    do = tl.load(_row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d),
-                 mask=act[:, None], other=0.0)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    o = load_tile(row_ptrs(O, b64, pos, head, stride_ob, stride_os, stride_oh, offs_d), act, offs_d,
+                  HEAD_DIM, PAD, True)
+    do = load_tile(row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d), act, offs_d,
+                   HEAD_DIM, PAD, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + b64 * stride_lb + head.to(tl.int64) * stride_lh + pos, delta, mask=act)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
-                stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-                start_m, end_m, Sq, Sk, qk_scale, offs_d,
-                G: tl.constexpr, HAS_SC: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    for m0 in range(start_m, end_m, BLOCK_M):
-        pos, mem, act, valid = _packed_rows(m0, Sq, n_act, A, G, BLOCK_M, HAS_SC)
+def _bwd_rows(dk, dv, k, v, cols, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act,
+              stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+              stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
+              row_lo, row_hi, Sq, Sk, qk_scale, softmax_scale, offs_d,
+              G: tl.constexpr, HAS_SC: tl.constexpr, HEAD_DIM: tl.constexpr, PAD: tl.constexpr,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Packed rows [row_lo, row_hi) against the keys ``cols`` (tiles k, v): accumulate dK, dV and,
+    with DQ_ATOMIC, add each step's dQ tile into the fp32 buffer DQ. ``MASK``: the causal mask and
+    keys past Sk apply (rows of a step past row_hi are dropped); without it every row sees every
+    key below Sk (keys past Sk are zero tiles: they add nothing to dQ, and their dK/dV rows are
+    never stored)."""
+    for m0 in range(row_lo, row_hi, BLOCK_M):
+        pos, mem, act, valid = packed_rows(m0, Sq, n_act, A, G, BLOCK_M, HAS_SC)
+        if MASK:
+            act = act & (m0 + tl.arange(0, BLOCK_M) < row_hi)
         head = tl.load(HEADS + g * G + mem)
-        q = tl.load(_row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d),
-                    mask=act[:, None], other=0.0)
-        do = tl.load(_row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d),
-                     mask=act[:, None], other=0.0)
+        q = load_tile(row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d), act, offs_d,
+                      HEAD_DIM, PAD, True)
+        do = load_tile(row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d), act,
+                       offs_d, HEAD_DIM, PAD, True)
         row = b64 * stride_lb + head.to(tl.int64) * stride_lh + pos
         lse = tl.load(LSE + row, mask=act, other=float("inf"))  # +inf: probability 0
         delta = tl.load(DELTA + row, mask=act, other=0.0)
@@ -350,38 +328,102 @@ def _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
         p_t = tl.math.exp2(s_t - lse[None, :])
         dv = mma(p_t.to(do.dtype), do, dv)
         dp_t = mma(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), dtype=tl.float32))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = mma(ds_t.to(q.dtype), q, dk)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = mma(ds_t, q, dk)
+        if DQ_ATOMIC:
+            dq = mma(tl.trans(ds_t), k, tl.zeros((BLOCK_M, k.shape[1]), dtype=tl.float32)) * softmax_scale
+            tl.atomic_add(row_ptrs(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d), dq,
+                          mask=tile_mask(act, offs_d, HEAD_DIM, PAD), sem="relaxed")
     return dk, dv
 
 
-@autotune(configs=_configs(_DKDV_GPU), key=_KEY,
-           prune=_smem_pruner("BLOCK_N", 2, "BLOCK_M", 2, "BLOCK_N", 2))
+@triton.jit
+def _store_dkdv(dk, dv, DK, DV, b64, g64, cols, Sk, stride_dkb, stride_dks, stride_dkh, softmax_scale,
+                offs_d, HEAD_DIM: tl.constexpr, PAD: tl.constexpr):
+    off = b64 * stride_dkb + g64 * stride_dkh + cols.to(tl.int64)[:, None] * stride_dks + offs_d[None, :]
+    mask = tile_mask(cols < Sk, offs_d, HEAD_DIM, PAD)
+    tl.store(DK + off, (dk * softmax_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_diagonal(k_base, v_base, c0, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act,
+                  stride_ks, stride_vs, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                  stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, mid, Sq, Sk, qk_scale,
+                  softmax_scale, offs_d,
+                  G: tl.constexpr, HAS_SC: tl.constexpr, HEAD_DIM: tl.constexpr, PAD: tl.constexpr,
+                  DQ_ATOMIC: tl.constexpr, N_SUB: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr):
+    """(dK, dV) of keys [c0, c0 + N_SUB * SUB_N) over the rows before ``mid`` (the causal
+    diagonal), one SUB_N-key sub-block at a time from the first row that sees its first key;
+    halves are built recursively and stacked, so no tile is held twice."""
+    if N_SUB == 1:
+        cols = c0 + tl.arange(0, SUB_N)
+        ok = cols < Sk
+        k = load_tile(k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], ok, offs_d,
+                      HEAD_DIM, PAD, True)
+        v = load_tile(v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], ok, offs_d,
+                      HEAD_DIM, PAD, True)
+        row_lo = tl.minimum(tl.maximum(c0 - (Sk - Sq), 0), Sq) * A
+        dk = tl.zeros((SUB_N, offs_d.shape[0]), dtype=tl.float32)
+        dv = tl.zeros((SUB_N, offs_d.shape[0]), dtype=tl.float32)
+        dk, dv = _bwd_rows(dk, dv, k, v, cols, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act,
+                           stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                           stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, row_lo,
+                           tl.maximum(mid, row_lo), Sq, Sk, qk_scale, softmax_scale, offs_d, G, HAS_SC,
+                           HEAD_DIM, PAD, True, True, DQ_ATOMIC, SUB_M)
+    else:
+        dk_a, dv_a = _bwd_diagonal(k_base, v_base, c0, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act,
+                                   stride_ks, stride_vs, stride_qb, stride_qs, stride_qh, stride_dob,
+                                   stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb,
+                                   stride_lh, mid, Sq, Sk, qk_scale, softmax_scale, offs_d, G, HAS_SC,
+                                   HEAD_DIM, PAD, DQ_ATOMIC, N_SUB // 2, SUB_M, SUB_N)
+        dk_b, dv_b = _bwd_diagonal(k_base, v_base, c0 + (N_SUB // 2) * SUB_N, Q, DO, LSE, DELTA, DQ, HEADS,
+                                   b64, g, A, n_act, stride_ks, stride_vs, stride_qb, stride_qs, stride_qh,
+                                   stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+                                   stride_lb, stride_lh, mid, Sq, Sk, qk_scale, softmax_scale, offs_d, G,
+                                   HAS_SC, HEAD_DIM, PAD, DQ_ATOMIC, N_SUB // 2, SUB_M, SUB_N)
+        dk = stack_rows(dk_a, dk_b)
+        dv = stack_rows(dv_a, dv_b)
+    return dk, dv
+
+
+@autotune(configs=bwd_configs(), key=AUTOTUNE_KEY + ["DQ_ATOMIC"], prune=prune_bwd)
 @triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
-def _chain_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, CHAINS, SC, CU_Q, CU_K,
+def _chain_attention_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, HEADS, CHAINS, SC, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
     stride_dkb, stride_dks, stride_dkh,
     stride_lb, stride_lh,
     Sq, Sk, Hkv, qk_scale, softmax_scale,
-    HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_SC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
+    G_P2: tl.constexpr, CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, SUB_M: tl.constexpr,
+    SUB_N: tl.constexpr,
 ):
-    """dK, dV of one (b, kv head, key block), summed over the active rows of all G query heads.
-    A sequence with no query (varlen) still writes its keys' zeros."""
+    """dK, dV of one (b, kv head, key block), summed over the active rows of all G query heads
+    (and, with DQ_ATOMIC, their dQ). A sequence with no query (varlen) still writes its keys' zeros."""
+    PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
+    stride_qb, stride_qs, stride_qh = hint_strides(stride_qb, stride_qs, stride_qh, ALIGN)
+    stride_kb, stride_ks, stride_kh = hint_strides(stride_kb, stride_ks, stride_kh, ALIGN)
+    stride_vb, stride_vs, stride_vh = hint_strides(stride_vb, stride_vs, stride_vh, ALIGN)
+    stride_dob, stride_dos, stride_doh = hint_strides(stride_dob, stride_dos, stride_doh, ALIGN)
+    stride_dqb, stride_dqs, stride_dqh = hint_strides(stride_dqb, stride_dqs, stride_dqh, ALIGN)
+    stride_dkb, stride_dks, stride_dkh = hint_strides(stride_dkb, stride_dks, stride_dkh, ALIGN)
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
     n0 = tl.program_id(0) * BLOCK_N
-    q_off, Sq, k_off, Sk = _seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    q_off, Sq, k_off, Sk = seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
     if VARLEN:
         if n0 >= Sk:  # past this sequence's keys
             return
         Q += q_off * stride_qs
         DO += q_off * stride_dos
+        DQ += q_off * stride_dqs
         LSE += q_off
         DELTA += q_off
         K += k_off * stride_ks
@@ -390,58 +432,57 @@ def _chain_attention_bwd_dkdv_kernel(
         DV += k_off * stride_dks
     b64 = b.to(tl.int64)
     g64 = g.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    cols = n0 + tl.arange(0, BLOCK_N)
-    col_ok = (cols < Sk)[:, None]
-    k = tl.load(K + b64 * stride_kb + g64 * stride_kh + cols.to(tl.int64)[:, None] * stride_ks
-                + offs_d[None, :], mask=col_ok, other=0.0)
-    v = tl.load(V + b64 * stride_vb + g64 * stride_vh + cols.to(tl.int64)[:, None] * stride_vs
-                + offs_d[None, :], mask=col_ok, other=0.0)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    k_base = K + b64 * stride_kb + g64 * stride_kh
+    v_base = V + b64 * stride_vb + g64 * stride_vh
     A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
     n_act = A * Sq
+    shift = Sk - Sq
     if CAUSAL:
-        # rows before start_m see none of these keys; rows from mid on see all of them
-        first_pos = tl.maximum(n0 - (Sk - Sq), 0)
-        start_m = (first_pos * A // BLOCK_M) * BLOCK_M
+        # Rows from the first that sees every key of the block on run mask-free, in whole BLOCK_M
+        # steps that end at n_act (``mid`` rounded up onto that grid); the rows before run masked.
         last_key = tl.minimum(n0 + BLOCK_N, Sk) - 1
-        full_pos = tl.maximum(last_key - (Sk - Sq), 0)
-        mid = tl.maximum(tl.cdiv(tl.minimum(full_pos * A, n_act), BLOCK_M) * BLOCK_M, start_m)
+        mid = tl.minimum(tl.maximum(last_key - shift, 0), Sq) * A
+        mid = n_act - ((n_act - mid) // BLOCK_M) * BLOCK_M
+        dk, dv = _bwd_diagonal(k_base, v_base, n0, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act,
+                               stride_ks, stride_vs, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos,
+                               stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, mid, Sq,
+                               Sk, qk_scale, softmax_scale, offs_d, G, HAS_SC, HEAD_DIM, PAD, DQ_ATOMIC,
+                               BLOCK_N // SUB_N, SUB_M, SUB_N)
     else:
-        start_m = 0
-        mid = 0
-
-    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    dk, dv = _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
-                         stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb,
-                         stride_lh, start_m, mid, Sq, Sk, qk_scale, offs_d, G, HAS_SC, True, CAUSAL, BLOCK_M)
-    # Mask-free: every key of the block is visible (keys past Sk only touch rows never stored).
-    dk, dv = _dkdv_inner(dk, dv, k, v, cols, Q, DO, LSE, DELTA, HEADS, b64, g, A, n_act,
-                         stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_lb,
-                         stride_lh, mid, n_act, Sq, Sk, qk_scale, offs_d, G, HAS_SC, False, CAUSAL, BLOCK_M)
-    out_off = b64 * stride_dkb + g64 * stride_dkh + cols.to(tl.int64)[:, None] * stride_dks + offs_d[None, :]
-    tl.store(DK + out_off, (dk * softmax_scale).to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok)
+        mid = n_act * 0
+        dk = tl.zeros((BLOCK_N, HEAD_DIM_P2), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, HEAD_DIM_P2), dtype=tl.float32)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    k = load_tile(k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], cols < Sk, offs_d,
+                  HEAD_DIM, PAD, True)
+    v = load_tile(v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], cols < Sk, offs_d,
+                  HEAD_DIM, PAD, True)
+    dk, dv = _bwd_rows(dk, dv, k, v, cols, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act,
+                       stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                       stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, mid, n_act, Sq, Sk,
+                       qk_scale, softmax_scale, offs_d, G, HAS_SC, HEAD_DIM, PAD, False, CAUSAL, DQ_ATOMIC,
+                       BLOCK_M)
+    _store_dkdv(dk, dv, DK, DV, b64, g64, cols, Sk, stride_dkb, stride_dks, stride_dkh, softmax_scale,
+                offs_d, HEAD_DIM, PAD)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, start_n, end_n,
-              Sq, Sk, qk_scale, offs_d,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_keys(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, start_n, end_n,
+             Sq, Sk, qk_scale, offs_d,
+             HEAD_DIM: tl.constexpr, PAD: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+             BLOCK_N: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start_n, end_n, BLOCK_N):
         cols = n0 + offs_n
-        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :]
-        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :]
-        if MASK:
-            k = tl.load(k_ptrs, mask=(cols < Sk)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(cols < Sk)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        ok = cols < Sk
+        k = load_tile(k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], ok, offs_d,
+                      HEAD_DIM, PAD, MASK)
+        v = load_tile(v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], ok, offs_d,
+                      HEAD_DIM, PAD, MASK)
         s = mma(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)) * qk_scale
         if MASK:
-            vis = (cols < Sk)[None, :]
+            vis = ok[None, :]
             if CAUSAL:
                 vis = vis & (cols[None, :] <= pos[:, None] + (Sk - Sq))
             s = tl.where(vis, s, float("-inf"))
@@ -452,8 +493,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, 
     return dq
 
 
-@autotune(configs=_configs(_DQ_GPU), key=_KEY,
-           prune=_smem_pruner("BLOCK_M", 2, "BLOCK_N", 2, "BLOCK_M", 1))
+@autotune(configs=dq_configs(), key=AUTOTUNE_KEY, prune=prune_dq)
 @triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, HEADS, CHAINS, SC, CU_Q, CU_K,
@@ -464,14 +504,22 @@ def _chain_attention_bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     Sq, Sk, Hkv, qk_scale, softmax_scale,
-    HEAD_DIM: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_SC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
+    G_P2: tl.constexpr, CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, SUB_M: tl.constexpr,
+    SUB_N: tl.constexpr,
 ):
+    PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
+    stride_qb, stride_qs, stride_qh = hint_strides(stride_qb, stride_qs, stride_qh, ALIGN)
+    stride_kb, stride_ks, stride_kh = hint_strides(stride_kb, stride_ks, stride_kh, ALIGN)
+    stride_vb, stride_vs, stride_vh = hint_strides(stride_vb, stride_vs, stride_vh, ALIGN)
+    stride_dob, stride_dos, stride_doh = hint_strides(stride_dob, stride_dos, stride_doh, ALIGN)
+    stride_dqb, stride_dqs, stride_dqh = hint_strides(stride_dqb, stride_dqs, stride_dqh, ALIGN)
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
     g = pid_bg % Hkv
     start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    q_off, Sq, k_off, Sk = _seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    q_off, Sq, k_off, Sk = seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
     if VARLEN:
         if start >= G * Sq:
             return
@@ -484,29 +532,30 @@ def _chain_attention_bwd_dq_kernel(
         V += k_off * stride_vs
     A = _active_members(SC, CHAINS, b, g, G, G_P2, HAS_SC)
     n_act = A * Sq
-    pos, mem, act, valid = _packed_rows(start, Sq, n_act, A, G, BLOCK_M, HAS_SC)
+    pos, mem, act, valid = packed_rows(start, Sq, n_act, A, G, BLOCK_M, HAS_SC)
     head = tl.load(HEADS + g * G + mem)
     b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(_row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d),
-                mask=act[:, None], other=0.0)
-    do = tl.load(_row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d),
-                 mask=act[:, None], other=0.0)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    q = load_tile(row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d), act, offs_d,
+                  HEAD_DIM, PAD, True)
+    do = load_tile(row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d), act, offs_d,
+                   HEAD_DIM, PAD, True)
     row = b64 * stride_lb + head.to(tl.int64) * stride_lh + pos
     lse = tl.load(LSE + row, mask=act, other=float("inf"))
     delta = tl.load(DELTA + row, mask=act, other=0.0)
     k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
-    full, hi = _key_range(start, n_act, A, Sq, Sk, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, hi = visible_keys(start, n_act, A, Sq, Sk, CAUSAL, BLOCK_M)
+    full = (lo // BLOCK_N) * BLOCK_N
 
-    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, 0, full,
-                   Sq, Sk, qk_scale, offs_d, False, CAUSAL, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, full, hi,
-                   Sq, Sk, qk_scale, offs_d, True, CAUSAL, BLOCK_N)
+    dq = tl.zeros((BLOCK_M, HEAD_DIM_P2), dtype=tl.float32)
+    dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, 0, full,
+                  Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, False, CAUSAL, BLOCK_N)
+    dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, full, hi,
+                  Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, True, CAUSAL, BLOCK_N)
     dq = tl.where(act[:, None], dq * softmax_scale, 0.0)
-    tl.store(_row_ptrs(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d),
-             dq.to(DQ.dtype.element_ty), mask=valid[:, None])
+    tl.store(row_ptrs(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d),
+             dq.to(DQ.dtype.element_ty), mask=tile_mask(valid, offs_d, HEAD_DIM, PAD))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,8 +594,9 @@ def _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
             raise TypeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device})")
     if k.shape != v.shape or k.shape[-1] != q.shape[-1] or (not varlen and k.shape[0] != q.shape[0]):
         raise ValueError(f"inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not is_pow2_in(int(q.shape[-1]), MIN_HEAD_DIM, MAX_HEAD_DIM):
-        raise ValueError(f"head dim {q.shape[-1]} must be a power of two in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    reasons = head_dim_reasons(int(q.shape[-1]))
+    if reasons:
+        raise ValueError("; ".join(reasons))
     reasons = layout_reasons(q.shape[-2], k.shape[-2], kv_head_index, head_chain)
     if reasons:
         raise ValueError("; ".join(reasons))
@@ -577,10 +627,11 @@ def _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
     return varlen
 
 
-def _bsh(t: torch.Tensor, varlen: bool) -> Tuple[int, int, int]:
-    """(batch, position, head) strides; a packed varlen tensor has no batch dim (stride 0: the
-    kernels offset by the sequence's first row instead)."""
-    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+def _bsh(t: torch.Tensor, varlen: bool, align: int = 1) -> Tuple[int, int, int]:
+    """(batch, position, head) strides in units of ``align`` elements (``hint_strides``); a packed
+    varlen tensor has no batch dim (stride 0: the kernels offset by the sequence's first row)."""
+    strides = (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+    return tuple(st // align for st in strides)
 
 
 def _geometry(q, k, varlen, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -602,8 +653,8 @@ def _common(q, k, kv_head_index, head_chain, seq_chains, cu_seqlens_q, cu_seqlen
     sc = seq_chains.contiguous() if has_sc else heads  # any int tensor when unused
     cu_q = cu_seqlens_q.contiguous() if varlen else heads
     cu_k = cu_seqlens_k.contiguous() if varlen else heads
-    meta = dict(HEAD_DIM=q.shape[-1], G=G, G_P2=max(2, triton.next_power_of_2(G)), HAS_SC=has_sc,
-                VARLEN=varlen)
+    meta = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_P2=head_dim_p2(q.shape[-1]), G=G,
+                G_P2=max(2, triton.next_power_of_2(G)), HAS_SC=has_sc, VARLEN=varlen)
     return heads, chains, sc, cu_q, cu_k, meta
 
 
@@ -636,12 +687,14 @@ def chain_attention_fwd(
     def grid(m):
         return (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)
 
+    align = stride_alignment(q, k, v, out)
     with device_guard(q.device):
         _chain_attention_fwd_kernel[grid](
             q, k, v, out, lse, heads, chains, sc, cu_q, cu_k,
-            *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(out, varlen), *lse_strides,
+            *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
+            *_bsh(out, varlen, align), *lse_strides,
             Sq, Sk, Hkv, float(softmax_scale) * LOG2E,
-            CAUSAL=bool(causal), **meta,
+            CAUSAL=bool(causal), ALIGN=align, **meta,
         )
     return out, lse
 
@@ -653,10 +706,14 @@ def chain_attention_bwd(
     seq_chains: Optional[torch.Tensor], softmax_scale: float,
     need_dq: bool = True, need_dkv: bool = True,
     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0, deterministic: bool = False,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(dq, dk, dv)``, contiguous, in the inputs' dtype. ``out``/``lse`` from the forward.
-    ``need_dq`` / ``need_dkv`` False: that kernel is not launched and its gradients are None."""
+    ``need_dq`` / ``need_dkv`` False: that gradient is not computed and is None.
+
+    dQ and dK/dV together: one pass over the key blocks adds dQ by fp32 atomics (5 matmuls per
+    tile; the order of the additions varies run to run on a GPU), or with ``deterministic`` a
+    separate dQ pass that recomputes S and dP (7 matmuls per tile, bitwise reproducible)."""
     varlen = _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if dout.shape != q.shape or out.shape != q.shape:
@@ -668,40 +725,51 @@ def chain_attention_bwd(
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     dout = dout.to(q.dtype)
     lse = lse.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_dq else None
+    atomic_dq = need_dq and need_dkv and not deterministic
+    if atomic_dq:  # fp32 sums of every key block's share; cast once at the end
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_dq else None
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if need_dkv else None
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if need_dkv else None
     B, Sq, Sk, Hq, Hkv, lse_strides = _geometry(q, k, varlen, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     if q.numel() == 0 or k.numel() == 0 or not (need_dq or need_dkv):  # nothing attends: zeros
+        dq = None if dq is None else dq.zero_().to(q.dtype)
         return tuple(None if t is None else t.zero_() for t in (dq, dk, dv))
     heads, chains, sc, cu_q, cu_k, meta = _common(q, k, kv_head_index, head_chain, seq_chains,
                                                   cu_seqlens_q, cu_seqlens_k, B, Hkv, varlen)
     G = meta["G"]
     qk_scale = float(softmax_scale) * LOG2E
     delta = torch.empty_like(lse)
-    pre_block = 16 if is_interpreter() else 64
+    align = stride_alignment(q, k, v, out, dout, *(t for t in (dq, dk, dv) if t is not None))
+    pre_block = 16 if small_tiles() else 64
     with device_guard(q.device):
         if Sq > 0:
             _chain_attention_bwd_preprocess_kernel[(triton.cdiv(G * Sq, pre_block), B * Hkv)](
                 out, dout, delta, heads, chains, sc, cu_q,
-                *_bsh(out, varlen), *_bsh(dout, varlen), *lse_strides,
-                Sq, Hkv, BLOCK_M=pre_block, num_warps=4 if not is_interpreter() else 1,
-                HEAD_DIM=meta["HEAD_DIM"], G=G, G_P2=meta["G_P2"], HAS_SC=meta["HAS_SC"], VARLEN=varlen,
+                *_bsh(out, varlen, align), *_bsh(dout, varlen, align), *lse_strides,
+                Sq, Hkv, BLOCK_M=pre_block, num_warps=1 if small_tiles() else 4,
+                HEAD_DIM=meta["HEAD_DIM"], HEAD_DIM_P2=meta["HEAD_DIM_P2"], ALIGN=align, G=G,
+                G_P2=meta["G_P2"], HAS_SC=meta["HAS_SC"], VARLEN=varlen,
             )
         if need_dkv and Sk > 0:
-            _chain_attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)](
-                q, k, v, dout, lse, delta, dk, dv, heads, chains, sc, cu_q, cu_k,
-                *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen),
-                *_bsh(dk, varlen), *lse_strides,
+            dq_arg = dq if atomic_dq else q  # unused without DQ_ATOMIC
+            _chain_attention_bwd_kernel[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)](
+                q, k, v, dout, lse, delta, dq_arg, dk, dv, heads, chains, sc, cu_q, cu_k,
+                *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
+                *_bsh(dout, varlen, align), *_bsh(dq_arg, varlen, align), *_bsh(dk, varlen, align),
+                *lse_strides,
                 Sq, Sk, Hkv, qk_scale, float(softmax_scale),
-                CAUSAL=bool(causal), **meta,
+                CAUSAL=bool(causal), DQ_ATOMIC=atomic_dq, ALIGN=align, **meta,
             )
-        if need_dq and Sq > 0:
+        if need_dq and not atomic_dq and Sq > 0:
             _chain_attention_bwd_dq_kernel[lambda m: (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)](
                 q, k, v, dout, lse, delta, dq, heads, chains, sc, cu_q, cu_k,
-                *_bsh(q, varlen), *_bsh(k, varlen), *_bsh(v, varlen), *_bsh(dout, varlen),
-                *_bsh(dq, varlen), *lse_strides,
+                *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
+                *_bsh(dout, varlen, align), *_bsh(dq, varlen, align), *lse_strides,
                 Sq, Sk, Hkv, qk_scale, float(softmax_scale),
-                CAUSAL=bool(causal), **meta,
+                CAUSAL=bool(causal), ALIGN=align, **meta,
             )
+    if atomic_dq and q.dtype != torch.float32:
+        dq = dq.to(q.dtype)
     return dq, dk, dv

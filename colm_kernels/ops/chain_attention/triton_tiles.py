@@ -1,0 +1,285 @@
+"""Tiles of the training attention kernels (``triton_kernels``): row packing, key ranges, head-dim
+padded loads, autotune configurations and their pruner.
+
+Head dims. Every multiple of 8 in ``[8, 256]`` runs: tiles span ``HEAD_DIM_P2`` columns (the next
+power of two, at least 16 for ``tl.dot``) and loads / stores mask the columns past ``HEAD_DIM``
+(``PAD``). Padded q / k / v / dO columns load as zeros, so every product over the head dim is exact
+and padded output columns are never stored.
+
+Causal diagonal. A tile that straddles the causal diagonal computes masked scores it throws away.
+The kernels therefore run the mask-free bulk of a program's work on big tiles and the diagonal on
+small ones (``SUB_M`` rows x ``SUB_N`` keys, from the config's ``DIAG`` granularity): the forward
+splits its rows into sub-blocks, the backward its key block, each sub-block running only up to its
+own part of the diagonal. The sub-blocks are computed first, recursively by halves, and stacked
+(``stack_rows``) into the big tile's accumulators, so no accumulator is held twice. Counted at
+the H100 tiles (``colm_kernels.bench.work``), a causal 512-token attention executes 1.03x
+(forward) and 1.06x (backward) the MMA FLOPs of its visible (query, key) pairs, where whole
+128-wide tiles execute 1.25x; ``tests/ops/test_attention_work.py`` holds the bounds. The small
+diagonal products run on mma.sync where their M is below 64 (wgmma needs 64 rows a warpgroup).
+"""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import triton
+import triton.language as tl
+
+from colm_kernels._triton.utils import SMEM_BUDGET, small_tiles
+
+__all__ = ["MIN_HEAD_DIM", "MAX_HEAD_DIM", "HEAD_DIM_STEP", "head_dim_p2", "head_dim_reasons",
+           "fwd_configs", "bwd_configs", "dq_configs", "prune_fwd", "prune_bwd", "prune_dq", "AUTOTUNE_KEY",
+           "seq_bounds", "packed_rows", "row_ptrs", "tile_mask", "load_tile", "visible_keys", "stack_rows",
+           "hint_strides", "stride_alignment"]
+
+# Head dims of the training kernels: multiples of 8 in [8, 256] (flash-attn's rule), padded inside
+# the kernels to a power of two. (``heads.MIN_HEAD_DIM`` / ``MAX_HEAD_DIM`` are the decode
+# kernels' rule and are left to them.)
+MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_STEP = 8, 256, 8
+
+
+def head_dim_p2(d: int) -> int:
+    """Columns of a tile for head dim ``d``: the next power of two, at least 16 (``tl.dot``'s K)."""
+    return max(16, triton.next_power_of_2(int(d)))
+
+
+def head_dim_reasons(d) -> List[str]:
+    """Why the training kernels cannot take head dim ``d`` (empty: they can)."""
+    if isinstance(d, bool) or not isinstance(d, int) or not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM) \
+            or d % HEAD_DIM_STEP:
+        return [f"head dim must be a multiple of {HEAD_DIM_STEP} in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}"]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotune configurations
+# ----------------------------------------------------------------------------------------------
+# Per head-dim class (the smallest key >= HEAD_DIM_P2 for 16-bit inputs; each list first choice
+# first): (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_M packed query rows, BLOCK_N keys. Each
+# list is what compiled for sm_90a without register spills (ptxas -v on every kept config, fp16
+# and bf16, head dims 8 to 256 padded or not, G = 1 to 4, causal or not, varlen and seq_chains or
+# not, atomic dQ or not), leaving out configs that reached 250+ registers in some of those.
+_FWD = {
+    64: ((128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)),
+    128: ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)),  # 128 x 128 spills 48 B with varlen
+    256: ((64, 32, 8, 2),),  # 64 x 64 reaches 254 registers
+}
+# The key-block backward: BLOCK_N keys per program (the M of its dK/dV products: wgmma from 64),
+# BLOCK_M rows per step of its row loop (the M of the atomic dQ product). 64 rows would put dQ on
+# wgmma too, but 64 x 128 spills 12 B with varlen and seq_chains, and 64 x 64 reaches 252 registers
+# (255 at head dim 32); 32 rows leave dQ (and the diagonal's 32-key products) on mma.sync. Head dim
+# 256 runs mma.sync only: its fp32 dK and dV fit 32 keys (or 16), below wgmma's M = 64.
+_BWD = {
+    32: ((32, 64, 4, 3),),
+    64: ((32, 128, 8, 3), (32, 64, 4, 3)),
+    128: ((32, 64, 8, 3), (32, 64, 8, 2)),
+    256: ((16, 32, 8, 2), (32, 16, 8, 2)),
+}
+_DQ = {
+    64: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
+    128: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)),
+    # 128 x 32 spills 24 B with varlen; 32 x 64 (mma.sync, M = 32) is kept as the autotuner's
+    # alternative at 150 registers, where 64 x 16 (wgmma) takes 234
+    256: ((64, 16, 8, 2), (32, 64, 8, 2)),
+}
+# The causal diagonal's granularity (``_sub_blocks``): 16 query positions x 16 keys forward (32
+# positions would leave 6 % of masked work at 512 tokens), 32 keys backward.
+_DIAG = {"fwd": 16, "bwd": 32, "dq": 16}
+# Interpreter: one small config; the forward's 32 rows and the backward's 32 keys still split into
+# diagonal sub-blocks, so those paths run in the CPU tests.
+_INTERPRETER = {"fwd": (32, 16, 1, 1), "bwd": (16, 32, 1, 1), "dq": (16, 16, 1, 1)}
+_INTERPRETER_DIAG = 8
+_TABLES = {"fwd": _FWD, "bwd": _BWD, "dq": _DQ}
+
+
+def _table(kind: str, head_dim_p2_: int, element_size: int):
+    """The config list of a head-dim class; fp32 inputs take the class of twice the head dim."""
+    if small_tiles():
+        return (_INTERPRETER[kind],)
+    width = head_dim_p2_ * max(1, element_size // 2)
+    table = _TABLES[kind]
+    return table[min((c for c in table if c >= width), default=max(table))]
+
+
+def _configs(kind: str) -> List[triton.Config]:
+    """Every config any head-dim class uses (SUB_M / SUB_N placeholders the pruner sets)."""
+    if small_tiles():
+        rows, diag = [_INTERPRETER[kind]], _INTERPRETER_DIAG
+    else:
+        rows, diag = list(dict.fromkeys(c for table in _TABLES[kind].values() for c in table)), _DIAG[kind]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "DIAG": diag, "SUB_M": bm, "SUB_N": bn},
+                          num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+
+
+def fwd_configs() -> List[triton.Config]:
+    return _configs("fwd")
+
+
+def bwd_configs() -> List[triton.Config]:
+    return _configs("bwd")
+
+
+def dq_configs() -> List[triton.Config]:
+    return _configs("dq")
+
+
+AUTOTUNE_KEY = ["HEAD_DIM", "G", "CAUSAL", "HAS_SC", "VARLEN"]
+
+
+def _sub_blocks(kind: str, bm: int, bn: int, diag: int, g: int):
+    """(SUB_M, SUB_N) of the causal diagonal: ``diag`` keys per step (at least 16, ``tl.dot``'s
+    K) and ``diag`` query positions (``diag * G`` packed rows) per row step, so that the forward's
+    sub-blocks span ``diag`` positions and the backward's row steps start where its key
+    sub-blocks' diagonals do. The dQ kernel has no diagonal split."""
+    if kind == "dq":
+        return bm, bn
+    return min(bm, max(16, diag * triton.next_power_of_2(g))), min(bn, max(16, diag))
+
+
+def _make_pruner(kind: str) -> Callable:
+    """Keep the configs of the head-dim class (``_table``), in its order, whose shared memory fits
+    the H100 (the class's last one if none does: fp32 at the largest head dims), with SUB_M /
+    SUB_N set. Depends only on autotune keys (head dim, G) and the dtype."""
+
+    def filled(cfg, g):
+        kw = dict(cfg.kwargs)
+        kw["SUB_M"], kw["SUB_N"] = _sub_blocks(kind, kw["BLOCK_M"], kw["BLOCK_N"], kw["DIAG"], g)
+        return triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def smem(cfg, dp, es):
+        bm, bn, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], max(1, cfg.num_stages)
+        # resident q / k, v tiles + the tiles streamed per pipeline stage, in the input dtype
+        tiles = {"fwd": bm + 2 * bn * stages, "bwd": 2 * bn + 2 * bm * stages, "dq": 2 * bm + 2 * bn * stages}
+        return tiles[kind] * dp * es
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        dp, es, g = int(args["HEAD_DIM_P2"]), args["Q"].element_size(), int(args["G"])
+        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+        table = [by_shape[shape] for shape in _table(kind, dp, es) if shape in by_shape]
+        kept = [cfg for cfg in table if smem(cfg, dp, es) <= SMEM_BUDGET] or table[-1:]
+        return [filled(cfg, g) for cfg in kept]
+
+    return prune
+
+
+prune_fwd = _make_pruner("fwd")
+prune_bwd = _make_pruner("bwd")
+prune_dq = _make_pruner("dq")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN: tl.constexpr):
+    """``(first query row, Sq, first key row, Sk)`` of sequence b: read from the cu_seqlens tables
+    when VARLEN (the launch's ``Sq``/``Sk`` are then only the grid's bounds), else ``(0, Sq, 0, Sk)``."""
+    q_off = b.to(tl.int64) * 0
+    k_off = q_off
+    if VARLEN:
+        q_off = tl.load(CU_Q + b).to(tl.int64)
+        Sq = (tl.load(CU_Q + b + 1).to(tl.int64) - q_off).to(tl.int32)
+        k_off = tl.load(CU_K + b).to(tl.int64)
+        Sk = (tl.load(CU_K + b + 1).to(tl.int64) - k_off).to(tl.int32)
+    return q_off, Sq, k_off, Sk
+
+
+@triton.jit
+def packed_rows(start, Sq, n_act, A, G: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SC: tl.constexpr):
+    """Packed rows [start, start + BLOCK_M) -> (position, group member, active, valid).
+
+    Active rows ``r < n_act = A * Sq`` are (r // A, r % A); the inactive rows that follow are
+    (r' // (G - A), A + r' % (G - A)) with r' = r - n_act; rows >= G * Sq are invalid (member
+    clamped so that table reads stay in bounds)."""
+    r = start + tl.arange(0, BLOCK_M)
+    valid = r < Sq * G
+    if HAS_SC:
+        act = r < n_act
+        a = tl.maximum(A, 1)
+        i = tl.maximum(G - A, 1)
+        ri = r - n_act
+        pos = tl.where(act, r // a, ri // i)
+        mem = tl.minimum(tl.where(act, r % a, A + ri % i), G - 1)
+    else:
+        act = valid
+        pos = r // G
+        mem = r % G
+    return pos, mem, act, valid
+
+
+@triton.jit
+def row_ptrs(BASE, b64, pos, head, stride_b, stride_s, stride_h, offs_d):
+    return (BASE + b64 * stride_b + pos.to(tl.int64)[:, None] * stride_s
+            + head.to(tl.int64)[:, None] * stride_h + offs_d[None, :])
+
+
+@triton.jit
+def tile_mask(ok, offs_d, HEAD_DIM: tl.constexpr, PAD: tl.constexpr):
+    """Mask of a (rows, HEAD_DIM_P2) tile: the row is ``ok`` and, when padded, the column < HEAD_DIM."""
+    if PAD:
+        m = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    else:
+        m = ok[:, None]
+    return m
+
+
+@triton.jit
+def load_tile(ptrs, ok, offs_d, HEAD_DIM: tl.constexpr, PAD: tl.constexpr, ROW_MASK: tl.constexpr):
+    """A (rows, HEAD_DIM_P2) tile, zeros outside: rows not ``ok`` (when ROW_MASK) and padded columns."""
+    if ROW_MASK:
+        x = tl.load(ptrs, mask=tile_mask(ok, offs_d, HEAD_DIM, PAD), other=0.0)
+    elif PAD:
+        x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def visible_keys(start, n_act, A, Sq, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(keys every active row of packed rows [start, start + BLOCK_M) sees, keys the last one sees):
+    causal row at position i sees keys [0, i + Sk - Sq] within [0, Sk); (0, 0) without active rows."""
+    any_act = start < n_act
+    a = tl.maximum(A, 1)
+    if CAUSAL:
+        pos_lo = start // a
+        pos_hi = (tl.minimum(start + BLOCK_M, n_act) - 1) // a
+        lo = tl.minimum(tl.maximum(pos_lo + (Sk - Sq) + 1, 0), Sk)
+        hi = tl.minimum(tl.maximum(pos_hi + (Sk - Sq) + 1, 0), Sk)
+    else:
+        lo = Sk
+        hi = Sk
+    lo = tl.where(any_act, lo, 0)
+    hi = tl.where(any_act, hi, 0)
+    return lo, hi
+
+
+@triton.jit
+def stack_rows(a, b):
+    """``[a; b]``: two register tiles (1-D, or 2-D stacked along rows) of one shape, stacked."""
+    if len(a.shape) == 1:
+        c = tl.reshape(tl.permute(tl.join(a, b), (1, 0)), (2 * a.shape[0],))
+    else:
+        c = tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
+    return c
+
+
+@triton.jit
+def hint_strides(stride_b, stride_s, stride_h, ALIGN: tl.constexpr):
+    """A tensor's (batch, position, head) strides, passed in units of ALIGN elements
+    (``stride_alignment``; the launchers divide) and scaled back here, so Triton knows them
+    multiples of ALIGN: rows of a head dim that is not a multiple of 16 then still load and store
+    as 16-byte vectors (Triton infers multiples of 16 only, and ``tl.multiple_of`` does not hold
+    on kernel arguments)."""
+    return stride_b * ALIGN, stride_s * ALIGN, stride_h * ALIGN
+
+
+def stride_alignment(*tensors) -> int:
+    """``ALIGN`` of the kernels: 1 when every stride but the last dim's is a multiple of 16 (Triton
+    specialises those itself) or some is not a multiple of a 16-byte vector; else the elements of
+    a 16-byte vector (8 for 16-bit dtypes), which every such stride is a multiple of."""
+    strides = [st for t in tensors for st in t.stride()[:-1]]
+    if all(st % 16 == 0 for st in strides):
+        return 1
+    vector = max(1, 16 // tensors[0].element_size())
+    return vector if all(st % vector == 0 for st in strides) else 1
