@@ -133,6 +133,18 @@ def stop_tokens(eos_token_id, pad_token_id, vocab_size: int, device) -> tuple[Op
     return torch.tensor(ids, device=device), ids[0] if pad_token_id is None else pad_token_id
 
 
+def decode_logits(model, last: Tensor, scale: Scale, cache: PackedKVCache, past: Tensor, max_past: int,
+                  sum_past: int) -> Tensor:
+    """One decode step: the logits ``(B, vocab)`` after ``last`` ``(B, 1)``, fed at positions
+    ``past`` ``(B,)`` (each sequence's cached length; ``max_past`` and ``sum_past`` its largest
+    and sum, known on the host) at ``scale``, its K/V written into ``cache``. No host sync."""
+    layout = decode_layout(past, 1, max_past, sum_past)
+    h = ragged_hidden(model, last, scale.chain, layout, cache, seq_chains=scale.seq)[:, -1]
+    # per-sequence scales: h is zero beyond each sequence's scale, so the whole active head gives
+    # each sequence its own scale's logits
+    return F.linear(h, model.output.weight[:, : h.shape[-1]])
+
+
 def generate(model, prompt: Tensor, max_new_tokens: int, chain=None, prefill_chain=None, *,
              attention_mask: Optional[Tensor] = None, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
@@ -158,13 +170,8 @@ def generate(model, prompt: Tensor, max_new_tokens: int, chain=None, prefill_cha
     past = (lengths - 1).to(torch.int32)
     max_past, sum_past = longest - 1, total - batch  # host copies: no sync per step
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    head = model.output.weight
     for t, scale in enumerate(steps):
-        layout = decode_layout(past, 1, max_past, sum_past)
-        h = ragged_hidden(model, tokens[:, -1:], scale.chain, layout, cache, seq_chains=scale.seq)[:, -1]
-        # per-sequence scales: h is zero beyond each sequence's scale, so the whole active head
-        # gives each sequence its own scale's logits
-        nxt = sampling(F.linear(h, head[:, : h.shape[-1]]))
+        nxt = sampling(decode_logits(model, tokens[:, -1:], scale, cache, past, max_past, sum_past))
         if eos is not None:
             nxt = torch.where(finished, pad, nxt)
             finished = finished | torch.isin(nxt, eos)

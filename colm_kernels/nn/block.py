@@ -36,7 +36,8 @@ class ChainTransformerBlock(nn.Module):
         the block's ``__call__``, so FSDP, activation-checkpointing and compile wrappers still fire.
 
         ``seq_chains``: per-row scales for the norms and the FFN (a prefix of ``x``'s leading
-        dims), and per sequence ``(B,)`` for ``self.attention`` too; an ``attend`` brings its own."""
+        dims), and per sequence ``(B,)`` for ``self.attention`` too; an ``attend`` brings its own.
+        Beyond a row's scale the attention and FFN add exact zeros: ``x`` passes through there."""
         rows = dict(seq_chains=seq_chains, check_values=check_values)
         normed = self.attention_norm(x, chain, **rows)
         rows["check_values"] = False  # checked once, by the first op
