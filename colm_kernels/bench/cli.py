@@ -17,7 +17,7 @@ from pathlib import Path
 OPS = ("chain_linear", "chain_swiglu", "chain_rmsnorm", "chain_attention", "chain_attention_decode",
        "multi_chain_cross_entropy")
 # Model-level cases (colm_kernels.bench.models): timed like the ops, no per-backend CPU check.
-MODEL_OPS = ("colm_train_step", "colm_air_prefill")
+MODEL_OPS = ("colm_train_step", "colm_air_prefill", "colm_serving_decode")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -38,7 +38,10 @@ SIZES_HELP = (
     "           colm_train_step: a training step (forward, backward, AdamW) of the LLaMA-3.2-1B\n"
     "             layout (dim 2048, 16 layers, 32 heads, 8 kv heads, FFN 8192, vocab 128256),\n"
     "             C=(16,16) and (8,8,8,8), 2 x 4096 tokens, against the paper's naive code;\n"
-    "           colm_air_prefill: CoLM-Air prefill at chain 1 against a full prefill, 8K-32K tokens"
+    "           colm_air_prefill: CoLM-Air prefill at chain 1 against a full prefill, 8K-32K tokens;\n"
+    "           colm_serving_decode: one decode step of 64 sequences at 4 scales of the 1B layout\n"
+    "             (C=(8,8,8,8), CoLM-Air and plain, caches of 2K-4K tokens) as one batch with a\n"
+    "             scale per sequence, against one batch per scale and the whole batch at full scale\n"
     "  small    one smaller case per op, for a quick look on a GPU\n"
     "  tiny     odd, tiny shapes that exercise the timing path on a CPU (--device cpu)\n"
     "\n"
@@ -57,8 +60,10 @@ SIZES_HELP = (
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="colm-bench", description=__doc__, epilog=SIZES_HELP,
                                 formatter_class=_HelpFormatter)
-    p.add_argument("--ops", default=",".join(OPS + MODEL_OPS),
-                   help="comma-separated ops and model cases to run, from: " + ", ".join(OPS + MODEL_OPS))
+    # "all", not the list: argparse would wrap a comma-joined default mid-word
+    p.add_argument("--ops", default="all",
+                   help="comma-separated ops and model cases to run ('all': every one), from: "
+                        + ", ".join(OPS + MODEL_OPS))
     p.add_argument("--sizes", default=None, choices=("default", "small", "tiny"),
                    help="size preset (see below); None: 'default' on a GPU, 'tiny' with --device cpu")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES),
@@ -82,7 +87,8 @@ def parse_args(argv):
                         "MMA kind, TMA per kernel config; executed / useful tensor-core FLOPs; an "
                         "H100 roofline bound per default case), with or without a GPU")
     args = p.parse_args(argv)
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    ops = (list(OPS + MODEL_OPS) if args.ops.strip() == "all"
+           else [o.strip() for o in args.ops.split(",") if o.strip()])
     unknown = sorted(set(ops) - set(OPS + MODEL_OPS))
     if unknown:
         p.error(f"--ops: unknown {unknown}; choose from {list(OPS + MODEL_OPS)}")

@@ -21,6 +21,7 @@ Nothing here is a GPU measurement.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -231,6 +232,18 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]
             tok = torch.randint(0, case.layout["vocab_size"], (1, case.seq), generator=gen)
             model.multi_chain_loss(tok, tok).sum().backward()
         yield ("colm_train_step", case.label, {"fwd+bwd": (model_flops(case), None)}, counted(train))
+    from .models import SERVE_WORK, decode_flops, serving_batch, serving_runs
+    case = SERVE_WORK[0]  # a decode batch of 64 at four scales against one batch per scale
+    useful = decode_flops(case.config(), *serving_batch(case), chain_kernels_only=True)
+    runs = {}  # built on first use, shared by both rows
+
+    def serve(provider):
+        if not runs:
+            runs.update(serving_runs(case, "cpu", dt))
+        runs[provider]()
+    for provider in ("ours-mixed", "ours-per-scale"):
+        yield ("colm_serving_decode", case.label, {f"decode {provider[5:]} (chain kernels)": (useful, None)},
+               counted(functools.partial(serve, provider)))
     chains, dim, vocab, n = (1, 1, 1, 1), 256, 512, 256
     h, wo = rnd(n, dim).requires_grad_(), rnd(vocab, dim).requires_grad_()
     t = torch.randint(0, vocab, (n,), generator=gen)
@@ -362,6 +375,18 @@ def roofline(ops: List[str], es: int = 2) -> List[dict]:
         for chain, name in ((None, "prefill full"), (0, "prefill chain 0")):
             add("colm_air_prefill", case.label, name, model_flops(case, chain, train=False),
                 model_bytes(case, es, train=False), "params read once")
+    from .models import SERVE_SIZES, decode_bytes, decode_flops, serving_batch
+    for case in SERVE_SIZES["default"]:
+        cfg, n = case.config(), len(case.chains)
+        scales, past = serving_batch(case)
+        useful = decode_flops(cfg, scales, past)
+        add("colm_serving_decode", case.label, "decode mixed", useful, decode_bytes(cfg, [n - 1], scales, past, es),
+            "one batch, a scale per sequence: active weights once, each sequence's K/V")
+        add("colm_serving_decode", case.label, "decode per-scale", useful,
+            decode_bytes(cfg, range(n), scales, past, es), f"{n} batches: each scale's weights once per batch")
+        full = [n - 1] * case.batch
+        add("colm_serving_decode", case.label, "decode full-scale", decode_flops(cfg, full, past),
+            decode_bytes(cfg, [n - 1], full, past, es), "every sequence at the full scale")
     return rows
 
 

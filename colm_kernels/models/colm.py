@@ -14,7 +14,9 @@ from torch import Tensor, nn
 from ..nn import ChainRMSNorm, ChainTransformerBlock, KVCache
 from ..ops.multi_chain_cross_entropy.api import multi_chain_cross_entropy
 from .config import CoLMConfig
-from .decoding import check_tokens, plan_decoding
+from .decoding import check_tokens
+from .generation import generate
+from .scales import resolve_chain
 
 
 class CoLM(nn.Module):
@@ -41,22 +43,37 @@ class CoLM(nn.Module):
                 nn.init.ones_(module.weight)
 
     def hidden(self, tokens: Tensor, chain=None, cache: Optional[KVCache] = None) -> Tensor:
-        """Final normed hidden states ``(B, S, P_(chain+1))`` of the sub-model at ``chain``."""
-        check_tokens(tokens, "tokens", self.config.vocab_size)
-        return self._hidden(tokens, self.chains.check_chain(chain), cache)
+        """Final normed hidden states of the sub-model at ``chain``: ``(B, S, P_(chain+1))``.
 
-    def _hidden(self, tokens: Tensor, k: int, cache: Optional[KVCache]) -> Tensor:
-        """``hidden`` without the checks (token values are checked once, by the caller)."""
+        ``chain``: an int, None (the whole model) or an integer tensor ``(B,)``, one scale per
+        sequence: then ``(B, S, dim)``, each row equal to its sequence run alone at its scale, its
+        features beyond that scale exact zeros. Without KV sharing a ``cache`` refuses
+        (``ValueError``) a step that needs kv heads a sequence's cached positions lack."""
+        check_tokens(tokens, "tokens", self.config.vocab_size)
+        scale = resolve_chain(self.chains, chain, tokens.shape[0], tokens.device)
+        return self._hidden(tokens, scale.chain, cache, scale.seq)
+
+    def _hidden(self, tokens: Tensor, k: int, cache: Optional[KVCache],
+                seq_chains: Optional[Tensor] = None) -> Tensor:
+        """``hidden`` without the checks (token values and ``seq_chains`` are checked once, by the
+        caller): every op trusts them."""
         width = self.chains.active_width(self.config.dim, k)
-        h = self.tok_embeddings(tokens)[..., :width]
-        for index, layer in enumerate(self.layers):
-            h = layer(h, k, cache, index)
         if cache is not None:
-            cache.advance(tokens.shape[1], k)
-        return self.norm(h, k)
+            cache.check_scale(k, seq_chains)  # once per step (the layers' writes reuse it)
+        # The embedding's columns beyond a row's scale stay in the residual stream, but no op reads
+        # a column of a later chain for an earlier one, and the final norm zeroes them.
+        h = self.tok_embeddings(tokens)[..., :width]
+        rows = dict(seq_chains=seq_chains, check_values=False)
+        for index, layer in enumerate(self.layers):
+            h = layer(h, k, cache, index, **rows)
+        if cache is not None:
+            cache.advance(tokens.shape[1], k, seq_chains)
+        return self.norm(h, k, **rows)
 
     def forward(self, tokens: Tensor, chain=None) -> Tensor:
-        """Logits ``(B, S, vocab)`` at scale ``chain``: the head reads the first ``P`` columns."""
+        """Logits ``(B, S, vocab)`` at scale ``chain`` (an int, None, or a ``(B,)`` integer tensor
+        of per-sequence scales): the head reads the first ``P`` columns (per-sequence scales: all
+        of them, and the hidden states' zeros beyond each sequence's scale add nothing)."""
         h = self.hidden(tokens, chain)
         return F.linear(h, self.output.weight[:, : h.shape[-1]])
 
@@ -70,39 +87,54 @@ class CoLM(nn.Module):
         return multi_chain_cross_entropy(h, self.output.weight, targets, self.chains, ignore_index,
                                          check_values=check_values)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, *, page_size: Optional[int] = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions, contiguous or
+        (``page_size``) paged in flash-attn's ``block_table`` layout."""
         cfg = self.config
         w = self.tok_embeddings.weight
         return KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim,
-                       kv_sharing=cfg.kv_sharing, dtype=w.dtype, device=w.device)
+                       kv_sharing=cfg.kv_sharing, dtype=w.dtype, device=w.device, page_size=page_size)
 
     @torch.no_grad()
     def generate(
         self,
         prompt: Tensor,
         max_new_tokens: int,
-        chain: Union[None, int, Sequence[int]] = None,
-        prefill_chain: Optional[int] = None,
+        chain=None,
+        prefill_chain=None,
+        *,
+        attention_mask: Optional[Tensor] = None,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        eos_token_id: Union[None, int, Sequence[int]] = None,
+        pad_token_id: Optional[int] = None,
+        page_size: Optional[int] = None,
     ) -> Tensor:
-        """Greedy decoding with a KV cache; returns ``(B, S + max_new_tokens)`` tokens.
+        """Decoding with a KV cache; returns ``(B, S + steps)`` tokens, ``steps`` at most
+        ``max_new_tokens`` (fewer when every sequence has emitted ``eos_token_id``).
 
-        ``chain``: one scale for every new token, or a list with one per token (switching scale
-        while decoding). ``prompt[:, :-1]`` is prefilled at ``prefill_chain`` (default: the first
-        decode scale). CoLM-Air's K/V depend on chain 1 only, so ``prefill_chain=0`` gives the full
-        prefill's tokens; without KV sharing a decode scale above any cached position's scale
-        raises ``ValueError`` (the cache would lack those chains' kv heads).
+        Args:
+            chain: the scale of the new tokens: an int (None: the whole model), a ``(B,)`` integer
+                tensor (one per sequence), or a list of ``max_new_tokens`` of either (one per step:
+                switching scale while decoding).
+            prefill_chain: the scale ``prompt[:, :-1]`` is prefilled at (an int or a ``(B,)``
+                tensor; default: the first step's). CoLM-Air's K/V depend on chain 1 only, so
+                ``prefill_chain=0`` gives the full prefill's tokens at the smallest sub-model's
+                cost, and each sequence may then decode at any scale. Without KV sharing a step
+                above a scale that computed an earlier position of the same sequence raises
+                ``ValueError`` (its cache would lack those chains' kv heads).
+            attention_mask: ``(B, S)``, 1 for tokens, 0 for padding, LEFT padding only: each
+                sequence is computed exactly as if alone (padding is neither computed nor cached,
+                every token has its own position), so a batch gives each prompt's own tokens.
+            temperature: 0 (the default): greedy; above 0, sampling from ``softmax(logits /
+                temperature)`` after ``top_k`` (keep the k largest) and ``top_p`` (keep the
+                smallest set of largest probabilities reaching p), with ``generator``.
+            eos_token_id: an id (or ids) that ends a sequence; finished sequences then emit
+                ``pad_token_id`` (default: the first eos id) and decoding stops once all finished.
+            page_size: decode over a paged KV cache (``new_cache(..., page_size=...)``).
         """
-        check_tokens(prompt, "prompt", self.config.vocab_size)
-        prefill, scales = plan_decoding(self.chains, self.config.kv_sharing, prompt.shape[1],
-                                        max_new_tokens, chain, prefill_chain)
-        tokens = prompt.clone()
-        if not scales:
-            return tokens
-        cache = self.new_cache(prompt.shape[0], prompt.shape[1] + len(scales))
-        if prompt.shape[1] > 1:
-            self._hidden(prompt[:, :-1], prefill, cache)
-        for s in scales:
-            h = self._hidden(tokens[:, -1:], s, cache)
-            logits = F.linear(h[:, -1], self.output.weight[:, : h.shape[-1]])
-            tokens = torch.cat([tokens, logits.argmax(dim=-1, keepdim=True)], dim=1)
-        return tokens
+        return generate(self, prompt, max_new_tokens, chain, prefill_chain, attention_mask=attention_mask,
+                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, page_size=page_size)

@@ -61,24 +61,35 @@ class ChainAttention(nn.Module):
             self.wv = ChainLinear(dim, kv_dim, chains, bias=False)
         self.wo = ChainLinear(dim, dim, chains, bias=False)
 
-    def project_kv(self, x: Tensor, chain: int) -> tuple[Tensor, Tensor]:
-        """Keys (before RoPE) and values of the kv heads that exist at scale ``chain``."""
+    def project_kv(self, x: Tensor, chain: int, *, seq_chains=None,
+                   check_values: bool = True) -> tuple[Tensor, Tensor]:
+        """Keys (before RoPE) and values of the kv heads that exist at scale ``chain`` (with
+        ``seq_chains``, a row's kv heads beyond its scale are zeros; CoLM-Air's are never)."""
         if self.kv_sharing:
             shared = x[..., : self.shared_width]  # CoLM-Air: chain 1 only, at every scale
             return self.wk(shared), self.wv(shared)
-        return self.wk(x, chain), self.wv(x, chain)
+        rows = dict(seq_chains=seq_chains, check_values=check_values)
+        return self.wk(x, chain, **rows), self.wv(x, chain, **rows)
 
-    def forward(self, x: Tensor, chain=None, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, chain=None, cache: Optional[KVCache] = None, layer: int = 0, *,
+                seq_chains: Optional[Tensor] = None, check_values: bool = True) -> Tensor:
         """``x``: ``(B, S, >= P_(chain+1))``. With ``cache``, the new tokens follow the cached
         ones (their K/V are appended to layer ``layer`` of it). A decode step (a non-empty cache,
         at most ``MAX_DECODE_TOKENS`` = 128 new tokens, no gradient needed) reads the cache in
-        place (contiguous or paged) through ``chain_attention_decode``."""
+        place (contiguous or paged) through ``chain_attention_decode``.
+
+        ``seq_chains``: optional integer ``(B,)``, the last active chain of each sequence (at most
+        ``chain``): its heads (and output features) beyond it are exact zeros, as if the
+        sequence ran alone at its scale. ``check_values=False`` skips the host check of its
+        values (the caller guarantees them)."""
         k = self.chains.check_chain(chain)
         seqlen = x.shape[1]
         start = 0 if cache is None else cache.length
         angles = rope_angles(self.head_dim, start, seqlen, self.rope_theta, x.device)
-        q = apply_rotary(self.wq(x, k).unflatten(-1, (-1, self.head_dim)), angles)
-        keys, values = self.project_kv(x, k)
+        rows = dict(seq_chains=seq_chains, check_values=check_values)
+        q = apply_rotary(self.wq(x, k, **rows).unflatten(-1, (-1, self.head_dim)), angles)
+        rows["check_values"] = False  # wq checked them
+        keys, values = self.project_kv(x, k, **rows)
         keys = apply_rotary(keys.unflatten(-1, (-1, self.head_dim)), angles)
         values = values.unflatten(-1, (-1, self.head_dim))
         if cache is not None:
@@ -86,17 +97,19 @@ class ChainAttention(nn.Module):
             decode = (cache.length > 0 and seqlen <= MAX_DECODE_TOKENS
                       and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)))
             if decode:
-                cache.write(layer, keys, values, k)
+                cache.write(layer, keys, values, k, seq_chains)
                 k_cache, v_cache, seqlens = cache.layer_cache(layer, seqlen)
                 # Lengths and pages come from the cache, valid by construction: no host sync.
                 out = chain_attention_decode(
                     q, k_cache, v_cache, seqlens, self.chains, kv_sharing=self.kv_sharing,
-                    kv_mapping=self.kv_mapping, block_table=cache.block_table, check_values=False,
+                    kv_mapping=self.kv_mapping, seq_chains=seq_chains, block_table=cache.block_table,
+                    check_values=False,
                 )
-                return self.wo(out.flatten(-2), k)
-            keys, values = cache.update(layer, keys, values, k)
+                return self.wo(out.flatten(-2), k, **rows)
+            keys, values = cache.update(layer, keys, values, k, seq_chains)
         out = chain_attention(
             q, keys, values, self.chains, causal=True, kv_sharing=self.kv_sharing,
-            kv_mapping=self.kv_mapping, deterministic=self.deterministic,
+            kv_mapping=self.kv_mapping, seq_chains=seq_chains, check_values=False,
+            deterministic=self.deterministic,
         )
-        return self.wo(out.flatten(-2), k)
+        return self.wo(out.flatten(-2), k, **rows)

@@ -22,7 +22,11 @@ class ChainFeedForward(nn.Module):
         self.w2 = ChainLinear(hidden_dim, dim, chains, bias=False)
         self.w3 = ChainLinear(dim, hidden_dim, chains, bias=False)
 
-    def forward(self, x: Tensor, chain=None) -> Tensor:
+    def forward(self, x: Tensor, chain=None, *, seq_chains=None, check_values: bool = True) -> Tensor:
+        """``seq_chains``: optional per-row scales (hidden and output features beyond a row's
+        scale are exact zeros)."""
         w1 = [m.weight for m in self.w1.mlps]
         w3 = [m.weight for m in self.w3.mlps]
-        return self.w2(chain_swiglu(x, w1, w3, self.chains, chain), chain)
+        h = chain_swiglu(x, w1, w3, self.chains, chain, seq_chains=seq_chains, check_values=check_values)
+        # the gate already checked seq_chains' values against this chain
+        return self.w2(h, chain, seq_chains=seq_chains, check_values=False)

@@ -2,9 +2,12 @@
 or paged (``page_size=...``) in flash-attn's ``block_table`` layout.
 
 Without KV sharing a token computed at scale ``s`` only has the kv heads of chains ``0..s``, so the
-cache tracks the smallest scale any cached position was computed at (``complete_chain``) and
-refuses a step at a larger scale: its K/V would be incomplete. With KV sharing every kv head comes
-from chain 1 and the cache is complete at every scale.
+cache tracks, per sequence, the smallest scale any of its cached positions was computed at and
+refuses a step that needs more: its K/V would be incomplete. Steps at one scale for the whole
+batch (an int ``chain``) are tracked on the host (``complete_chain``, no sync); once a step has
+per-sequence scales (``seq_chains``) the cache also keeps a ``(B,)`` tensor (``seq_complete``),
+and checking a step against it costs one host sync per step (not per layer). With KV sharing every
+kv head comes from chain 1 and the cache is complete at every scale.
 
 Paged: each layer holds ``(num_blocks, page_size, n_kv, hd)`` pools and one int32 ``block_table
 (B, cdiv(max_len, page_size))`` names the block of every page of every sequence; position ``t`` of
@@ -40,18 +43,41 @@ class KVCache:
         self.page_size = page_size
         self.length = 0
         self.kv_sharing = kv_sharing
-        self.complete_chain: Optional[int] = None  # None: empty cache
+        self.complete_chain: Optional[int] = None  # smallest scale of the one-scale steps
+        self.seq_complete: Optional[Tensor] = None  # (B,) per sequence, once seq_chains were used
+        self._checked: Optional[tuple] = None  # (length, seq_chains, chain) of the step checked last
         self._seqlens: Optional[tuple[int, Tensor]] = None  # (end, (B,) int32 tensor of end)
         self._slots: Optional[tuple[int, Tensor]] = None  # paged: (end, (B, end) pool rows)
 
-    def check_scale(self, chain: int) -> None:
-        if self.kv_sharing or self.complete_chain is None or chain <= self.complete_chain:
+    def check_scale(self, chain: int, seq_chains: Optional[Tensor] = None) -> None:
+        """Refuse (``ValueError`` naming ``chain``) a step at scale ``chain`` (per sequence:
+        ``seq_chains``, ``(B,)``) that needs kv heads some sequence's cached positions lack."""
+        if self.kv_sharing or self.length == 0:
             return
-        raise ValueError(
-            f"chain={chain} needs the kv heads of chains 0..{chain}, but cached positions were "
-            f"computed at scale {self.complete_chain}: without kv_sharing the KV cache would be "
-            "incomplete"
-        )
+        if seq_chains is None and self.seq_complete is None:  # host ints only: no sync
+            if chain > self.complete_chain:
+                raise ValueError(
+                    f"chain={chain} needs the kv heads of chains 0..{chain}, but cached positions "
+                    f"were computed at scale {self.complete_chain}: without kv_sharing the KV cache "
+                    "would be incomplete"
+                )
+            return
+        checked = self._checked
+        if checked is not None and checked[0] == self.length and checked[1] is seq_chains and checked[2] == chain:
+            return  # every layer of a step writes: check (and sync) once per step
+        have = self.seq_complete
+        if have is None:
+            have = torch.full(seq_chains.shape, self.complete_chain, device=seq_chains.device)
+        need = torch.full_like(have, chain) if seq_chains is None else seq_chains.to(have)
+        bad = need > have
+        any_bad, b = torch.stack([bad.any().long(), bad.long().argmax()]).tolist()  # the one sync
+        if any_bad:
+            raise ValueError(
+                f"chain={chain if seq_chains is None else 'seq_chains'}: sequence {b} needs the kv "
+                f"heads of chains 0..{int(need[b])}, but its cached positions were computed at scale "
+                f"{int(have[b])}: without kv_sharing the KV cache would be incomplete"
+            )
+        self._checked = (self.length, seq_chains, chain)
 
     def _rows(self, end: int) -> Tensor:
         """Paged: ``(B, end)`` int64 rows of the ``(num_blocks * page_size, n_kv, hd)`` view of a
@@ -63,10 +89,12 @@ class KVCache:
             self._slots = (end, blocks * self.page_size + pos % self.page_size)
         return self._slots[1]
 
-    def write(self, layer: int, keys: Tensor, values: Tensor, chain: int) -> None:
+    def write(self, layer: int, keys: Tensor, values: Tensor, chain: int,
+              seq_chains: Optional[Tensor] = None) -> None:
         """Write the new tokens' K/V ``(B, seqlen, heads, hd)`` at positions ``[length, length +
-        seqlen)`` of layer ``layer`` (``heads``: the kv heads that exist at scale ``chain``)."""
-        self.check_scale(chain)
+        seqlen)`` of layer ``layer`` (``heads``: the kv heads that exist at scale ``chain``;
+        ``seq_chains``: the step's per-sequence scales, whose kv heads beyond them are zeros)."""
+        self.check_scale(chain, seq_chains)
         seqlen, heads = keys.shape[1], keys.shape[2]
         end = self.length + seqlen
         if end > self.max_len:
@@ -80,11 +108,12 @@ class KVCache:
             k.flatten(0, 1)[new, :heads] = keys
             v.flatten(0, 1)[new, :heads] = values
 
-    def update(self, layer: int, keys: Tensor, values: Tensor, chain: int) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, keys: Tensor, values: Tensor, chain: int,
+               seq_chains: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """``write``, then every cached position's K/V for this scale, ``(B, end, heads, hd)``:
         views of a contiguous cache, a gathered copy of a paged one (``chain_attention``'s input;
         a decode step reads the cache in place through ``layer_cache`` instead)."""
-        self.write(layer, keys, values, chain)
+        self.write(layer, keys, values, chain, seq_chains)
         end, heads = self.length + keys.shape[1], keys.shape[2]
         k, v = self.k[layer], self.v[layer]
         if self.block_table is None:
@@ -104,8 +133,38 @@ class KVCache:
             self._seqlens = (end, torch.full((batch,), end, dtype=torch.int32, device=k.device))
         return self.k[layer], self.v[layer], self._seqlens[1]
 
-    def advance(self, seqlen: int, chain: int) -> None:
-        """Called once per model step, after every layer has written its K/V."""
+    def pool_rows(self, seq: Tensor, pos: Tensor) -> Tensor:
+        """Rows of the ``(B * max_len | num_blocks * page_size, n_kv, hd)`` view of a layer's
+        buffers that hold position ``pos`` of sequence ``seq`` (int64, broadcast together)."""
+        seq, pos = seq.long(), pos.long()
+        if self.block_table is None:
+            return seq * self.max_len + pos
+        return self.block_table[seq, pos // self.page_size].long() * self.page_size + pos % self.page_size
+
+    def scatter(self, layer: int, keys: Tensor, values: Tensor, seq: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Ragged write (``models.ragged``): packed K/V ``(T, heads, hd)``, token ``t`` at position
+        ``pos[t]`` of sequence ``seq[t]``; returns the layer's whole buffers. The caller keeps the
+        per-sequence lengths and checks completeness (``generate`` plans both before any step)."""
+        rows = self.pool_rows(seq, pos)
+        heads = keys.shape[1]
+        k, v = self.k[layer], self.v[layer]
+        k.flatten(0, 1)[rows, :heads] = keys
+        v.flatten(0, 1)[rows, :heads] = values
+        return k, v
+
+    def advance(self, seqlen: int, chain: int, seq_chains: Optional[Tensor] = None) -> None:
+        """Called once per model step, after every layer has written its K/V (``seq_chains``:
+        the step's per-sequence scales, if it had them)."""
         self.length += seqlen
-        if not self.kv_sharing:
+        if self.kv_sharing:
+            return
+        if seq_chains is None:
             self.complete_chain = chain if self.complete_chain is None else min(self.complete_chain, chain)
+            if self.seq_complete is not None:
+                self.seq_complete = self.seq_complete.clamp_max(chain)
+            return
+        seq = seq_chains.to(torch.int64)
+        if self.seq_complete is not None:
+            self.seq_complete = torch.minimum(self.seq_complete, seq)
+        else:
+            self.seq_complete = seq.clone() if self.complete_chain is None else seq.clamp_max(self.complete_chain)

@@ -25,10 +25,13 @@ class ChainLinear(nn.Module):
         out_widths = self.chains.widths(out_features, name="out_features")
         self.mlps = nn.ModuleList(nn.Linear(p, d, bias=bias) for p, d in zip(in_prefixes, out_widths))
 
-    def forward(self, x: Tensor, chain=None) -> Tensor:
+    def forward(self, x: Tensor, chain=None, *, seq_chains=None, check_values: bool = True) -> Tensor:
+        """``seq_chains``: optional per-row scales (``chain_linear``'s elastic batches): a row's
+        outputs beyond its scale are exact zeros."""
         weights = [m.weight for m in self.mlps]
         biases = None if self.mlps[0].bias is None else [m.bias for m in self.mlps]
-        return chain_linear(x, weights, biases, self.chains, chain)
+        return chain_linear(x, weights, biases, self.chains, chain, seq_chains=seq_chains,
+                            check_values=check_values)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -12,7 +12,8 @@ class ChainRMSNorm(nn.Module):
     """One gain vector of length ``dim`` (key ``weight``); each chain segment normalised alone.
 
     ``forward(x, chain=None)``: ``x`` has the active width ``P_(chain+1)``; with ``chain=None`` the
-    scale is read off ``x``'s width.
+    scale is read off ``x``'s width. ``seq_chains`` (keyword): per-row scales, as in
+    ``chain_rmsnorm`` (segments beyond a row's scale are exact zeros).
     """
 
     def __init__(self, dim: int, chains: ChainsLike, eps: float = 1e-5):
@@ -22,8 +23,9 @@ class ChainRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor, chain=None) -> Tensor:
-        return chain_rmsnorm(x, self.weight, self.chains, self.eps, chain)
+    def forward(self, x: Tensor, chain=None, *, seq_chains=None, check_values: bool = True) -> Tensor:
+        return chain_rmsnorm(x, self.weight, self.chains, self.eps, chain, seq_chains=seq_chains,
+                             check_values=check_values)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, chains={self.chains.sizes}, eps={self.eps}"

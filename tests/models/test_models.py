@@ -218,6 +218,102 @@ def test_model_is_causal_in_time(name):
 
 
 # =============================================================================================
+# per-sequence scales: chain as a (B,) tensor
+def seq_scales(n, batch=4, seed=0):
+    """Every scale at least once where the batch allows, in shuffled order."""
+    base = torch.arange(batch) % n
+    return base[torch.randperm(batch, generator=torch.Generator().manual_seed(seed))]
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_forward_per_sequence_scales_equal_each_sequence_alone(name):
+    """Row b of ``model(tokens, chain=t)`` equals ``tokens[b]`` alone at scale ``t[b]``, here and
+    in the plain reference model; ``hidden`` is zero beyond each row's width."""
+    ours, ref = pair(name)
+    n = len(ours.config.chains)
+    toks = tokens(batch=4, seq=7)
+    scales = seq_scales(n)
+    with torch.no_grad():
+        logits, h = ours(toks, chain=scales), ours.hidden(toks, chain=scales)
+        assert logits.shape == (4, 7, VOCAB) and h.shape == (4, 7, ours.config.dim)
+        for b, s in enumerate(scales.tolist()):
+            torch.testing.assert_close(logits[b:b + 1], ours(toks[b:b + 1], chain=s), **TOL)
+            torch.testing.assert_close(logits[b:b + 1], ref(toks[b:b + 1], chain=s), **TOL)
+            p = width(ours.config, s)
+            torch.testing.assert_close(h[b:b + 1, :, :p], ours.hidden(toks[b:b + 1], chain=s), **TOL)
+            assert torch.equal(h[b, :, p:], torch.zeros_like(h[b, :, p:]))
+        # int32 tensors work too; one scale for all equals the int
+        torch.testing.assert_close(ours(toks, chain=torch.full((4,), n - 2, dtype=torch.int32)),
+                                   ours(toks, chain=n - 2), **TOL)
+
+
+@pytest.mark.parametrize("name", ["C1.2.1", "C2.2.2.2-air-tile"])
+def test_per_sequence_scales_gradients_equal_each_sequence_alone(name):
+    """Training with a scale per sequence: the parameter gradients of the summed loss are the sums
+    of each sequence's own gradients at its scale."""
+    ours, _ = pair(name)
+    toks = tokens(batch=3, seq=5)
+    scales = seq_scales(len(ours.config.chains), batch=3, seed=2)
+    params = [p for p in ours.parameters()]
+    mixed = torch.autograd.grad(ours(toks, chain=scales).square().sum(), params, allow_unused=True)
+    alone = [torch.autograd.grad(ours(toks[b:b + 1], chain=s).square().sum(), params, allow_unused=True)
+             for b, s in enumerate(scales.tolist())]
+    for i, g in enumerate(mixed):
+        parts = [a[i] for a in alone if a[i] is not None]
+        if g is None:
+            assert not parts
+        elif not parts:  # a chain no sequence reaches: no gradient at all
+            assert torch.equal(g, torch.zeros_like(g))
+        else:
+            torch.testing.assert_close(g, sum(parts), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["C1.2.1", "C1.2.1-air"])
+def test_hidden_with_cache_and_per_sequence_scales(name):
+    """Prefill and decode steps through ``hidden(..., cache)`` with per-sequence scales (contiguous
+    and paged caches) equal one forward; without KV sharing a sequence may not step up."""
+    ours, _ = pair(name)
+    toks = tokens(batch=3, seq=6)
+    scales = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        full = ours.hidden(toks, chain=scales)
+        for page_size in (None, 4):
+            cache = ours.new_cache(3, 6, page_size=page_size)
+            assert (cache.block_table is None) == (page_size is None)
+            parts = [ours.hidden(toks[:, :3], scales, cache)] + [ours.hidden(toks[:, t:t + 1], scales, cache)
+                                                                for t in range(3, 6)]
+            torch.testing.assert_close(torch.cat(parts, dim=1), full, **TOL)
+        up = torch.tensor([2, 1, 1])
+        if ours.config.kv_sharing:
+            ours.hidden(toks[:, :1], up, ours.new_cache(3, 6))
+            cache = ours.new_cache(3, 6)
+            ours.hidden(toks[:, :3], scales, cache)
+            ours.hidden(toks[:, 3:4], up, cache)
+        else:
+            cache = ours.new_cache(3, 6)
+            ours.hidden(toks[:, :3], scales, cache)
+            with pytest.raises(ValueError, match="chain=seq_chains: sequence 1 needs.*incomplete"):
+                ours.hidden(toks[:, 3:4], up, cache)
+
+
+def test_chain_tensor_bad_input_names_the_argument():
+    ours, _ = pair("C1.2.1")
+    toks = tokens(batch=3)
+    with pytest.raises(TypeError, match="chain must be an int, None or an integer tensor"):
+        ours(toks, chain=torch.zeros(3))
+    with pytest.raises(TypeError, match="chain must be an int, None or an integer tensor"):
+        ours(toks, chain=torch.zeros(3, dtype=torch.bool))
+    for shape in ((2,), (3, 1), ()):
+        with pytest.raises(ValueError, match=r"chain as a tensor must have shape \(3,\)"):
+            ours(toks, chain=torch.zeros(shape, dtype=torch.long))
+    with pytest.raises(ValueError, match="chain is on meta"):
+        ours(toks, chain=torch.zeros(3, dtype=torch.long, device="meta"))
+    for bad in ([0, 3, 1], [-1, 0, 0]):
+        with pytest.raises(ValueError, match=r"chain values must be in \[0, 2\]"):
+            ours.hidden(toks, chain=torch.tensor(bad))
+
+
+# =============================================================================================
 # generate
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_generate_fixed_scale_equals_reference(name):

@@ -329,3 +329,114 @@ def test_chain_transformer_block_keys_load_and_forward(name, gen):
     for k in range(len(chains)):
         x = x_full[..., : offsets(dim, chains)[k + 1]]
         torch.testing.assert_close(ours(x, chain=k), paper(x, chain=k), **TOL)
+
+
+# =============================================================================================
+# Per-sequence scales (seq_chains): every row equals its sequence run alone at its scale
+def _check_rows(out, alone_of, seq, widths_of, x=None):
+    """Row b of ``out``: the first ``widths_of(s)`` features equal ``alone_of(b, s)``; the rest are
+    exact zeros (or, for a block, the residual input ``x`` passed through)."""
+    for b, s in enumerate(seq.tolist()):
+        p = widths_of(s)
+        torch.testing.assert_close(out[b:b + 1, ..., :p], alone_of(b, s), **TOL)
+        rest = out[b, ..., p:]
+        assert torch.equal(rest, torch.zeros_like(rest) if x is None else x[b, ..., p:]), b
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-seq", "per-token"])
+def test_chain_linear_norm_ffn_take_seq_chains(per_token, gen):
+    chains, dim, hidden = (1, 2, 1), 8, 16
+    seq = torch.tensor([2, 0, 1])
+    rows = seq[:, None].expand(3, 5) if per_token else seq  # (B, S) or (B,)
+    x = randn(3, 5, dim, gen=gen)
+    linear = load_from_paper(ChainLinear(dim, hidden, chains).to(F64),
+                             randomize(PaperChainLinear(dim, hidden, chains).to(F64), gen))
+    _check_rows(linear(x, seq_chains=rows), lambda b, s: linear(x[b:b + 1], chain=s), seq,
+                lambda s: offsets(hidden, chains)[s + 1])
+    norm = load_from_paper(ChainRMSNorm(dim, chains).to(F64), randomize(PaperRMSNorm(dim, chains).to(F64), gen))
+    _check_rows(norm(x, seq_chains=rows), lambda b, s: norm(x[b:b + 1, :, : offsets(dim, chains)[s + 1]], chain=s),
+                seq, lambda s: offsets(dim, chains)[s + 1])
+    paper = randomize(PaperFeedForward(dim, hidden, chains).to(F64), gen)
+    ffn = load_from_paper(ChainFeedForward(dim, hidden, chains).to(F64), paper)
+    _check_rows(ffn(x, seq_chains=rows), lambda b, s: paper(x[b:b + 1, :, : offsets(dim, chains)[s + 1]], chain=s),
+                seq, lambda s: offsets(dim, chains)[s + 1])
+    with pytest.raises(ValueError, match=r"seq_chains values must be in \[0, 1\]"):
+        ffn(x, 1, seq_chains=seq)  # a row's scale above the call's
+
+
+@pytest.mark.parametrize("name", ["C1.2.1-MHA", "C2.2-GQA", "C1.2.1-air", "C4.4-air-group"])
+def test_chain_attention_and_block_take_seq_chains(name, gen):
+    chains, dim, n_kv, sharing, mapping = ATTN[name]
+    ours, paper = attn_pair(name, gen)
+    seq = torch.tensor([len(chains) - 1, 0, len(chains) // 2])
+    x = randn(3, 6, dim, gen=gen)
+    width = lambda s: offsets(dim, chains)[s + 1]  # noqa: E731
+    _check_rows(ours(x, seq_chains=seq), lambda b, s: paper(x[b:b + 1, :, : width(s)], chain=s), seq, width)
+    cfg = CoLMConfig(dim=dim, n_layers=1, n_heads=sum(chains), n_kv_heads=n_kv, vocab_size=5, chains=chains,
+                     ffn_hidden_dim=2 * dim, rope_theta=10000.0, kv_sharing=sharing, kv_mapping=mapping)
+    paper_block = randomize(PaperBlock(cfg).to(F64), gen)
+    block = load_from_paper(ChainTransformerBlock(cfg).to(F64), paper_block)
+    # beyond a row's scale the ops add exact zeros: the residual stream passes through unchanged
+    _check_rows(block(x, seq_chains=seq), lambda b, s: paper_block(x[b:b + 1, :, : width(s)], chain=s), seq,
+                width, x=x)
+    with pytest.raises(ValueError, match="seq_chains must have a prefix of x's leading shape"):
+        ours(x[:1], seq_chains=seq)
+    with pytest.raises(ValueError, match="seq_chains must be 1-D"):  # attention: one scale per sequence
+        ours(x, seq_chains=seq[:, None].expand(3, 6))
+
+
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("name", ["C1.2.1-MHA", "C4.4-air-group"])
+def test_chain_attention_cache_with_seq_chains_equals_full_forward(name, page_size, gen):
+    """Prefill and decode steps with per-sequence scales (the decode op reads only each
+    sequence's active heads) equal one forward at those scales; the scales may go down."""
+    chains, dim = ATTN[name][0], ATTN[name][1]
+    ours, _ = attn_pair(name, gen)
+    n = len(chains)
+    x = randn(3, 6, dim, gen=gen)
+    first, later = torch.tensor([n - 1, 0, 1]), torch.tensor([n - 1, 0, 0])
+    cache = KVCache(1, 3, 6, ours.n_kv_heads, ours.head_dim, kv_sharing=ours.kv_sharing, dtype=F64,
+                    page_size=page_size)
+    with torch.no_grad():
+        pieces = [ours(x[:, :3], cache=cache, seq_chains=first)]
+        cache.advance(3, n - 1, first)
+        for t in range(3, 6):
+            pieces.append(ours(x[:, t:t + 1], cache=cache, seq_chains=later))
+            cache.advance(1, n - 1, later)
+        for b, s in enumerate(later.tolist()):  # row b from its own scales alone
+            p = offsets(dim, chains)[s + 1]
+            alone = KVCache(1, 1, 6, ours.n_kv_heads, ours.head_dim, kv_sharing=ours.kv_sharing, dtype=F64)
+            want = [ours(x[b:b + 1, :3, : offsets(dim, chains)[int(first[b]) + 1]], chain=int(first[b]), cache=alone)]
+            alone.advance(3, int(first[b]))
+            for t in range(3, 6):
+                want.append(ours(x[b:b + 1, t:t + 1, :p], chain=s, cache=alone))
+                alone.advance(1, s)
+            got = torch.cat(pieces, dim=1)[b]
+            torch.testing.assert_close(got[:3, : want[0].shape[-1]], want[0][0], **TOL)
+            torch.testing.assert_close(got[3:, :p], torch.cat(want[1:], dim=1)[0], **TOL)
+            assert torch.equal(got[3:, p:], torch.zeros_like(got[3:, p:]))
+
+
+def test_kv_cache_tracks_completeness_per_sequence(gen):
+    ours, _ = attn_pair("C1.2.1-MHA", gen)
+    x = randn(2, 4, 16, gen=gen)
+    cache = _new_cache(ours, 2, 4)
+    seq = torch.tensor([2, 0])
+    with torch.no_grad():
+        ours(x[:, :2], cache=cache, seq_chains=seq)
+        cache.advance(2, 2, seq)
+        with pytest.raises(ValueError, match="chain=seq_chains: sequence 1 needs the kv heads of chains 0..1.*incomplete"):
+            ours(x[:, 2:3], cache=cache, seq_chains=torch.tensor([2, 1]))
+        with pytest.raises(ValueError, match="chain=1: sequence 1 needs.*incomplete"):
+            ours(x[:, 2:3, :12], chain=1, cache=cache)  # an int scale is checked per sequence too
+        ours(x[:, 2:3], cache=cache, seq_chains=torch.tensor([1, 0]))  # going down is fine
+        cache.advance(1, 2, torch.tensor([1, 0]))
+        with pytest.raises(ValueError, match="sequence 0 needs the kv heads of chains 0..2"):
+            ours(x[:, 3:4], cache=cache, seq_chains=torch.tensor([2, 0]))
+        ours(x[:, 3:4, :4], chain=0, cache=cache)
+    shared, _ = attn_pair("C1.2.1-air", gen)  # CoLM-Air: complete at every scale
+    cache = _new_cache(shared, 2, 4)
+    with torch.no_grad():
+        shared(x[:, :2], cache=cache, seq_chains=torch.tensor([0, 0]))
+        cache.advance(2, 2, torch.tensor([0, 0]))
+        shared(x[:, 2:3], cache=cache, seq_chains=torch.tensor([2, 1]))
