@@ -273,17 +273,17 @@ def test_chain_attention_paged_cache_equals_contiguous(kv_sharing, backend):
 
 @pytest.mark.parametrize("kv_sharing", [False, True], ids=["gqa", "shared"])
 def test_model_generates_the_same_tokens_with_a_paged_cache(kv_sharing, monkeypatch):
-    """CoLM.generate with a paged KVCache (pages of 3; every decode step reads the cache through
+    """CoLM.generate with a paged KV cache (pages of 3; every decode step reads the cache through
     block_table) gives the tokens of the contiguous cache: float64 on the reference backend and
     float32 on the triton backend."""
     from colm_kernels.models import CoLM, CoLMConfig
-    from colm_kernels.nn import attention as attention_module
+    from colm_kernels.models import ragged as ragged_module
 
     cfg = CoLMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=29, chains=(2, 2),
                      ffn_hidden_dim=64, kv_sharing=kv_sharing, kv_mapping="chain_group")
     tables = []
-    real = attention_module.chain_attention_decode
-    monkeypatch.setattr(attention_module, "chain_attention_decode",
+    real = ragged_module.chain_attention_decode  # where generation's decode steps call the op
+    monkeypatch.setattr(ragged_module, "chain_attention_decode",
                         lambda *a, **kw: tables.append(kw.get("block_table")) or real(*a, **kw))
     for dtype, backend in ((F64, "reference"), (torch.float32, "triton")):
         model = CoLM(cfg).to(DEVICE, dtype)
@@ -293,10 +293,7 @@ def test_model_generates_the_same_tokens_with_a_paged_cache(kv_sharing, monkeypa
             tables.clear()
             flat = model.generate(prompt, 5, chain=chain, prefill_chain=0)
             assert tables and all(t is None for t in tables)
-            monkeypatch.setattr(model, "new_cache", lambda batch, max_len: KVCache(
-                cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, kv_sharing=cfg.kv_sharing,
-                dtype=dtype, device=DEVICE, page_size=3))
             tables.clear()
-            paged = model.generate(prompt, 5, chain=chain, prefill_chain=0)
+            paged = model.generate(prompt, 5, chain=chain, prefill_chain=0, page_size=3)
             assert tables and all(t is not None for t in tables)
         assert torch.equal(paged, flat), (dtype, paged.tolist(), flat.tolist())

@@ -275,7 +275,7 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
     wt, alpha = _upstream_weights(grad, targets, ignore_index, reduction)
     row_weights = wt.dim() == 3
     flags = _flags(label_smoothing, lse_square_scale, softcap)
-    tbl, align = _chain_table(offsets, dev, hidden.element_size())
+    tbl, align = _chain_table(offsets, dev, hidden.element_size(), (hidden, weight))
     widths = [b - a for a, b in zip(offsets, offsets[1:])]
     dh_key = gemm_layout("dh", _layout_key("dh", v, tuple(offsets)), v, widths)
     dw_key = gemm_layout("dw", _layout_key("dw", v, tuple(offsets)), v, widths)

@@ -218,7 +218,7 @@ def _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothin
     if n == 0:
         return lse, rows
     flags = _flags(label_smoothing, lse_square_scale, softcap)
-    tbl, align = _chain_table(offsets, dev, hidden.element_size())
+    tbl, align = _chain_table(offsets, dev, hidden.element_size(), (hidden, weight))
     splits, split_cols = _vocab_splits(n, v, _sm_count(dev))
     part = torch.empty((3 if flags["SMOOTH"] else 2, n, ns, splits), dtype=torch.float32, device=dev)
     widths = [b - a for a, b in zip(offsets, offsets[1:])]

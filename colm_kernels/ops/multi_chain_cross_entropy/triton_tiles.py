@@ -191,13 +191,16 @@ def _check(hidden, weight, targets, offsets, reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _chain_table(offsets, device, element_size) -> Tuple[torch.Tensor, int]:
-    """The ``(2, NS)`` table of chain starts and widths, and the ``ALIGN`` hint for them
-    (elements per 16 bytes when every start and width is a multiple of it, else 1)."""
+def _chain_table(offsets, device, element_size, operands=()) -> Tuple[torch.Tensor, int]:
+    """The ``(2, NS)`` table of chain starts and widths, and the ``ALIGN`` hint (elements per 16
+    bytes when every start and width is a multiple of it and every 2-D ``operands`` tensor has a
+    16-byte aligned base and row stride, else 1). An unaligned operand is read element by element
+    through registers: ``ALIGN == 1`` also tells the GEMM pruner to keep the small staging tiles."""
     starts, widths = list(offsets[:-1]), [b - a for a, b in zip(offsets, offsets[1:])]
     step = max(1, 16 // element_size)
-    align = step if all(x % step == 0 for x in starts + widths) else 1
-    return int64_table([starts, widths], device), align
+    ints = starts + widths + [int(t.stride(0)) for t in operands]
+    aligned = all(x % step == 0 for x in ints) and all(t.data_ptr() % 16 == 0 for t in operands)
+    return int64_table([starts, widths], device), step if aligned else 1
 
 
 def _flags(label_smoothing, lse_square_scale, softcap):
