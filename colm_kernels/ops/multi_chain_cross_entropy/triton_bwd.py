@@ -14,7 +14,6 @@ from colm_kernels._triton.utils import (
     autotune,
     device_guard,
     find_segment,
-    gemm_configs,
     grouped_tile,
     load_int,
     mma,
@@ -24,8 +23,8 @@ from colm_kernels._triton.utils import (
 
 from .triton_fwd import _lse_and_rows, _row_unit
 from .triton_tiles import (
-    _H100_GRAD,
-    _H100_LOGITS,
+    GRAD_CONFIGS,
+    LOGIT_CONFIGS,
     _chain_k_tiles,
     _chain_table,
     _check,
@@ -33,10 +32,11 @@ from .triton_tiles import (
     _dlogits_pruner,
     _dw_pruner,
     _flags,
-    _layout_key,
     _logit_k_tile,
     _n_counted,
     _tanh,
+    grad_layouts,
+    logits_layout,
 )
 
 # Bytes of the backward's G workspace (NS x rows x V, input dtype). Tests lower it to force several
@@ -80,13 +80,13 @@ def _dlogits(x, s, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf,
 
 
 # WT: upstream weights over alpha, (2, NS) or (2, NS, rows) (ROW_WEIGHTS): 0 loss, 1 loss + z-loss.
-@autotune(configs=gemm_configs(_H100_LOGITS), key=["LAYOUT_KEY", "ALIGN"], prune=_dlogits_pruner)
-@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_K"])
+@autotune(configs=LOGIT_CONFIGS, key=["LAYOUT_KEY", "ALIGN"], prune=_dlogits_pruner)
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY"])
 def _mcce_bwd_dlogits_kernel(
     H, W, T, TBL, LSE, WT, G,
     N, V, stride_hn, stride_wv, stride_gs, stride_gn, stride_wf, stride_ws, ignore_index,
     label_smoothing, lse_square_scale, softcap,
-    LAYOUT_KEY, MAX_K,  # autotune key / pruning only
+    LAYOUT_KEY,  # autotune key (pruning)
     NUM_SCALES: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
     ROW_WEIGHTS: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -139,15 +139,15 @@ def _mcce_bwd_dlogits_kernel(
 
 # dh[:, chain c] = alpha * G_c @ W[:, chain c]. TBL rows as in the forward.
 @autotune(
-    configs=gemm_configs(_H100_GRAD),
+    configs=GRAD_CONFIGS,
     key=["LAYOUT_KEY", "ALIGN"],
     prune=_dh_pruner,
 )
-@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_W"])
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY"])
 def _mcce_bwd_dh_kernel(
     G, W, TBL, ALPHA, DH,
     N, V, stride_gs, stride_gn, stride_wv, stride_dhn,
-    LAYOUT_KEY, MAX_W,  # autotune key / pruning only
+    LAYOUT_KEY,  # autotune key (pruning)
     NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -183,15 +183,15 @@ def _mcce_bwd_dh_kernel(
 
 # dW[:, chain c] = alpha * G_c^T @ h[:, chain c] (+ ACC when LOAD_ACC), written to OUT.
 @autotune(
-    configs=gemm_configs(_H100_GRAD),
+    configs=GRAD_CONFIGS,
     key=["LAYOUT_KEY", "ALIGN"],
     prune=_dw_pruner,
 )
-@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_W"])
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY"])
 def _mcce_bwd_dw_kernel(
     G, H, TBL, ALPHA, ACC, OUT,
     N, V, stride_gs, stride_gn, stride_hn, stride_acc, stride_out,
-    LAYOUT_KEY, MAX_W,  # autotune key / pruning only
+    LAYOUT_KEY,  # autotune key (pruning)
     NUM_SCALES: tl.constexpr, LOAD_ACC: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -276,8 +276,8 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
     flags = _flags(label_smoothing, lse_square_scale, softcap)
     tbl, align = _chain_table(offsets, dev, hidden.element_size())
     widths = [b - a for a, b in zip(offsets, offsets[1:])]
-    grad_key = _layout_key("grad", v, tuple(offsets))
-    logits_key = _layout_key("dlogits", v, tuple(offsets), tuple(sorted(flags.items())), row_weights)
+    dh_key, dw_key = grad_layouts(v, offsets)
+    logits_key = logits_layout("dlogits", v, offsets, tuple(sorted(flags.items())), row_weights)
 
     unit = _row_unit()
     chunk = max(unit, _WORKSPACE_BYTES // (ns * v * hidden.element_size()) // unit * unit)
@@ -298,7 +298,7 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                 rows, v, h.stride(0), weight.stride(0), gbuf.stride(0), gbuf.stride(1),
                 w_rows.stride(0), w_rows.stride(1), ignore_index,
                 float(label_smoothing), float(lse_square_scale), float(softcap),
-                logits_key, max(widths),
+                logits_key,
                 NUM_SCALES=ns, ROW_WEIGHTS=row_weights, ALIGN=align, **flags,
             )
             if needs_hidden:
@@ -307,7 +307,7 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                                                   * tile_count(widths, meta["BLOCK_N"]),)](
                     gbuf, weight, tbl, alpha, out,
                     rows, v, gbuf.stride(0), gbuf.stride(1), weight.stride(0), out.stride(0),
-                    grad_key, max(widths),
+                    dh_key,
                     NUM_SCALES=ns, ALIGN=align,
                 )
             if needs_weight:
@@ -321,7 +321,7 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                     gbuf, h, tbl, alpha, acc if acc is not None else dw, target,
                     rows, v, gbuf.stride(0), gbuf.stride(1), h.stride(0),
                     (acc if acc is not None else dw).stride(0), target.stride(0),
-                    grad_key, max(widths),
+                    dw_key,
                     NUM_SCALES=ns, LOAD_ACC=i > 0, ALIGN=align,
                 )
     return dh, dw

@@ -10,16 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
-from colm_kernels._triton.utils import autotune, device_guard, gemm_configs, is_interpreter, mma
+from colm_kernels._triton.utils import autotune, device_guard, is_interpreter, mma
 
 from .triton_tiles import (
-    _H100_LOGITS,
+    LOGIT_CONFIGS,
     _chain_k_tiles,
     _chain_table,
     _check,
     _flags,
     _fwd_pruner,
-    _layout_key,
+    logits_layout,
     _logit_k_tile,
     _n_counted,
     _pick,
@@ -35,24 +35,24 @@ _MAX_SPLITS = 64  # vocabulary splits at most (partials: 2-3 x N x NS x splits f
 def _split_unit() -> int:
     """Columns per vocabulary-split unit: the largest BLOCK_N of the logit configs (16 in the
     interpreter), so every config's tiles fit a split exactly."""
-    return max(c.kwargs["BLOCK_N"] for c in gemm_configs(_H100_LOGITS))
+    return max(c.kwargs["BLOCK_N"] for c in LOGIT_CONFIGS)
 
 
 def _row_unit() -> int:
     """Rows per block the split plan and the backward's chunks count with (the largest BLOCK_M)."""
-    return max(c.kwargs["BLOCK_M"] for c in gemm_configs(_H100_LOGITS))
+    return max(c.kwargs["BLOCK_M"] for c in LOGIT_CONFIGS)
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 # TBL rows (NUM_SCALES long): 0 chain start o_c, 1 chain width.
-@autotune(configs=gemm_configs(_H100_LOGITS), key=["LAYOUT_KEY", "ALIGN"], prune=_fwd_pruner)
-@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_K", "split_cols"])
+@autotune(configs=LOGIT_CONFIGS, key=["LAYOUT_KEY", "ALIGN"], prune=_fwd_pruner)
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "split_cols"])
 def _mcce_fwd_kernel(
     H, W, TBL, PART,
     N, V, stride_hn, stride_wv, split_cols, softcap,
-    LAYOUT_KEY, MAX_K,  # autotune key / pruning only
+    LAYOUT_KEY,  # autotune key (pruning)
     NUM_SCALES: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -220,12 +220,11 @@ def _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothin
     tbl, align = _chain_table(offsets, dev, hidden.element_size())
     splits, split_cols = _vocab_splits(n, v, _sm_count(dev))
     part = torch.empty((3 if flags["SMOOTH"] else 2, n, ns, splits), dtype=torch.float32, device=dev)
-    widths = [b - a for a, b in zip(offsets, offsets[1:])]
     with device_guard(dev):
         _mcce_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
             hidden, weight, tbl, part,
             n, v, hidden.stride(0), weight.stride(0), split_cols, float(softcap),
-            _layout_key("fwd", v, tuple(offsets), flags["SOFTCAP"], flags["SMOOTH"]), max(widths),
+            logits_layout("fwd", v, offsets, flags["SOFTCAP"], flags["SMOOTH"]),
             NUM_SCALES=ns, SOFTCAP=flags["SOFTCAP"], SMOOTH=flags["SMOOTH"], ALIGN=align,
         )
         block_r, block_d = (16, 16) if is_interpreter() else (16, 64)

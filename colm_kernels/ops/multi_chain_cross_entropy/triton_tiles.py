@@ -12,7 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from colm_kernels._triton.utils import check_tensor, int64_table, load_int, make_gemm_pruner
+from colm_kernels._triton.utils import (
+    check_tensor,
+    gemm_configs,
+    int64_table,
+    load_int,
+    make_gemm_pruner,
+    register_gemm_layout,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -40,11 +47,24 @@ _H100_GRAD = (
 )
 
 
-def _pruner(extent_args, dtype_arg: str, heavy=None):
-    """``make_gemm_pruner`` over the configs of the input's dtype class (BLOCK_K <= 32 for fp32,
-    64 for 16-bit inputs), then, where ``heavy(args)``, at most 32 fp32 accumulator values a
-    thread instead of 64."""
-    base = make_gemm_pruner(extent_args, dtype_arg)
+def _configs(table) -> list:
+    """``gemm_configs(table)`` without TMA twins and without the ``USE_TMA`` knob: these kernels
+    load their operands through pointers only."""
+    return [triton.Config({k: v for k, v in c.kwargs.items() if k != "USE_TMA"}, num_warps=c.num_warps,
+                          num_stages=c.num_stages)
+            for c in gemm_configs(table, ()) if not c.kwargs.get("USE_TMA")]
+
+
+LOGIT_CONFIGS = _configs(_H100_LOGITS)
+GRAD_CONFIGS = _configs(_H100_GRAD)
+
+
+def _pruner(dtype_arg: str, heavy=None):
+    """``make_gemm_pruner`` (blocks clamped to the extents registered under ``LAYOUT_KEY``, shared
+    memory and register budgets, least wasted MMA work) over the configs of the input's dtype
+    class (BLOCK_K <= 32 for fp32, 64 for 16-bit inputs), then, where ``heavy(args)``, at most 32
+    fp32 accumulator values a thread instead of 64."""
+    base = make_gemm_pruner(dtype_arg)
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -63,11 +83,27 @@ def _pruner(extent_args, dtype_arg: str, heavy=None):
 # dlogits with softcap (the logit tile stays live beside tanh and D), and the forward with more
 # than 16 per-scale state vectors (NS * (2 + label smoothing)). 16 scales with label smoothing and
 # softcap still spill in every forward config (up to 188 B): a known limit.
-_fwd_pruner = _pruner({"BLOCK_N": "V", "BLOCK_K": "MAX_K"}, "H",
-                      lambda a: a["NUM_SCALES"] * (2 + int(bool(a["SMOOTH"]))) > 16)
-_dlogits_pruner = _pruner({"BLOCK_N": "V", "BLOCK_K": "MAX_K"}, "H", lambda a: bool(a["SOFTCAP"]))
-_dh_pruner = _pruner({"BLOCK_N": "MAX_W", "BLOCK_K": "V"}, "G")
-_dw_pruner = _pruner({"BLOCK_M": "V", "BLOCK_N": "MAX_W"}, "G")
+_fwd_pruner = _pruner("H", lambda a: a["NUM_SCALES"] * (2 + int(bool(a["SMOOTH"]))) > 16)
+_dlogits_pruner = _pruner("H", lambda a: bool(a["SOFTCAP"]))
+_dh_pruner = _pruner("G")
+_dw_pruner = _pruner("G")
+
+
+def logits_layout(kind: str, v: int, offsets, *extra) -> int:
+    """Autotune key of a logit kernel (forward, dlogits): BLOCK_N tiles the vocabulary, BLOCK_K
+    each chain's width; registered for the pruner."""
+    widths = [b - a for a, b in zip(offsets, offsets[1:])]
+    return register_gemm_layout(_layout_key(kind, v, tuple(offsets), *extra), ("BLOCK_N", "BLOCK_K"),
+                                [(v, w) for w in widths])
+
+
+def grad_layouts(v: int, offsets) -> tuple:
+    """Autotune keys of the dh GEMM (BLOCK_N over a chain's width, BLOCK_K over V) and the dW GEMM
+    (BLOCK_M over V, BLOCK_N over a chain's width); registered for the pruner."""
+    widths = [b - a for a, b in zip(offsets, offsets[1:])]
+    dh = register_gemm_layout(_layout_key("dh", v, tuple(offsets)), ("BLOCK_N", "BLOCK_K"), [(w, v) for w in widths])
+    dw = register_gemm_layout(_layout_key("dw", v, tuple(offsets)), ("BLOCK_M", "BLOCK_N"), [(v, w) for w in widths])
+    return dh, dw
 
 
 # ----------------------------------------------------------------------------------------------
