@@ -43,6 +43,21 @@ sm_90a for 16-bit inputs; no torch matmul anywhere):
   chunk's rows: ``dW[:, chain c] (+)= G_c^T @ h[:, chain c]``. Over several chunks the sum is kept
   in an fp32 buffer and the last chunk writes the input dtype (chunks run in order: deterministic).
 
+Per-row scales (``row_chains``, ``ROWS`` constexpr; row r counts in scales ``0..row_chains[r]``
+only): the launchers sort the rows by decreasing scale (``colm_kernels._triton.rows.row_plan``:
+``ORDER``, and ``COUNTS[c]`` the rows that reach scale c, a prefix of that order). Every row index
+of the kernels above is then a position in that order (rows read and written through ``ORDER``;
+``G``'s rows are positions). A row block's first row has its largest scale, so the logit kernels'
+K loop stops at that scale's prefix width (no product of a chain no row of the block reaches); the
+merge zeroes each row's outputs (and ``lse``) at the scales it does not reach, the dlogits kernel
+masks ``D_s`` per row by ``COUNTS[s]`` (so ``G_c`` is 0 where a row stops before c) and writes only
+the slots up to the block's largest scale; dh tiles of a chain past its count run no K loop (exact
+zero columns) and mask ``G_c``'s rows past it; dW's K loop over rows stops at the chain's count.
+``mean`` divides each scale by its own count of rows (not ignored, reaching it). A mixed batch so
+executes the tensor-core FLOPs of one batch per scale (the row blocks' padding aside; counted in
+tests/ops/test_multi_chain_cross_entropy_rows.py). A row's hidden columns past its own prefix
+width reach only values that are masked, so they may hold anything.
+
 FLOPs: the forward runs one ``(N, V, P)`` product, the backward three (logits again, dh, dW):
 4 against the 3 of a backward that would keep logits, for ``O(N x NS)`` saved bytes instead of
 ``O(N x V x NS)``. Rows are chunked so the workspace stays under ``triton_bwd._WORKSPACE_BYTES``

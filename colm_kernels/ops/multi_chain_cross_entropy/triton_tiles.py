@@ -110,9 +110,10 @@ def grad_layouts(v: int, offsets) -> tuple:
 # Device helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _chain_k_tiles(TBL, NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr):
+def _chain_k_tiles(TBL, n_scales, NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr):
     """``(starts, widths, k_tiles)``: the chains' first columns and widths as tuples of scalars and
-    the number of BLOCK_K tiles of the K loop (no tile straddles two chains)."""
+    the number of BLOCK_K tiles of a K loop over the first ``n_scales`` chains (no tile straddles
+    two chains)."""
     starts = ()
     widths = ()
     k_tiles = 0
@@ -120,7 +121,7 @@ def _chain_k_tiles(TBL, NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: 
         w = load_int(TBL + NUM_SCALES, j, ALIGN)
         starts = starts + (load_int(TBL, j, ALIGN),)
         widths = widths + (w,)
-        k_tiles += tl.cdiv(w, BLOCK_K)
+        k_tiles += tl.where(j < n_scales, tl.cdiv(w, BLOCK_K), 0)
     return starts, widths, k_tiles
 
 
@@ -225,6 +226,11 @@ def _flags(label_smoothing, lse_square_scale, softcap):
     return dict(SOFTCAP=softcap > 0, SMOOTH=label_smoothing > 0, ZLOSS=lse_square_scale > 0)
 
 
-def _n_counted(targets, ignore_index) -> torch.Tensor:
-    """The rows that count (not ignored) as an fp32 device scalar: no host sync."""
-    return (targets != ignore_index).sum().to(torch.float32)
+def _n_counted(targets, ignore_index, row_chains=None, n_scales: int = 1) -> torch.Tensor:
+    """The rows that count (not ignored) as an fp32 device scalar, or with ``row_chains`` per scale
+    ``(n_scales,)`` (not ignored and reaching the scale): no host sync."""
+    valid = targets != ignore_index
+    if row_chains is None:
+        return valid.sum().to(torch.float32)
+    scales = torch.arange(n_scales, device=targets.device, dtype=row_chains.dtype)
+    return (valid[None, :] & (row_chains[None, :] >= scales[:, None])).sum(1).to(torch.float32)
