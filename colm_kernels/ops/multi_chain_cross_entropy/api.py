@@ -91,7 +91,8 @@ def multi_chain_cross_entropy(
             every scale, one above ``k`` keeps it in all.
 
     Returns the losses, float32 (float64 for float64 input): ``(k+1,)`` one per scale, or
-    ``(k+1, *targets.shape)`` for ``reduction="none"`` (0 at ignored rows); with
+    ``(k+1, *targets.shape)`` for ``reduction="none"`` (0 at ignored rows and at the scales a row
+    does not reach); with
     ``return_z_loss`` a pair ``(loss, z_loss)`` of that shape. When every target is ignored,
     ``mean`` gives NaN losses with zero gradients and ``sum`` zeros, as ``F.cross_entropy``.
     """

@@ -26,6 +26,7 @@ from .triton_fwd import _lse_and_rows, _row_unit
 from .triton_tiles import (
     GRAD_CONFIGS,
     LOGIT_CONFIGS,
+    _align,
     _chain_k_tiles,
     _chain_table,
     _check,
@@ -49,18 +50,19 @@ _WORKSPACE_BYTES = 1 << 30
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dlogits(x, s, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
-             label_smoothing, lse_square_scale, softcap, pos, COUNTS, NUM_SCALES: tl.constexpr,
+def _dlogits(x, s, pos64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
+             label_smoothing, lse_square_scale, softcap, COUNTS, NUM_SCALES: tl.constexpr,
              SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
              ROW_WEIGHTS: tl.constexpr, ROWS: tl.constexpr):
-    """``D_s`` (over alpha, fp32) of a tile from its scale-``s`` logits ``x`` and the saved lse;
-    0 at ignored rows and (``ROWS``) at rows (sorted positions ``pos``) that do not reach ``s``."""
+    """``D_s`` (over alpha, fp32) of a tile from its scale-``s`` logits ``x`` and the saved lse
+    (rows ``pos64`` of LSE and WT); 0 at ignored rows and (``ROWS``) at positions that do not
+    reach ``s``."""
     if ROWS:
-        valid = valid & (pos < rows_used(COUNTS, s, N, ROWS))
-    lse = tl.load(LSE + rm64 * NUM_SCALES + s, mask=m_ok, other=0.0)
+        valid = valid & (pos64 < rows_used(COUNTS, s, N, ROWS))
+    lse = tl.load(LSE + pos64 * NUM_SCALES + s, mask=m_ok, other=0.0)
     if ROW_WEIGHTS:
-        a = tl.load(WT + s * stride_ws + rm64, mask=m_ok, other=0.0)
-        b = tl.load(WT + stride_wf + s * stride_ws + rm64, mask=m_ok, other=0.0)
+        a = tl.load(WT + s * stride_ws + pos64, mask=m_ok, other=0.0)
+        b = tl.load(WT + stride_wf + s * stride_ws + pos64, mask=m_ok, other=0.0)
     else:
         zero_rows = tl.zeros_like(lse)
         a = zero_rows + tl.load(WT + s * stride_ws)
@@ -84,9 +86,10 @@ def _dlogits(x, s, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf,
 
 
 # WT: upstream weights over alpha, (2, NS) or (2, NS, rows) (ROW_WEIGHTS): 0 loss, 1 loss + z-loss.
-# M indices are positions in the row plan (``ROWS``: rows sorted by decreasing scale, read through
-# ORDER); G's rows are those positions, so the GEMMs below read G_c's rows that reach chain c as
-# a prefix.
+# M indices are positions in the row plan (``ROWS``: rows sorted by decreasing scale). Only H's
+# rows are read through ORDER: T, LSE, WT and G are in sorted order (the launcher gathers the
+# small per-row ones), so no gathered row index stays live beside the logit tile, and the GEMMs
+# below read G_c's rows that reach chain c as a prefix.
 @autotune(configs=LOGIT_CONFIGS, key=["LAYOUT_KEY", "ALIGN", "ROWS"], prune=_dlogits_pruner)
 @triton.jit(do_not_specialize=["N", "LAYOUT_KEY"])
 def _mcce_bwd_dlogits_kernel(
@@ -103,16 +106,16 @@ def _mcce_bwd_dlogits_kernel(
     tile_m, tile_n = grouped_tile(pid, tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
     pos = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm64, _ = sorted_rows(ORDER, COUNTS, 0, pos, N, ROWS)
+    h_rows = H + sorted_rows(ORDER, COUNTS, 0, pos, N, ROWS)[0][:, None] * stride_hn
     m_ok = pos < N
     n_ok = rn < V
+    pos64 = pos.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    tgt = tl.load(T + rm64, mask=m_ok, other=ignore_index)
+    tgt = tl.load(T + pos64, mask=m_ok, other=ignore_index)
     valid = m_ok & (tgt != ignore_index)
     tgt32 = tl.where((tgt >= 0) & (tgt < V), tgt, -1).to(tl.int32)  # never an address
-    h_rows = H + rm64[:, None] * stride_hn
     w_cols = W + rn64[None, :] * stride_wv
-    g_ptrs = G + pos.to(tl.int64)[:, None] * stride_gn + rn64[None, :]
+    g_ptrs = G + pos64[:, None] * stride_gn + rn64[None, :]
     st_mask = m_ok[:, None] & n_ok[None, :]
     # The K loop stops at the prefix width of the block's largest scale (its first row's); the G
     # slots above it are never read for these rows (the GEMMs stop at each chain's count).
@@ -130,15 +133,15 @@ def _mcce_bwd_dlogits_kernel(
         a, b, ends = _logit_k_tile(h_rows, w_cols, starts, widths, c, kc, m_ok, n_ok, BLOCK_K)
         acc = mma(a, b, acc)
         if ends & (c < last):  # the last scale's D stays in registers (below)
-            d = _dlogits(acc, c, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
-                         label_smoothing, lse_square_scale, softcap, pos, COUNTS, NUM_SCALES, SOFTCAP,
+            d = _dlogits(acc, c, pos64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
+                         label_smoothing, lse_square_scale, softcap, COUNTS, NUM_SCALES, SOFTCAP,
                          SMOOTH, ZLOSS, ROW_WEIGHTS, ROWS)
             tl.store(g_ptrs + c.to(tl.int64) * stride_gs, d.to(ELEM), mask=st_mask)
         c += ends.to(tl.int32)
         kc = tl.where(ends, 0, kc + BLOCK_K)
 
-    d = _dlogits(acc, last, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
-                 label_smoothing, lse_square_scale, softcap, pos, COUNTS, NUM_SCALES, SOFTCAP, SMOOTH,
+    d = _dlogits(acc, last, pos64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
+                 label_smoothing, lse_square_scale, softcap, COUNTS, NUM_SCALES, SOFTCAP, SMOOTH,
                  ZLOSS, ROW_WEIGHTS, ROWS)
     tl.store(g_ptrs + last * stride_gs, d.to(ELEM), mask=st_mask)
     if NUM_SCALES > 1:
@@ -146,9 +149,11 @@ def _mcce_bwd_dlogits_kernel(
         tl.debug_barrier()  # the slots are read back, possibly by other threads of the program
         for j in tl.static_range(1, NUM_SCALES):
             cc = NUM_SCALES - 1 - j
-            if cc < last:
-                d += tl.load(g_ptrs + cc * stride_gs, mask=st_mask, other=0.0).to(tl.float32)
-                tl.store(g_ptrs + cc * stride_gs, d.to(ELEM), mask=st_mask)
+            mask = st_mask
+            if ROWS:  # slots above the block's largest scale: unwritten and never read (predicated
+                mask = tl.where(cc < last, mask, False)  # off, not branched around: fewer registers)
+            d += tl.load(g_ptrs + cc * stride_gs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_ptrs + cc * stride_gs, d.to(ELEM), mask=mask)
 
 
 # dh[:, chain c] = alpha * G_c @ W[:, chain c]. TBL rows as in the forward. With ROWS a tile of
@@ -302,6 +307,10 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                                lse_square_scale, softcap, row_chains)
     wt, alpha = _upstream_weights(grad, targets, ignore_index, reduction, row_chains)
     row_weights = wt.dim() == 3
+    if has_rows:  # the dlogits kernel reads the per-row inputs but hidden in sorted order
+        rows_sorted = order.long()
+        targets, lse = targets[rows_sorted], lse[rows_sorted]
+        wt = wt[:, :, rows_sorted] if row_weights else wt
     flags = _flags(label_smoothing, lse_square_scale, softcap)
     tbl, align = _chain_table(offsets, dev, hidden.element_size())
     widths = [b - a for a, b in zip(offsets, offsets[1:])]
@@ -311,30 +320,35 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
     unit = _row_unit()
     chunk = max(unit, _WORKSPACE_BYTES // (ns * v * hidden.element_size()) // unit * unit)
     chunk = min(chunk, n)
-    gbuf = torch.empty((ns, chunk, v), dtype=hidden.dtype, device=dev)
+    # G's rows padded to a 16-byte multiple: the dh and dW GEMMs stream them with aligned loads
+    # whatever the vocabulary (V = 50257, say)
+    step = max(1, 16 // hidden.element_size())
+    gbuf = torch.empty((ns, chunk, triton.cdiv(v, step) * step), dtype=hidden.dtype, device=dev)[:, :, :v]
     starts = list(range(0, n, chunk))
     acc = None
     if needs_weight and len(starts) > 1:
         acc = torch.empty((v, p), dtype=torch.float32, device=dev)
     for i, r0 in enumerate(starts):
         rows = min(chunk, n - r0)
-        if has_rows:  # a chunk of sorted positions: whole tensors, rows read through its ORDER
+        chunk_rows = slice(r0, r0 + rows)  # sorted positions with has_rows, rows without
+        if has_rows:  # hidden and dh: whole tensors, their rows read through the chunk's ORDER
             sel = slice(None)
-            order_c, counts_c = order[r0: r0 + rows], (counts - r0).clamp(0, rows)
+            order_c, counts_c = order[chunk_rows], (counts - r0).clamp(0, rows)
         else:
-            sel = slice(r0, r0 + rows)
+            sel = chunk_rows
             order_c, counts_c = order, counts
         h = hidden[sel]
-        w_rows = wt[:, :, sel] if row_weights else wt
+        w_rows = wt[:, :, chunk_rows] if row_weights else wt
         with device_guard(dev):
             _mcce_bwd_dlogits_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"])
                                                    * triton.cdiv(v, meta["BLOCK_N"]),)](
-                h, weight, targets[sel], tbl, lse[sel], w_rows, gbuf, order_c, counts_c,
+                h, weight, targets[chunk_rows], tbl, lse[chunk_rows], w_rows, gbuf, order_c, counts_c,
                 rows, v, h.stride(0), weight.stride(0), gbuf.stride(0), gbuf.stride(1),
                 w_rows.stride(0), w_rows.stride(1), ignore_index,
                 float(label_smoothing), float(lse_square_scale), float(softcap),
                 logits_key,
-                NUM_SCALES=ns, ROW_WEIGHTS=row_weights, ALIGN=align, ROWS=has_rows, **flags,
+                NUM_SCALES=ns, ROW_WEIGHTS=row_weights, ALIGN=_align(align, h, weight), ROWS=has_rows,
+                **flags,
             )
             if needs_hidden:
                 out = dh[sel]
@@ -343,7 +357,7 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                     gbuf, weight, tbl, alpha, out, order_c, counts_c,
                     rows, v, gbuf.stride(0), gbuf.stride(1), weight.stride(0), out.stride(0),
                     dh_key,
-                    NUM_SCALES=ns, ALIGN=align, ROWS=has_rows,
+                    NUM_SCALES=ns, ALIGN=_align(align, gbuf[0], weight), ROWS=has_rows,
                 )
             if needs_weight:
                 # One chunk: straight into dW. Several: an fp32 sum, the last chunk writes dW.
@@ -357,6 +371,6 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                     rows, v, gbuf.stride(0), gbuf.stride(1), h.stride(0),
                     (acc if acc is not None else dw).stride(0), target.stride(0),
                     dw_key,
-                    NUM_SCALES=ns, LOAD_ACC=i > 0, ALIGN=align, ROWS=has_rows,
+                    NUM_SCALES=ns, LOAD_ACC=i > 0, ALIGN=_align(align, gbuf[0], h), ROWS=has_rows,
                 )
     return dh, dw

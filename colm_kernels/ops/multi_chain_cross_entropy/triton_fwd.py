@@ -15,6 +15,7 @@ from colm_kernels._triton.utils import autotune, device_guard, is_interpreter, m
 
 from .triton_tiles import (
     LOGIT_CONFIGS,
+    _align,
     _chain_k_tiles,
     _chain_table,
     _check,
@@ -62,9 +63,8 @@ def _mcce_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rm64, _ = sorted_rows(ORDER, COUNTS, 0, pos, N, ROWS)
+    h_rows = H + sorted_rows(ORDER, COUNTS, 0, pos, N, ROWS)[0][:, None] * stride_hn
     m_ok = pos < N
-    h_rows = H + rm64[:, None] * stride_hn
     # The block's first row has its largest scale: the K loop stops at that scale's prefix width
     # (the states of the scales above stay empty; the merge zeroes what a row does not reach).
     n_scales = blocks_reached(COUNTS, pid_m * BLOCK_M, NUM_SCALES, ROWS)
@@ -116,29 +116,30 @@ def _mcce_fwd_kernel(
     splits = tl.num_programs(1)
     field = N.to(tl.int64) * NUM_SCALES * splits
     for s in tl.static_range(NUM_SCALES):
-        offs = (rm64 * NUM_SCALES + s) * splits + pid_s
+        offs = (pos.to(tl.int64) * NUM_SCALES + s) * splits + pid_s  # partials: by sorted position
         tl.store(PART + offs, run_max[s], mask=m_ok)
         tl.store(PART + field + offs, run_sum[s], mask=m_ok)
         if SMOOTH:
             tl.store(PART + 2 * field + offs, z_sum[s], mask=m_ok)
 
 
-# RC: each row's scale (``ROWS``): a row counts in scales 0..RC[row] only.
+# Blocks of sorted positions (``ROWS``; rows through ORDER): position p counts in the scales s
+# with p < COUNTS[s] only.
 @triton.jit(do_not_specialize=["N", "splits"])
 def _mcce_fwd_merge_kernel(
-    PART, H, W, T, TBL, RC, LSE, OUT,
+    PART, H, W, T, TBL, ORDER, COUNTS, LSE, OUT,
     N, V, stride_hn, stride_wv, splits, ignore_index, label_smoothing, lse_square_scale, softcap,
     NUM_SCALES: tl.constexpr, SCALES_P2: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
     ZLOSS: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rm = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_ok = rm < N
-    rm64 = rm.to(tl.int64)
+    pos = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm64 = sorted_rows(ORDER, COUNTS, 0, pos, N, ROWS)[0]
+    m_ok = pos < N
     sc = tl.arange(0, SCALES_P2)
     mask = m_ok[:, None] & (sc[None, :] < NUM_SCALES)
     field = N.to(tl.int64) * NUM_SCALES * splits
-    base = PART + (rm64[:, None] * NUM_SCALES + sc[None, :]) * splits
+    base = PART + (pos.to(tl.int64)[:, None] * NUM_SCALES + sc[None, :]) * splits
 
     run_max = tl.full((BLOCK_R, SCALES_P2), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_R, SCALES_P2), dtype=tl.float32)
@@ -179,7 +180,7 @@ def _mcce_fwd_merge_kernel(
 
     ok = mask
     if ROWS:  # scales a row does not reach: lse 0 (never read), outputs 0 as at an ignored row
-        reach = sc[None, :] <= tl.load(RC + rm64, mask=m_ok, other=-1)[:, None]
+        reach = pos[:, None] < tl.load(COUNTS + sc, mask=sc < NUM_SCALES, other=0)[None, :]
         ok = ok & reach
         valid = valid & reach
     lse = tl.where(ok, run_max + tl.log(tl.where(ok, run_sum, 1.0)), 0.0)  # padding: 0, no inf
@@ -239,11 +240,12 @@ def _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothin
             hidden, weight, tbl, part, order, counts,
             n, v, hidden.stride(0), weight.stride(0), split_cols, float(softcap),
             logits_layout("fwd", v, offsets, flags["SOFTCAP"], flags["SMOOTH"]),
-            NUM_SCALES=ns, SOFTCAP=flags["SOFTCAP"], SMOOTH=flags["SMOOTH"], ALIGN=align, ROWS=has_rows,
+            NUM_SCALES=ns, SOFTCAP=flags["SOFTCAP"], SMOOTH=flags["SMOOTH"], ALIGN=_align(align, hidden, weight),
+            ROWS=has_rows,
         )
         block_r, block_d = (16, 16) if is_interpreter() else (16, 64)
         _mcce_fwd_merge_kernel[(triton.cdiv(n, block_r),)](
-            part, hidden, weight, targets, tbl, row_chains if has_rows else order, lse, rows,
+            part, hidden, weight, targets, tbl, order, counts, lse, rows,
             n, v, hidden.stride(0), weight.stride(0), splits, ignore_index, float(label_smoothing),
             float(lse_square_scale), float(softcap),
             NUM_SCALES=ns, SCALES_P2=max(2, triton.next_power_of_2(ns)), SOFTCAP=flags["SOFTCAP"],

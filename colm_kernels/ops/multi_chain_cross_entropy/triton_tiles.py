@@ -18,6 +18,7 @@ from colm_kernels._triton.utils import (
     int64_table,
     load_int,
     make_gemm_pruner,
+    operands_tma_aligned,
     register_gemm_layout,
 )
 
@@ -34,6 +35,7 @@ _H100_LOGITS = (
     (128, 64, 64, 8, 4),
     (64, 128, 64, 8, 4),
     (64, 64, 64, 4, 4),
+    (64, 64, 64, 8, 2),  # 16 accumulator values a thread: unaligned operands (see the pruners)
     (64, 64, 8, 8, 2),  # fp32 (FMA dots): spill-free up to 8 scales; 16-deep tiles spilled 8-1500 B
 )
 # Gradient GEMMs (dh: K = V; dW: K = rows). (128, 256) spilled in dW at 8 chains.
@@ -59,11 +61,12 @@ LOGIT_CONFIGS = _configs(_H100_LOGITS)
 GRAD_CONFIGS = _configs(_H100_GRAD)
 
 
-def _pruner(dtype_arg: str, heavy=None):
+def _pruner(dtype_arg: str, acc_budget=None):
     """``make_gemm_pruner`` (blocks clamped to the extents registered under ``LAYOUT_KEY``, shared
-    memory and register budgets, least wasted MMA work) over the configs of the input's dtype
-    class (BLOCK_K <= 32 for fp32, 64 for 16-bit inputs), then, where ``heavy(args)``, at most 32
-    fp32 accumulator values a thread instead of 64."""
+    memory and register budgets, least wasted MMA work; its smaller budgets where ``ALIGN == 1``)
+    over the configs of the input's dtype class (BLOCK_K <= 32 for fp32, 64 for 16-bit inputs),
+    then at most ``acc_budget(args)`` fp32 accumulator values a thread (the smallest tile if none
+    fits)."""
     base = make_gemm_pruner(dtype_arg)
 
     def prune(configs, named_args, **kwargs):
@@ -71,20 +74,40 @@ def _pruner(dtype_arg: str, heavy=None):
         wide = args[dtype_arg].element_size() >= 4
         mine = [c for c in configs if (c.kwargs["BLOCK_K"] <= 32) == wide]
         kept = base(mine or configs, named_args, **kwargs)
-        if heavy is not None and heavy(args):
-            light = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps]
-            kept = light or kept
+        if acc_budget is not None:
+            budget = acc_budget(args)
+            light = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= budget * 32 * c.num_warps]
+            kept = light or [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / c.num_warps)]
         return kept
 
     return prune
 
 
-# Heavy logit epilogues, where the 128x128 / 8-warp tile spilled (up to 220 B a thread, sm_90a):
-# dlogits with softcap (the logit tile stays live beside tanh and D), and the forward with more
-# than 16 per-scale state vectors (NS * (2 + label smoothing)). 16 scales with label smoothing and
-# softcap still spill in every forward config (up to 188 B): a known limit.
-_fwd_pruner = _pruner("H", lambda a: a["NUM_SCALES"] * (2 + int(bool(a["SMOOTH"]))) > 16)
-_dlogits_pruner = _pruner("H", lambda a: bool(a["SOFTCAP"]))
+# Accumulator budgets of the logit kernels (fp32 values a thread; sm_90a, ptxas -v). 64 (the
+# 128x128 / 8-warp tile) only for light epilogues: it spilled in dlogits with softcap (up to 220 B:
+# the logit tile stays live beside tanh and D) or label smoothing (12 B), in the forward with
+# softcap (136-152 B), with more than 16 per-scale state vectors (NS * (2 + label smoothing)), or
+# with per-row scales (72 B at 2 scales; 255 registers and no spill at the bench shape). Plain,
+# it takes 253-255 registers without spills in both kernels at the bench shape (bf16, V 32000,
+# D 2048, 4 chains). Unaligned operands (ALIGN == 1: tiles loaded element by element through
+# registers): 32 in the forward (no spill seen), 16 in dlogits, where every 32-value tile spilled
+# with the options (200-760 B; fp16, widths 24/16, V 101, an odd row stride) and the 64x64 /
+# 8-warp tile did not (175-241 registers). 16 scales with label smoothing and softcap still spill
+# in every forward config (up to 188 B): a known limit.
+def _fwd_budget(a) -> int:
+    heavy = (int(a["ALIGN"]) == 1 or bool(a["ROWS"]) or bool(a["SOFTCAP"])
+             or a["NUM_SCALES"] * (2 + int(bool(a["SMOOTH"]))) > 16)
+    return 32 if heavy else 64
+
+
+def _dlogits_budget(a) -> int:
+    if int(a["ALIGN"]) == 1:
+        return 16
+    return 32 if a["SOFTCAP"] or a["SMOOTH"] else 64
+
+
+_fwd_pruner = _pruner("H", _fwd_budget)
+_dlogits_pruner = _pruner("H", _dlogits_budget)
 _dh_pruner = _pruner("G")
 _dw_pruner = _pruner("G")
 
@@ -220,6 +243,13 @@ def _chain_table(offsets, device, element_size) -> Tuple[torch.Tensor, int]:
     step = max(1, 16 // element_size)
     align = step if all(x % step == 0 for x in starts + widths) else 1
     return int64_table([starts, widths], device), align
+
+
+def _align(align: int, *operands: torch.Tensor) -> int:
+    """A kernel's ``ALIGN``: the table's, or 1 when a GEMM operand's base or row stride is not a
+    16-byte multiple (its tiles then load through registers, element by element, and the pruners
+    keep the configs whose registers allow that)."""
+    return align if operands_tma_aligned(*operands) else 1
 
 
 def _flags(label_smoothing, lse_square_scale, softcap):
