@@ -392,3 +392,60 @@ def test_mixed_batch_runs_the_flops_of_separate_batches():
         assert separate > 0
         assert mixed <= 1.05 * separate, f"{name}: mixed batch {mixed} FLOPs vs {separate} for separate batches"
         assert full > 1.3 * separate  # the count does see the skipped work
+
+
+_SM90 = r"""
+import json, sys, torch
+from colm_kernels.bench import sm90
+sm90.install()
+sm90.full_sweep(False)
+from colm_kernels.ops.multi_chain_cross_entropy import triton_kernels as K
+
+gen = torch.Generator().manual_seed(0)
+for aligned, options in ((True, ("mean", 0.0, 0.0, 0.0)), (False, ("none", 0.1, 1e-4, 30.0))):
+    sm90.set_label(f"aligned={aligned} {options[0]}")
+    offsets, n, v, d = ((0, 64, 128), 64, 256, 128) if aligned else ((0, 24, 40), 37, 101, 41)
+    if aligned:
+        hidden = torch.randn(n, offsets[-1], generator=gen).half()
+    else:  # an odd row stride and base offset: no 16-byte alignment
+        hidden = torch.randn(n * (offsets[-1] + 1) + 1, generator=gen).half()[1:].view(n, -1)[:, : offsets[-1]]
+    weight = torch.randn(v, d, generator=gen).half()
+    targets = torch.randint(0, v, (n,), generator=gen)
+    rows = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int32)
+    out, lse = K.mcce_fwd(hidden, weight, targets, offsets, -100, *options, row_chains=rows)
+    K.mcce_bwd(torch.ones_like(out), hidden, weight, targets, offsets, -100, lse=lse, reduction=options[0],
+               label_smoothing=options[1], lse_square_scale=options[2], softcap=options[3], row_chains=rows)
+print("CE_SM90 " + json.dumps(dict(failures=sm90.FAILURES, compiled=sm90.kernel_table())))
+"""
+
+
+def test_sorted_row_kernels_compile_for_sm90_without_spills(tmp_path):
+    """The per-row-scale (``ROWS``) variants compile for sm_90a (``colm_kernels.bench.sm90``, no
+    GPU: the interpreter never lowers a kernel), to wgmma, without register spills: fp16, aligned
+    and unaligned operands, plain and with every option (first and largest kept config)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"triton's ptxas is not available: {e!r}")
+    if not ptxas or not os.access(ptxas, os.X_OK):
+        pytest.skip(f"triton's ptxas is not available ({ptxas!r})")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COLM_KERNELS_AUTOTUNE",
+                                                             "COLM_KERNELS_TILES")}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-c", _SM90], env=env, cwd=_ROOT, capture_output=True, text=True,
+                          timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CE_SM90 ")]
+    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(lines[-1].split(" ", 1)[1])
+    assert not report["failures"], report["failures"]
+    kernels = {r["kernel"] for r in report["compiled"]}
+    assert {"_mcce_fwd_kernel", "_mcce_fwd_merge_kernel", "_mcce_bwd_dlogits_kernel", "_mcce_bwd_dh_kernel",
+            "_mcce_bwd_dw_kernel"} <= kernels
+    spilling = [f"{r['kernel']} {r['config']} ({r['label']}): {r['spill_bytes']} B"
+                for r in report["compiled"] if r["spill_bytes"]]
+    assert not spilling, "configs that spill registers on sm_90a:\n" + "\n".join(spilling)
+    not_wgmma = [f"{r['kernel']} {r['config']}" for r in report["compiled"]
+                 if "merge" not in r["kernel"] and r["mma"] != "wgmma"]
+    assert not not_wgmma, not_wgmma
