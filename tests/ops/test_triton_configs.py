@@ -17,6 +17,7 @@ from colm_kernels._triton.utils import autotuned_kernels, force_config, register
 from colm_kernels.ops.chain_attention import triton_kernels as _attention  # noqa: F401  (registers)
 from colm_kernels.ops.chain_linear import triton_kernels as _linear
 from colm_kernels.ops.chain_swiglu import triton_kernels as _swiglu  # noqa: F401
+from colm_kernels.ops.multi_chain_cross_entropy import triton_kernels as _cross_entropy  # noqa: F401
 from numerics import check_against_reference
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -37,6 +38,10 @@ def _randn(*shape, scale=1.0):
 def test_every_config_matches_reference(index):
     chains = (1, 2, 1)
     m, k_in, n_out, hidden = 301, 320, 192, 448  # per-chain widths 80/160/80, 48/96/48, 112/224/112
+    vocab = 1000
+    targets = torch.randint(0, vocab, (m,), device="cuda")
+    targets[::7] = -100
+    scales = torch.randint(0, len(chains), (m,), device="cuda")
     with force_config(index):
         for dtype in (torch.float16, torch.float32):  # fp32 keeps other (smaller) configs
             _check("chain_linear", lambda x, w, b: ck.chain_linear(x, w, b, chains),
@@ -44,6 +49,11 @@ def test_every_config_matches_reference(index):
             _check("chain_swiglu", lambda x, w1, w3: ck.chain_swiglu(x, w1, w3, chains),
                    [_randn(m, k_in), _randn(hidden, k_in, scale=k_in ** -0.5),
                     _randn(hidden, k_in, scale=k_in ** -0.5)], dtype)
+            for sc in (None, scales):  # every scale, and per-row scales (the sorted-row kernels)
+                _check(f"multi_chain_cross_entropy seq_chains={sc is not None}",
+                       lambda h, w, sc=sc: ck.multi_chain_cross_entropy(h, w, targets, chains, seq_chains=sc,
+                                                                        check_values=False),
+                       [_randn(m, k_in), _randn(vocab, k_in, scale=k_in ** -0.5 * 2)], dtype)
         for head_dim, dtype, kv_sharing, sq, sk in ((64, torch.float16, False, 200, 200),
                                                     (128, torch.bfloat16, True, 131, 260)):
             # chains (2, 2): 4 query heads over 2 kv heads, per-chain GQA or shared (tile); both

@@ -34,6 +34,7 @@ reaches its chain (``COUNTS``): those are a prefix of the sorted order. Every M 
 kernels below is then a position in that order, read and written through ``ORDER``; a tile (or
 K step over rows) past its chain's count runs no MMA and writes exact zeros, and partial tiles
 mask the rows beyond it. So a mixed batch executes about the FLOPs of one batch per scale.
+The plan and its device helpers are shared (``colm_kernels._triton.rows``).
 
 Alignment: when every table pointer is 16-byte aligned and every width, offset and row stride is a
 multiple of 16 bytes (``ALIGN`` = elements per 16 B, else 1), kernels hint it so loads vectorise
@@ -69,7 +70,6 @@ from colm_kernels._triton.utils import (
     find_segment,
     gemm_configs,
     grouped_tile,
-    int32_table,
     int64_table,
     load_int,
     load_ptr,
@@ -83,6 +83,7 @@ from colm_kernels._triton.utils import (
     tile_count,
     tile_desc,
 )
+from colm_kernels._triton.rows import row_plan, rows_used as _rows_used, sorted_rows as _rows
 
 __all__ = ["chain_linear_fwd", "chain_linear_bwd_dx", "chain_linear_bwd_dw"]
 
@@ -92,20 +93,6 @@ _INT32_MAX = 2**31 - 1
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _rows(ORDER, COUNTS, block, pos, M, ROWS: tl.constexpr):
-    """(row index, whether the row uses ``block``'s chain) of sorted positions ``pos``: the row
-    itself without ``ROWS``; else ``ORDER[pos]``, active for the first ``COUNTS[block]``."""
-    valid = pos < M
-    if ROWS:
-        row = tl.load(ORDER + pos, mask=valid, other=0)
-        used = pos < tl.load(COUNTS + block)
-    else:
-        row = pos
-        used = valid
-    return row.to(tl.int64), used & valid
-
-
 @triton.jit
 def fwd_tile(WIDTHS, M, NUM_CHAINS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              GROUP_M: tl.constexpr):
@@ -117,16 +104,6 @@ def fwd_tile(WIDTHS, M, NUM_CHAINS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N
     tile_m, tile_n = grouped_tile(tl.program_id(0), num_tiles_m, num_tiles_n, GROUP_M)
     chain, tile_n, _na, _nb = find_segment(num_tiles_n - 1 - tile_n, WIDTHS, BLOCK_N, None, 1, NUM_CHAINS)
     return tile_m, chain, tile_n
-
-
-@triton.jit
-def _rows_used(COUNTS, block, M, ROWS: tl.constexpr):
-    """How many sorted positions use ``block``'s chain (all ``M`` without ``ROWS``)."""
-    if ROWS:
-        n = tl.load(COUNTS + block)
-    else:
-        n = M
-    return n
 
 
 # Forward table rows (each NUM_CHAINS long): 0 W ptr, 1 d_i, 2 P_i, 3 W row stride, 4 o_i, 5 b ptr.
@@ -429,25 +406,6 @@ def _check_dy(dy, ds, dtype, device) -> None:
         raise ValueError(
             f"dy has width {dy.shape[1]} but the chains' output widths {ds} sum to {sum(ds)}"
         )
-
-
-def row_plan(row_chains: Optional[torch.Tensor], blocks: Sequence[int], M: int, device):
-    """``(ROWS, ORDER, COUNTS)`` kernel arguments for per-row scales: the rows sorted by
-    decreasing scale (int32 indices, stable) and, per launched block, how many rows reach its
-    chain ``blocks[b]`` (a prefix of that order). No host sync. Without ``row_chains``:
-    ``(False, t, t)`` with a placeholder tensor the kernels never read."""
-    if row_chains is None:
-        placeholder = int32_table([[0]], device)
-        return False, placeholder, placeholder
-    if (not isinstance(row_chains, torch.Tensor) or row_chains.dtype != torch.int32
-            or tuple(row_chains.shape) != (M,) or row_chains.device != torch.device(device)):
-        raise ValueError(f"row_chains must be an int32 tensor of shape ({M},) on {device}, got "
-                         f"{getattr(row_chains, 'dtype', type(row_chains).__name__)} "
-                         f"{tuple(getattr(row_chains, 'shape', ()))}")
-    order = torch.argsort(row_chains, descending=True, stable=True).to(torch.int32)
-    chain_of = int32_table([list(blocks)], device)[0]
-    counts = (row_chains[None, :] >= chain_of[:, None]).sum(1, dtype=torch.int32)
-    return True, order, counts
 
 
 def _check_flags(flags, n: int, name: str) -> List[bool]:

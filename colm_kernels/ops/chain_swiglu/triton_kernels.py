@@ -65,16 +65,14 @@ from colm_kernels._triton.utils import (
     tile_count,
     tile_desc,
 )
+from colm_kernels._triton.rows import row_plan, rows_used, sorted_rows
 from colm_kernels.ops.chain_linear.triton_kernels import (
     _align,
     _check_weights,
     _offsets,
     _row_stride,
-    _rows,
-    _rows_used,
     fwd_layout_key,
     fwd_tile,
-    row_plan,
 )
 
 __all__ = [
@@ -148,7 +146,7 @@ def _chain_swiglu_fwd_kernel(
     o = load_int(TBL + 6 * NUM_CHAINS, chain, ALIGN)
 
     pos = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rm, used = _rows(ORDER, COUNTS, chain, pos, M, ROWS)  # per-row scales: see chain_linear
+    rm, used = sorted_rows(ORDER, COUNTS, chain, pos, M, ROWS)  # per-row scales: _triton/rows.py
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = pos < M
@@ -166,7 +164,7 @@ def _chain_swiglu_fwd_kernel(
 
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_end = tl.where(tile_m * BLOCK_M < _rows_used(COUNTS, chain, M, ROWS), p, 0)
+    k_end = tl.where(tile_m * BLOCK_M < rows_used(COUNTS, chain, M, ROWS), p, 0)
     for k in range(0, k_end, BLOCK_K):
         if USE_TMA:
             xt = x_desc.load([tile_m * BLOCK_M, k])  # read once, used twice

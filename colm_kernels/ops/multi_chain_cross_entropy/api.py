@@ -9,18 +9,19 @@ from torch import Tensor
 
 from ... import backends
 from ...chains import ChainsLike, as_chains
-from .._checks import check_like, check_tensor
+from .._checks import check_like, check_tensor, unit_last_dim
 from .._library import register_reference_op
+from .._rows import row_chains as _row_chains
 from . import reference
 
 OP = "multi_chain_cross_entropy"
 SCHEMA = ("(Tensor hidden, Tensor weight, Tensor targets, int[] offsets, int ignore_index, "
           "str reduction=\"mean\", float label_smoothing=0.0, float lse_square_scale=0.0, "
-          "float softcap=0.0) -> Tensor")
+          "float softcap=0.0, Tensor? row_chains=None) -> Tensor")
 
 
 def _fake(hidden, weight, targets, offsets, ignore_index, reduction="mean", label_smoothing=0.0,
-          lse_square_scale=0.0, softcap=0.0):
+          lse_square_scale=0.0, softcap=0.0, row_chains=None):
     shape = reference.out_shape(len(offsets) - 1, hidden.shape[0], reduction)
     return hidden.new_empty(shape, dtype=reference.loss_dtype(hidden.dtype))
 
@@ -43,16 +44,11 @@ def _real(name: str, value, *, lo: float, hi: float = math.inf, lo_open: bool = 
     return value
 
 
-def _unit_stride(t: Tensor) -> Tensor:
-    """``t`` with a unit-stride last dim (a copy when it has another stride): every backend reads
-    the same values, whatever layout the caller passes (a ``W.T`` head, ``hidden[:, ::2]``)."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def multi_chain_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, chains: ChainsLike, ignore_index: int = -100,
     *, reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-    softcap: Optional[float] = None, return_z_loss: bool = False, check_values: bool = True,
+    softcap: Optional[float] = None, return_z_loss: bool = False, seq_chains: Optional[Tensor] = None,
+    check_values: bool = True,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Cross-entropy of the output head at every scale, without the caller building logits.
 
@@ -76,13 +72,27 @@ def multi_chain_cross_entropy(
         softcap: ``None`` or a positive float: each scale's logits become
             ``softcap * tanh(logits_s / softcap)`` before the softmax (and the z-loss).
         return_z_loss: also return the z-loss alone (already included in the loss).
+        seq_chains: elastic batches (many scales in one batch): an integer tensor whose shape is a
+            prefix of ``targets``' shape (``(B,)`` one scale per sequence, or the whole shape one
+            per token), the last scale each row takes part in, at most ``k``. Row r with scale
+            ``s`` counts in the losses of scales ``0..s`` only: each scale's loss (every option
+            above as without it) is over the rows that reach it, so ``mean`` divides by the number
+            of rows that reach it and are not ignored (NaN with zero gradients when there are
+            none, as when every target is ignored), and ``none`` gives 0 where a row does not
+            reach a scale, as at an ignored row. Scales a row does not reach pass it no gradient,
+            and its hidden columns beyond its own prefix width ``P_(s+1)`` are never read (their
+            gradient is an exact 0). The kernel backends skip the logit and gradient products of
+            those scales (rows sorted by scale, see ``triton_kernels``).
         check_values: check on the host (one sync) that every target is a class index or
-            ``ignore_index``. With ``False`` (no sync; the models use it) an out-of-range target
-            is never read past the vocabulary: its row's loss is NaN at every scale, so every
-            reduced scale loss is NaN and the row's gradients are NaN.
+            ``ignore_index`` and every ``seq_chains`` value is in ``[0, k]``. With ``False`` (no
+            sync; the models use it) an out-of-range target is never read past the vocabulary:
+            its row's loss is NaN at every scale it reaches, so those reduced scale losses are NaN
+            and the row's gradients are NaN; a ``seq_chains`` value below 0 takes the row out of
+            every scale, one above ``k`` keeps it in all.
 
     Returns the losses, float32 (float64 for float64 input): ``(k+1,)`` one per scale, or
-    ``(k+1, *targets.shape)`` for ``reduction="none"`` (0 at ignored rows); with
+    ``(k+1, *targets.shape)`` for ``reduction="none"`` (0 at ignored rows and at the scales a row
+    does not reach); with
     ``return_z_loss`` a pair ``(loss, z_loss)`` of that shape. When every target is ignored,
     ``mean`` gives NaN losses with zero gradients and ``sum`` zeros, as ``F.cross_entropy``.
     """
@@ -112,8 +122,9 @@ def multi_chain_cross_entropy(
             f"got {tuple(targets.shape)}"
         )
     offsets = list(offsets[: k + 2])
-    h2 = _unit_stride(hidden.reshape(-1, hidden.shape[-1]))
-    weight = _unit_stride(weight)
+    rows = _row_chains(seq_chains, hidden, k, check_values, x_name="hidden")
+    h2 = unit_last_dim(hidden.reshape(-1, hidden.shape[-1]))
+    weight = unit_last_dim(weight)
     t1 = targets.reshape(-1).long()  # any integer dtype in; every backend reads int64
     if check_values and not torch.compiler.is_compiling() and t1.numel():
         # One host sync per call: an out-of-range target would be a device-side assert on GPU.
@@ -124,8 +135,9 @@ def multi_chain_cross_entropy(
                 f"ignore_index={ignore_index}, got {t1[bad][:5].tolist()}"
             )
     options = dict(reduction=reduction, label_smoothing=label_smoothing,
-                   lse_square_scale=lse_square_scale, softcap=cap)
-    op = backends.dispatch(OP, [h2, weight, t1], hidden=h2, weight=weight, targets=t1,
+                   lse_square_scale=lse_square_scale, softcap=cap, row_chains=rows)
+    tensors = [h2, weight, t1] + ([rows] if rows is not None else [])
+    op = backends.dispatch(OP, tensors, hidden=h2, weight=weight, targets=t1,
                            offsets=offsets, ignore_index=ignore_index, **options)
     out = op(h2, weight, t1, offsets, ignore_index, **options)
     if reduction == "none":

@@ -9,6 +9,9 @@
 
 Ignored rows count 0. ``reduction``: ``mean`` divides the sums over rows by the number of rows that
 are not ignored (NaN when there are none, as in PyTorch), ``sum`` sums, ``none`` keeps the rows.
+Per-row scales (``row_chains``, one int per row): row ``i`` counts in scales ``0..row_chains[i]``
+only, as an ignored row in the others (so ``mean`` divides scale s by the rows that reach it), and
+its hidden columns beyond its own prefix width are never read (zeros, no gradient).
 A target outside ``[0, V)`` (values unchecked) makes its row NaN at every scale, forward and
 backward (the row's hidden state is poisoned with NaN before the head), never an index error.
 
@@ -18,11 +21,13 @@ Math in float32 (float64 for float64 inputs); the result has that dtype.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .._rows import zero_inactive
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -39,28 +44,32 @@ def out_shape(n_scales: int, n_rows: int, reduction: str) -> tuple:
 def multi_chain_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, offsets: Sequence[int], ignore_index: int,
     reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-    softcap: float = 0.0,
+    softcap: float = 0.0, row_chains: Optional[Tensor] = None,
 ) -> Tensor:
     compute = loss_dtype(hidden.dtype)
     valid = targets != ignore_index
+    widths = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])]
+    hidden = zero_inactive(hidden, widths, row_chains)
     bad = valid & ((targets < 0) | (targets >= weight.shape[0]))
     safe = torch.where(bad, torch.zeros_like(targets), targets)
     # NaN rows for unchecked out-of-range targets: NaN losses and NaN gradients, no gather past V.
     poison = torch.where(bad, float("nan"), 0.0).to(compute)[:, None]
     h = hidden.to(compute) + poison
     logits = None
-    rows, zrows = [], []
-    for lo, hi in zip(offsets[:-1], offsets[1:]):
+    rows, zrows, counted = [], [], []
+    for s, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        keep = valid if row_chains is None else valid & (row_chains >= s)
         part = h[:, lo:hi] @ weight[:, lo:hi].to(compute).T
         logits = part if logits is None else logits + part
         z = softcap * torch.tanh(logits / softcap) if softcap else logits
         ce = F.cross_entropy(z, safe, ignore_index=ignore_index, reduction="none",
                              label_smoothing=label_smoothing)
-        zl = torch.where(valid, lse_square_scale * torch.logsumexp(z, dim=-1) ** 2, 0.0)
-        rows.append(ce + zl)
+        zl = torch.where(keep, lse_square_scale * torch.logsumexp(z, dim=-1) ** 2, 0.0)
+        rows.append(torch.where(keep, ce, 0.0) + zl)
         zrows.append(zl)
+        counted.append(keep.sum())
     out = torch.stack([torch.stack(rows), torch.stack(zrows)])  # (2, NS, N)
     if reduction == "none":
         return out
     total = out.sum(-1)
-    return total / valid.sum() if reduction == "mean" else total
+    return total / torch.stack(counted) if reduction == "mean" else total

@@ -10,11 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
+from colm_kernels._triton.rows import blocks_reached, row_plan, rows_used, sorted_rows
 from colm_kernels._triton.utils import (
     autotune,
     device_guard,
     find_segment,
-    gemm_configs,
     grouped_tile,
     load_int,
     mma,
@@ -24,8 +24,9 @@ from colm_kernels._triton.utils import (
 
 from .triton_fwd import _lse_and_rows, _row_unit
 from .triton_tiles import (
-    _H100_GRAD,
-    _H100_LOGITS,
+    GRAD_CONFIGS,
+    LOGIT_CONFIGS,
+    _align,
     _chain_k_tiles,
     _chain_table,
     _check,
@@ -33,11 +34,11 @@ from .triton_tiles import (
     _dlogits_pruner,
     _dw_pruner,
     _flags,
-    gemm_layout,
-    _layout_key,
     _logit_k_tile,
     _n_counted,
     _tanh,
+    grad_layouts,
+    logits_layout,
 )
 
 # Bytes of the backward's G workspace (NS x rows x V, input dtype). Tests lower it to force several
@@ -49,15 +50,19 @@ _WORKSPACE_BYTES = 1 << 30
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dlogits(x, s, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
-             label_smoothing, lse_square_scale, softcap, NUM_SCALES: tl.constexpr,
+def _dlogits(x, s, pos64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
+             label_smoothing, lse_square_scale, softcap, COUNTS, NUM_SCALES: tl.constexpr,
              SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
-             ROW_WEIGHTS: tl.constexpr):
-    """``D_s`` (over alpha, fp32) of a tile from its scale-``s`` logits ``x`` and the saved lse."""
-    lse = tl.load(LSE + rm64 * NUM_SCALES + s, mask=m_ok, other=0.0)
+             ROW_WEIGHTS: tl.constexpr, ROWS: tl.constexpr):
+    """``D_s`` (over alpha, fp32) of a tile from its scale-``s`` logits ``x`` and the saved lse
+    (rows ``pos64`` of LSE and WT); 0 at ignored rows and (``ROWS``) at positions that do not
+    reach ``s``."""
+    if ROWS:
+        valid = valid & (pos64 < rows_used(COUNTS, s, N, ROWS))
+    lse = tl.load(LSE + pos64 * NUM_SCALES + s, mask=m_ok, other=0.0)
     if ROW_WEIGHTS:
-        a = tl.load(WT + s * stride_ws + rm64, mask=m_ok, other=0.0)
-        b = tl.load(WT + stride_wf + s * stride_ws + rm64, mask=m_ok, other=0.0)
+        a = tl.load(WT + s * stride_ws + pos64, mask=m_ok, other=0.0)
+        b = tl.load(WT + stride_wf + s * stride_ws + pos64, mask=m_ok, other=0.0)
     else:
         zero_rows = tl.zeros_like(lse)
         a = zero_rows + tl.load(WT + s * stride_ws)
@@ -81,34 +86,45 @@ def _dlogits(x, s, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf,
 
 
 # WT: upstream weights over alpha, (2, NS) or (2, NS, rows) (ROW_WEIGHTS): 0 loss, 1 loss + z-loss.
-@autotune(configs=gemm_configs(_H100_LOGITS, ()), key=["LAYOUT_KEY", "ALIGN"], prune=_dlogits_pruner)
-@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_K"])
+# M indices are positions in the row plan (``ROWS``: rows sorted by decreasing scale). Only H's
+# rows are read through ORDER: T, LSE, WT and G are in sorted order (the launcher gathers the
+# small per-row ones), so no gathered row index stays live beside the logit tile, and the GEMMs
+# below read G_c's rows that reach chain c as a prefix.
+@autotune(configs=LOGIT_CONFIGS, key=["LAYOUT_KEY", "ALIGN", "ROWS"], prune=_dlogits_pruner)
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY"])
 def _mcce_bwd_dlogits_kernel(
-    H, W, T, TBL, LSE, WT, G,
+    H, W, T, TBL, LSE, WT, G, ORDER, COUNTS,
     N, V, stride_hn, stride_wv, stride_gs, stride_gn, stride_wf, stride_ws, ignore_index,
     label_smoothing, lse_square_scale, softcap,
-    LAYOUT_KEY, MAX_K,  # autotune key / pruning only
+    LAYOUT_KEY,  # autotune key (pruning)
     NUM_SCALES: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
-    ROW_WEIGHTS: tl.constexpr, ALIGN: tl.constexpr,
+    ROW_WEIGHTS: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     ELEM: tl.constexpr = G.dtype.element_ty
     pid = tl.program_id(0)
     tile_m, tile_n = grouped_tile(pid, tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
-    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < N
+    h_rows = H + sorted_rows(ORDER, COUNTS, 0, pos, N, ROWS)[0][:, None] * stride_hn
+    m_ok = pos < N
     n_ok = rn < V
-    rm64 = rm.to(tl.int64)
+    pos64 = pos.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    tgt = tl.load(T + rm64, mask=m_ok, other=ignore_index)
+    tgt = tl.load(T + pos64, mask=m_ok, other=ignore_index)
     valid = m_ok & (tgt != ignore_index)
     tgt32 = tl.where((tgt >= 0) & (tgt < V), tgt, -1).to(tl.int32)  # never an address
-    h_rows = H + rm64[:, None] * stride_hn
     w_cols = W + rn64[None, :] * stride_wv
-    g_ptrs = G + rm64[:, None] * stride_gn + rn64[None, :]
+    g_ptrs = G + pos64[:, None] * stride_gn + rn64[None, :]
     st_mask = m_ok[:, None] & n_ok[None, :]
-    starts, widths, k_tiles = _chain_k_tiles(TBL, NUM_SCALES, ALIGN, BLOCK_K)
+    # The K loop stops at the prefix width of the block's largest scale (its first row's); the G
+    # slots above it are never read for these rows (the GEMMs stop at each chain's count).
+    n_scales = blocks_reached(COUNTS, tile_m * BLOCK_M, NUM_SCALES, ROWS)
+    starts, widths, k_tiles = _chain_k_tiles(TBL, n_scales, NUM_SCALES, ALIGN, BLOCK_K)
+    if ROWS:
+        last = tl.maximum(n_scales - 1, 0)
+    else:
+        last = NUM_SCALES - 1
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c = pid * 0  # chain of the current K tile, and the tile's column in it
@@ -116,40 +132,44 @@ def _mcce_bwd_dlogits_kernel(
     for _ in range(0, k_tiles):
         a, b, ends = _logit_k_tile(h_rows, w_cols, starts, widths, c, kc, m_ok, n_ok, BLOCK_K)
         acc = mma(a, b, acc)
-        if ends & (c < NUM_SCALES - 1):  # the last scale's D stays in registers (below)
-            d = _dlogits(acc, c, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
-                         label_smoothing, lse_square_scale, softcap, NUM_SCALES, SOFTCAP, SMOOTH,
-                         ZLOSS, ROW_WEIGHTS)
+        if ends & (c < last):  # the last scale's D stays in registers (below)
+            d = _dlogits(acc, c, pos64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
+                         label_smoothing, lse_square_scale, softcap, COUNTS, NUM_SCALES, SOFTCAP,
+                         SMOOTH, ZLOSS, ROW_WEIGHTS, ROWS)
             tl.store(g_ptrs + c.to(tl.int64) * stride_gs, d.to(ELEM), mask=st_mask)
         c += ends.to(tl.int32)
         kc = tl.where(ends, 0, kc + BLOCK_K)
 
-    last = NUM_SCALES - 1
-    d = _dlogits(acc, last, rm64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
-                 label_smoothing, lse_square_scale, softcap, NUM_SCALES, SOFTCAP, SMOOTH, ZLOSS,
-                 ROW_WEIGHTS)
+    d = _dlogits(acc, last, pos64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
+                 label_smoothing, lse_square_scale, softcap, COUNTS, NUM_SCALES, SOFTCAP, SMOOTH,
+                 ZLOSS, ROW_WEIGHTS, ROWS)
     tl.store(g_ptrs + last * stride_gs, d.to(ELEM), mask=st_mask)
     if NUM_SCALES > 1:
         # Suffix sums in place: G_c = D_c + G_(c+1), from the last scale (in fp32) down.
         tl.debug_barrier()  # the slots are read back, possibly by other threads of the program
         for j in tl.static_range(1, NUM_SCALES):
             cc = NUM_SCALES - 1 - j
-            d += tl.load(g_ptrs + cc * stride_gs, mask=st_mask, other=0.0).to(tl.float32)
-            tl.store(g_ptrs + cc * stride_gs, d.to(ELEM), mask=st_mask)
+            mask = st_mask
+            if ROWS:  # slots above the block's largest scale: unwritten and never read (predicated
+                mask = tl.where(cc < last, mask, False)  # off, not branched around: fewer registers)
+            d += tl.load(g_ptrs + cc * stride_gs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_ptrs + cc * stride_gs, d.to(ELEM), mask=mask)
 
 
-# dh[:, chain c] = alpha * G_c @ W[:, chain c]. TBL rows as in the forward.
+# dh[:, chain c] = alpha * G_c @ W[:, chain c]. TBL rows as in the forward. With ROWS a tile of
+# positions whose rows all stop before chain c runs no K loop (its dh columns are exact zeros),
+# and G_c's rows past the chain's count are masked (their slots may be unwritten).
 @autotune(
-    configs=gemm_configs(_H100_GRAD, ()),
-    key=["LAYOUT_KEY", "ALIGN"],
+    configs=GRAD_CONFIGS,
+    key=["LAYOUT_KEY", "ALIGN", "ROWS"],
     prune=_dh_pruner,
 )
-@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_W"])
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY"])
 def _mcce_bwd_dh_kernel(
-    G, W, TBL, ALPHA, DH,
+    G, W, TBL, ALPHA, DH, ORDER, COUNTS,
     N, V, stride_gs, stride_gn, stride_wv, stride_dhn,
-    LAYOUT_KEY, MAX_W,  # autotune key / pruning only
-    NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr,
+    LAYOUT_KEY,  # autotune key (pruning)
+    NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     ELEM: tl.constexpr = DH.dtype.element_ty
@@ -160,40 +180,44 @@ def _mcce_bwd_dh_kernel(
     lo = load_int(TBL, chain, ALIGN)
     width = load_int(TBL + NUM_SCALES, chain, ALIGN)
 
-    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm64, used = sorted_rows(ORDER, COUNTS, chain, pos, N, ROWS)
     rc = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < N
+    m_ok = pos < N
     c_ok = rc < width
     cols = lo + rc
-    a_ptrs = G + chain.to(tl.int64) * stride_gs + rm.to(tl.int64)[:, None] * stride_gn + rk[None, :]
+    a_ptrs = G + chain.to(tl.int64) * stride_gs + pos.to(tl.int64)[:, None] * stride_gn + rk[None, :]
     b_ptrs = W + rk.to(tl.int64)[:, None] * stride_wv + cols[None, :]
     step_b = tl.cast(stride_wv, tl.int64) * BLOCK_K
+    k_end = tl.where(tile_m * BLOCK_M < rows_used(COUNTS, chain, N, ROWS), V, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, V, BLOCK_K):
+    for k in range(0, k_end, BLOCK_K):
         k_ok = rk < V - k
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc = mma(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += step_b
     acc *= tl.load(ALPHA)
-    dh_ptrs = DH + rm.to(tl.int64)[:, None] * stride_dhn + cols[None, :]
+    dh_ptrs = DH + rm64[:, None] * stride_dhn + cols[None, :]
     tl.store(dh_ptrs, acc.to(ELEM), mask=m_ok[:, None] & c_ok[None, :])
 
 
-# dW[:, chain c] = alpha * G_c^T @ h[:, chain c] (+ ACC when LOAD_ACC), written to OUT.
+# dW[:, chain c] = alpha * G_c^T @ h[:, chain c] (+ ACC when LOAD_ACC), written to OUT. With ROWS
+# the K loop runs over the positions that reach chain c only (a prefix: G_c's rows in order, h's
+# rows gathered through ORDER).
 @autotune(
-    configs=gemm_configs(_H100_GRAD, ()),
-    key=["LAYOUT_KEY", "ALIGN"],
+    configs=GRAD_CONFIGS,
+    key=["LAYOUT_KEY", "ALIGN", "ROWS"],
     prune=_dw_pruner,
 )
-@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_W"])
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY"])
 def _mcce_bwd_dw_kernel(
-    G, H, TBL, ALPHA, ACC, OUT,
+    G, H, TBL, ALPHA, ACC, OUT, ORDER, COUNTS,
     N, V, stride_gs, stride_gn, stride_hn, stride_acc, stride_out,
-    LAYOUT_KEY, MAX_W,  # autotune key / pruning only
-    NUM_SCALES: tl.constexpr, LOAD_ACC: tl.constexpr, ALIGN: tl.constexpr,
+    LAYOUT_KEY,  # autotune key (pruning)
+    NUM_SCALES: tl.constexpr, LOAD_ACC: tl.constexpr, ALIGN: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -214,14 +238,20 @@ def _mcce_bwd_dw_kernel(
     b_ptrs = H + rk64[:, None] * stride_hn + cols[None, :]
     step_a = tl.cast(stride_gn, tl.int64) * BLOCK_K
     step_b = tl.cast(stride_hn, tl.int64) * BLOCK_K
+    n_rows = rows_used(COUNTS, chain, N, ROWS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, N, BLOCK_K):
-        k_ok = rk < N - k
+    for k in range(0, n_rows, BLOCK_K):
+        k_ok = rk < n_rows - k
         a = tl.load(a_ptrs, mask=v_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        if ROWS:
+            rows = tl.load(ORDER + k + rk, mask=k_ok, other=0).to(tl.int64)
+            b = tl.load(H + rows[:, None] * stride_hn + cols[None, :], mask=k_ok[:, None] & c_ok[None, :],
+                        other=0.0)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            b_ptrs += step_b
         acc = mma(a, b, acc)
         a_ptrs += step_a
-        b_ptrs += step_b
     acc *= tl.load(ALPHA)
     rv64 = rv.to(tl.int64)
     mask = v_ok[:, None] & c_ok[None, :]
@@ -233,7 +263,7 @@ def _mcce_bwd_dw_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _upstream_weights(grad, targets, ignore_index, reduction):
+def _upstream_weights(grad, targets, ignore_index, reduction, row_chains=None):
     """``(wt, alpha)``: the per-scale (``(2, NS)``) or per-row (``(2, NS, N)``, ``none``) weights
     of the loss (0) and of loss + z-loss (1), divided by ``alpha = max |weight|`` (a device scalar;
     1 when that is 0 or not finite), so the workspace holds values of at most about 1."""
@@ -241,7 +271,7 @@ def _upstream_weights(grad, targets, ignore_index, reduction):
     if g.dim() == (2 if reduction == "none" else 1):  # the loss's gradient alone (standalone use)
         g = torch.stack([g, torch.zeros_like(g)])
     if reduction == "mean":  # no row counts when the count is 0: any finite weight will do
-        g = g / _n_counted(targets, ignore_index).clamp_min(1.0)
+        g = g / _n_counted(targets, ignore_index, row_chains, g.shape[1]).clamp_min(1.0)
     wt = torch.stack([g[0], g[0] + g[1]])
     alpha = wt.abs().amax() if wt.numel() else torch.ones((), device=wt.device)
     alpha = torch.where(torch.isfinite(alpha) & (alpha > 0), alpha, torch.ones_like(alpha))
@@ -251,11 +281,13 @@ def _upstream_weights(grad, targets, ignore_index, reduction):
 def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index: int,
              needs_hidden: bool = True, needs_weight: bool = True, *, lse: Optional[torch.Tensor] = None,
              reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-             softcap: float = 0.0):
+             softcap: float = 0.0, row_chains: Optional[torch.Tensor] = None):
     """``(dh (N, P) | None, dW (V, D) | None)`` in the input dtype for the output's gradient
     ``grad`` (``mcce_out_shape``; without the leading 2 it is the loss's alone). ``lse`` is the
     forward's (autograd passes it); standalone callers may leave it None (one forward pass).
-    Row chunks of at most ``_WORKSPACE_BYTES`` of workspace run in order: dlogits, dh, dW."""
+    ``row_chains`` (int32 ``(N,)``): row r counts in scales ``0..row_chains[r]`` only.
+    Row chunks of at most ``_WORKSPACE_BYTES`` of workspace run in order: dlogits, dh, dW; with
+    ``row_chains`` they are chunks of the rows sorted by decreasing scale."""
     offsets = [int(o) for o in offsets]
     _check(hidden, weight, targets, offsets, reduction)
     n, ns, v = hidden.shape[0], len(offsets) - 1, weight.shape[0]
@@ -269,49 +301,63 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
             dw.zero_()
     if n == 0 or not (needs_hidden or needs_weight):
         return dh, dw
+    has_rows, order, counts = row_plan(row_chains, range(ns), n, dev)
     if lse is None:
         lse, _ = _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothing,
-                               lse_square_scale, softcap)
-    wt, alpha = _upstream_weights(grad, targets, ignore_index, reduction)
+                               lse_square_scale, softcap, row_chains)
+    wt, alpha = _upstream_weights(grad, targets, ignore_index, reduction, row_chains)
     row_weights = wt.dim() == 3
+    if has_rows:  # the dlogits kernel reads the per-row inputs but hidden in sorted order
+        rows_sorted = order.long()
+        targets, lse = targets[rows_sorted], lse[rows_sorted]
+        wt = wt[:, :, rows_sorted] if row_weights else wt
     flags = _flags(label_smoothing, lse_square_scale, softcap)
-    tbl, align = _chain_table(offsets, dev, hidden.element_size(), (hidden, weight))
+    tbl, align = _chain_table(offsets, dev, hidden.element_size())
     widths = [b - a for a, b in zip(offsets, offsets[1:])]
-    dh_key = gemm_layout("dh", _layout_key("dh", v, tuple(offsets)), v, widths)
-    dw_key = gemm_layout("dw", _layout_key("dw", v, tuple(offsets)), v, widths)
-    logits_key = gemm_layout("logits", _layout_key("dlogits", v, tuple(offsets), tuple(sorted(flags.items())),
-                                                   row_weights), v, widths)
+    dh_key, dw_key = grad_layouts(v, offsets)
+    logits_key = logits_layout("dlogits", v, offsets, tuple(sorted(flags.items())), row_weights)
 
     unit = _row_unit()
     chunk = max(unit, _WORKSPACE_BYTES // (ns * v * hidden.element_size()) // unit * unit)
     chunk = min(chunk, n)
-    gbuf = torch.empty((ns, chunk, v), dtype=hidden.dtype, device=dev)
+    # G's rows padded to a 16-byte multiple: the dh and dW GEMMs stream them with aligned loads
+    # whatever the vocabulary (V = 50257, say)
+    step = max(1, 16 // hidden.element_size())
+    gbuf = torch.empty((ns, chunk, triton.cdiv(v, step) * step), dtype=hidden.dtype, device=dev)[:, :, :v]
     starts = list(range(0, n, chunk))
     acc = None
     if needs_weight and len(starts) > 1:
         acc = torch.empty((v, p), dtype=torch.float32, device=dev)
     for i, r0 in enumerate(starts):
         rows = min(chunk, n - r0)
-        h = hidden[r0: r0 + rows]
-        w_rows = wt[:, :, r0: r0 + rows] if row_weights else wt
+        chunk_rows = slice(r0, r0 + rows)  # sorted positions with has_rows, rows without
+        if has_rows:  # hidden and dh: whole tensors, their rows read through the chunk's ORDER
+            sel = slice(None)
+            order_c, counts_c = order[chunk_rows], (counts - r0).clamp(0, rows)
+        else:
+            sel = chunk_rows
+            order_c, counts_c = order, counts
+        h = hidden[sel]
+        w_rows = wt[:, :, chunk_rows] if row_weights else wt
         with device_guard(dev):
             _mcce_bwd_dlogits_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"])
                                                    * triton.cdiv(v, meta["BLOCK_N"]),)](
-                h, weight, targets[r0: r0 + rows], tbl, lse[r0: r0 + rows], w_rows, gbuf,
+                h, weight, targets[chunk_rows], tbl, lse[chunk_rows], w_rows, gbuf, order_c, counts_c,
                 rows, v, h.stride(0), weight.stride(0), gbuf.stride(0), gbuf.stride(1),
                 w_rows.stride(0), w_rows.stride(1), ignore_index,
                 float(label_smoothing), float(lse_square_scale), float(softcap),
-                logits_key, max(widths),
-                NUM_SCALES=ns, ROW_WEIGHTS=row_weights, ALIGN=align, **flags,
+                logits_key,
+                NUM_SCALES=ns, ROW_WEIGHTS=row_weights, ALIGN=_align(align, h, weight), ROWS=has_rows,
+                **flags,
             )
             if needs_hidden:
-                out = dh[r0: r0 + rows]
+                out = dh[sel]
                 _mcce_bwd_dh_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"])
                                                   * tile_count(widths, meta["BLOCK_N"]),)](
-                    gbuf, weight, tbl, alpha, out,
+                    gbuf, weight, tbl, alpha, out, order_c, counts_c,
                     rows, v, gbuf.stride(0), gbuf.stride(1), weight.stride(0), out.stride(0),
-                    dh_key, max(widths),
-                    NUM_SCALES=ns, ALIGN=align,
+                    dh_key,
+                    NUM_SCALES=ns, ALIGN=_align(align, gbuf[0], weight), ROWS=has_rows,
                 )
             if needs_weight:
                 # One chunk: straight into dW. Several: an fp32 sum, the last chunk writes dW.
@@ -321,10 +367,10 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                 target = dw if last else acc
                 _mcce_bwd_dw_kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_M"])
                                                   * tile_count(widths, meta["BLOCK_N"]),)](
-                    gbuf, h, tbl, alpha, acc if acc is not None else dw, target,
+                    gbuf, h, tbl, alpha, acc if acc is not None else dw, target, order_c, counts_c,
                     rows, v, gbuf.stride(0), gbuf.stride(1), h.stride(0),
                     (acc if acc is not None else dw).stride(0), target.stride(0),
-                    dw_key, max(widths),
-                    NUM_SCALES=ns, LOAD_ACC=i > 0, ALIGN=align,
+                    dw_key,
+                    NUM_SCALES=ns, LOAD_ACC=i > 0, ALIGN=_align(align, gbuf[0], h), ROWS=has_rows,
                 )
     return dh, dw

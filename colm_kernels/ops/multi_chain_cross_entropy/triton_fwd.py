@@ -10,17 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
-from colm_kernels._triton.utils import autotune, device_guard, gemm_configs, is_interpreter, mma
+from colm_kernels._triton.rows import blocks_reached, row_plan, sorted_rows
+from colm_kernels._triton.utils import autotune, device_guard, is_interpreter, mma
 
 from .triton_tiles import (
-    _H100_LOGITS,
+    LOGIT_CONFIGS,
+    _align,
     _chain_k_tiles,
     _chain_table,
     _check,
     _flags,
     _fwd_pruner,
-    gemm_layout,
-    _layout_key,
+    logits_layout,
     _logit_k_tile,
     _n_counted,
     _pick,
@@ -36,34 +37,38 @@ _MAX_SPLITS = 64  # vocabulary splits at most (partials: 2-3 x N x NS x splits f
 def _split_unit() -> int:
     """Columns per vocabulary-split unit: the largest BLOCK_N of the logit configs (16 in the
     interpreter), so every config's tiles fit a split exactly."""
-    return max(c.kwargs["BLOCK_N"] for c in gemm_configs(_H100_LOGITS, ()))
+    return max(c.kwargs["BLOCK_N"] for c in LOGIT_CONFIGS)
 
 
 def _row_unit() -> int:
     """Rows per block the split plan and the backward's chunks count with (the largest BLOCK_M)."""
-    return max(c.kwargs["BLOCK_M"] for c in gemm_configs(_H100_LOGITS, ()))
+    return max(c.kwargs["BLOCK_M"] for c in LOGIT_CONFIGS)
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-# TBL rows (NUM_SCALES long): 0 chain start o_c, 1 chain width.
-@autotune(configs=gemm_configs(_H100_LOGITS, ()), key=["LAYOUT_KEY", "ALIGN"], prune=_fwd_pruner)
-@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "MAX_K", "split_cols"])
+# TBL rows (NUM_SCALES long): 0 chain start o_c, 1 chain width. ORDER / COUNTS: the row plan
+# (``ROWS``): row blocks are blocks of positions in the rows sorted by decreasing scale.
+@autotune(configs=LOGIT_CONFIGS, key=["LAYOUT_KEY", "ALIGN", "ROWS"], prune=_fwd_pruner)
+@triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "split_cols"])
 def _mcce_fwd_kernel(
-    H, W, TBL, PART,
+    H, W, TBL, PART, ORDER, COUNTS,
     N, V, stride_hn, stride_wv, split_cols, softcap,
-    LAYOUT_KEY, MAX_K,  # autotune key / pruning only
+    LAYOUT_KEY,  # autotune key (pruning)
     NUM_SCALES: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ALIGN: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rm < N
-    rm64 = rm.to(tl.int64)
-    h_rows = H + rm64[:, None] * stride_hn
-    starts, widths, k_tiles = _chain_k_tiles(TBL, NUM_SCALES, ALIGN, BLOCK_K)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    h_rows = H + sorted_rows(ORDER, COUNTS, 0, pos, N, ROWS)[0][:, None] * stride_hn
+    m_ok = pos < N
+    # The block's first row has its largest scale: the K loop stops at that scale's prefix width
+    # (the states of the scales above stay empty; the merge zeroes what a row does not reach).
+    n_scales = blocks_reached(COUNTS, pid_m * BLOCK_M, NUM_SCALES, ROWS)
+    starts, widths, k_tiles = _chain_k_tiles(TBL, n_scales, NUM_SCALES, ALIGN, BLOCK_K)
 
     # Per-scale row state as tuples of (BLOCK_M,) vectors (a (BLOCK_M, NS) tile would take the
     # MMA layout of the logits, replicated to the MMA tile width: ~32 registers each). Every
@@ -111,28 +116,30 @@ def _mcce_fwd_kernel(
     splits = tl.num_programs(1)
     field = N.to(tl.int64) * NUM_SCALES * splits
     for s in tl.static_range(NUM_SCALES):
-        offs = (rm64 * NUM_SCALES + s) * splits + pid_s
+        offs = (pos.to(tl.int64) * NUM_SCALES + s) * splits + pid_s  # partials: by sorted position
         tl.store(PART + offs, run_max[s], mask=m_ok)
         tl.store(PART + field + offs, run_sum[s], mask=m_ok)
         if SMOOTH:
             tl.store(PART + 2 * field + offs, z_sum[s], mask=m_ok)
 
 
+# Blocks of sorted positions (``ROWS``; rows through ORDER): position p counts in the scales s
+# with p < COUNTS[s] only.
 @triton.jit(do_not_specialize=["N", "splits"])
 def _mcce_fwd_merge_kernel(
-    PART, H, W, T, TBL, LSE, OUT,
+    PART, H, W, T, TBL, ORDER, COUNTS, LSE, OUT,
     N, V, stride_hn, stride_wv, splits, ignore_index, label_smoothing, lse_square_scale, softcap,
     NUM_SCALES: tl.constexpr, SCALES_P2: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
-    ZLOSS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ZLOSS: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rm = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_ok = rm < N
-    rm64 = rm.to(tl.int64)
+    pos = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm64 = sorted_rows(ORDER, COUNTS, 0, pos, N, ROWS)[0]
+    m_ok = pos < N
     sc = tl.arange(0, SCALES_P2)
     mask = m_ok[:, None] & (sc[None, :] < NUM_SCALES)
     field = N.to(tl.int64) * NUM_SCALES * splits
-    base = PART + (rm64[:, None] * NUM_SCALES + sc[None, :]) * splits
+    base = PART + (pos.to(tl.int64)[:, None] * NUM_SCALES + sc[None, :]) * splits
 
     run_max = tl.full((BLOCK_R, SCALES_P2), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_R, SCALES_P2), dtype=tl.float32)
@@ -171,8 +178,13 @@ def _mcce_fwd_merge_kernel(
     if SOFTCAP:
         tgt_logit = softcap * _tanh(tgt_logit / softcap)
 
-    lse = tl.where(mask, run_max + tl.log(tl.where(mask, run_sum, 1.0)), 0.0)  # padding: 0, no inf
-    lse = tl.where(bad, float("nan"), lse)  # an unchecked out-of-range target: NaN, never a guess
+    ok = mask
+    if ROWS:  # scales a row does not reach: lse 0 (never read), outputs 0 as at an ignored row
+        reach = pos[:, None] < tl.load(COUNTS + sc, mask=sc < NUM_SCALES, other=0)[None, :]
+        ok = ok & reach
+        valid = valid & reach
+    lse = tl.where(ok, run_max + tl.log(tl.where(ok, run_sum, 1.0)), 0.0)  # padding: 0, no inf
+    lse = tl.where(bad & ok, float("nan"), lse)  # an unchecked out-of-range target: NaN, never a guess
     if SMOOTH:
         ce = lse - (1.0 - label_smoothing) * tgt_logit - (label_smoothing / V) * z_sum
     else:
@@ -209,34 +221,35 @@ def _vocab_splits(n: int, v: int, sms: int, unit: Optional[int] = None,
 
 
 def _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothing,
-                  lse_square_scale, softcap):
-    """``lse (N, NS)`` and the per-row outputs ``(2, NS, N)`` (fp32; 0 on ignored rows)."""
+                  lse_square_scale, softcap, row_chains=None):
+    """``lse (N, NS)`` and the per-row outputs ``(2, NS, N)`` (fp32; 0 on ignored rows and where
+    a row does not reach a scale)."""
     n, ns, v = hidden.shape[0], len(offsets) - 1, weight.shape[0]
     dev = hidden.device
     lse = torch.empty((n, ns), dtype=torch.float32, device=dev)
     rows = torch.empty((2, ns, n), dtype=torch.float32, device=dev)
     if n == 0:
         return lse, rows
+    has_rows, order, counts = row_plan(row_chains, range(ns), n, dev)
     flags = _flags(label_smoothing, lse_square_scale, softcap)
-    tbl, align = _chain_table(offsets, dev, hidden.element_size(), (hidden, weight))
+    tbl, align = _chain_table(offsets, dev, hidden.element_size())
     splits, split_cols = _vocab_splits(n, v, _sm_count(dev))
     part = torch.empty((3 if flags["SMOOTH"] else 2, n, ns, splits), dtype=torch.float32, device=dev)
-    widths = [b - a for a, b in zip(offsets, offsets[1:])]
     with device_guard(dev):
         _mcce_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
-            hidden, weight, tbl, part,
+            hidden, weight, tbl, part, order, counts,
             n, v, hidden.stride(0), weight.stride(0), split_cols, float(softcap),
-            gemm_layout("logits", _layout_key("fwd", v, tuple(offsets), flags["SOFTCAP"], flags["SMOOTH"]),
-                        v, widths), max(widths),
-            NUM_SCALES=ns, SOFTCAP=flags["SOFTCAP"], SMOOTH=flags["SMOOTH"], ALIGN=align,
+            logits_layout("fwd", v, offsets, flags["SOFTCAP"], flags["SMOOTH"]),
+            NUM_SCALES=ns, SOFTCAP=flags["SOFTCAP"], SMOOTH=flags["SMOOTH"], ALIGN=_align(align, hidden, weight),
+            ROWS=has_rows,
         )
         block_r, block_d = (16, 16) if is_interpreter() else (16, 64)
         _mcce_fwd_merge_kernel[(triton.cdiv(n, block_r),)](
-            part, hidden, weight, targets, tbl, lse, rows,
+            part, hidden, weight, targets, tbl, order, counts, lse, rows,
             n, v, hidden.stride(0), weight.stride(0), splits, ignore_index, float(label_smoothing),
             float(lse_square_scale), float(softcap),
             NUM_SCALES=ns, SCALES_P2=max(2, triton.next_power_of_2(ns)), SOFTCAP=flags["SOFTCAP"],
-            SMOOTH=flags["SMOOTH"], ZLOSS=flags["ZLOSS"], BLOCK_R=block_r, BLOCK_D=block_d,
+            SMOOTH=flags["SMOOTH"], ZLOSS=flags["ZLOSS"], ROWS=has_rows, BLOCK_R=block_r, BLOCK_D=block_d,
             num_warps=4,
         )
     return lse, rows
@@ -244,15 +257,19 @@ def _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothin
 
 def mcce_fwd(hidden, weight, targets, offsets: Sequence[int], ignore_index: int,
              reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-             softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+             softcap: float = 0.0, row_chains: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: ``out`` fp32 ``mcce_out_shape`` (row 0 loss incl. z-loss, row 1 z-loss;
-    ``mean`` is NaN when every row is ignored, as in ``F.cross_entropy``), ``lse (N, NS)`` fp32
-    (what the backward needs)."""
+    ``mean`` is NaN when no row counts, as in ``F.cross_entropy``), ``lse (N, NS)`` fp32 (what the
+    backward needs). ``row_chains`` (int32 ``(N,)`` or None): row r counts in scales
+    ``0..row_chains[r]`` only."""
     offsets = [int(o) for o in offsets]
     _check(hidden, weight, targets, offsets, reduction)
     lse, rows = _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothing,
-                              lse_square_scale, softcap)
+                              lse_square_scale, softcap, row_chains)
     if reduction == "none":
         return rows, lse
     total = rows.sum(-1)
-    return (total / _n_counted(targets, ignore_index) if reduction == "mean" else total), lse
+    if reduction == "mean":
+        total = total / _n_counted(targets, ignore_index, row_chains, len(offsets) - 1)
+    return total, lse

@@ -43,6 +43,23 @@ sm_90a for 16-bit inputs; no torch matmul anywhere):
   chunk's rows: ``dW[:, chain c] (+)= G_c^T @ h[:, chain c]``. Over several chunks the sum is kept
   in an fp32 buffer and the last chunk writes the input dtype (chunks run in order: deterministic).
 
+Per-row scales (``row_chains``, ``ROWS`` constexpr; row r counts in scales ``0..row_chains[r]``
+only): the launchers sort the rows by decreasing scale (``colm_kernels._triton.rows.row_plan``:
+``ORDER``, and ``COUNTS[c]`` the rows that reach scale c, a prefix of that order). Every row index
+of the kernels above is then a position in that order: ``hidden``'s, ``dh``'s and the merge's
+per-row reads and writes go through ``ORDER``; the forward partials and ``G`` are by position, and
+the backward gathers targets, ``lse`` and per-row weights into that order first. A row block's
+first row has its largest scale, so the logit kernels' K loop stops at that scale's prefix width
+(no product of a chain no row of the block reaches); the merge zeroes each row's outputs (and
+``lse``) at the scales it does not reach (position p reaches s iff p < COUNTS[s]); the dlogits
+kernel masks ``D_s`` per row by ``COUNTS[s]`` (so ``G_c`` is 0 where a row stops before c) and
+writes only the slots up to the block's largest scale; dh tiles of a chain past its count run no
+K loop (exact zero columns) and mask ``G_c``'s rows past it; dW's K loop over rows stops at the
+chain's count. ``mean`` divides each scale by its own count of rows (not ignored, reaching it).
+A mixed batch so executes at most the tensor-core FLOPs of one batch per scale (counted in
+tests/ops/test_multi_chain_cross_entropy_rows.py). A row's hidden columns past its own prefix
+width reach only values that are masked, so they may hold anything.
+
 FLOPs: the forward runs one ``(N, V, P)`` product, the backward three (logits again, dh, dW):
 4 against the 3 of a backward that would keep logits, for ``O(N x NS)`` saved bytes instead of
 ``O(N x V x NS)``. Rows are chunked so the workspace stays under ``triton_bwd._WORKSPACE_BYTES``
@@ -50,16 +67,18 @@ FLOPs: the forward runs one ``(N, V, P)`` product, the backward three (logits ag
 The workspace is scaled by ``alpha = max |a|, |b|`` (multiplied back in the GEMM epilogues), so
 fp16 keeps its relative precision for small upstream gradients.
 
-Saved for backward: ``hidden``, ``weight``, ``targets`` and ``lse (N, NS)`` fp32, nothing else.
+Saved for backward: ``hidden``, ``weight``, ``targets`` and ``lse (N, NS)`` fp32 (and the per-row
+scales, an input), nothing else; the backward sorts the rows again (no host sync).
 
 Targets: a target outside ``[0, V)`` that is not ignore_index is never used as an address (the
 gather reads row 0 under a false mask, the dlogits kernel compares column indices): its row's
-``lse`` is NaN, so its losses and gradient rows are NaN (and so is every reduced loss and dW).
+``lse`` is NaN at the scales it reaches, so its losses there and its gradient rows are NaN (and so
+are those reduced losses and dW).
 
 Dtypes: fp16, bf16 (GPU only: the interpreter's bf16 ``tl.dot`` is wrong) or fp32 inputs (IEEE
 dots); softmax math is fp32, losses and ``lse`` fp32, gradients written once in the input dtype.
 Row offsets are int64; V and D must stay below 2**31. Autotune keys: the vocabulary, the chain
-layout and the options, never N. Configs and their measured register limits: ``triton_tiles``.
+layout, the options and ``ROWS``, never N. Configs and their measured register limits: ``triton_tiles``.
 
 This module gathers the launchers; the op is registered in ``triton.py``.
 """

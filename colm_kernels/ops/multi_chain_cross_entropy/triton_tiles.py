@@ -12,8 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from colm_kernels._triton.utils import (check_tensor, int64_table, load_int, make_gemm_pruner,
-                                        register_gemm_layout)
+from colm_kernels._triton.utils import (
+    check_tensor,
+    gemm_configs,
+    int64_table,
+    load_int,
+    make_gemm_pruner,
+    operands_tma_aligned,
+    register_gemm_layout,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -28,6 +35,7 @@ _H100_LOGITS = (
     (128, 64, 64, 8, 4),
     (64, 128, 64, 8, 4),
     (64, 64, 64, 4, 4),
+    (64, 64, 64, 8, 2),  # 16 accumulator values a thread: unaligned operands (see the pruners)
     (64, 64, 8, 8, 2),  # fp32 (FMA dots): spill-free up to 8 scales; 16-deep tiles spilled 8-1500 B
 )
 # Gradient GEMMs (dh: K = V; dW: K = rows). (128, 256) spilled in dW at 8 chains.
@@ -41,11 +49,24 @@ _H100_GRAD = (
 )
 
 
-def _pruner(dtype_arg: str, heavy=None):
-    """``make_gemm_pruner`` (the layout registered under the launch's ``LAYOUT_KEY``, see
-    ``gemm_layout``) over the configs of the input's dtype class (BLOCK_K <= 32 for fp32, 64 for
-    16-bit inputs), then, where ``heavy(args)``, at most 32 fp32 accumulator values a thread
-    instead of 64."""
+def _configs(table) -> list:
+    """``gemm_configs(table)`` without TMA twins and without the ``USE_TMA`` knob: these kernels
+    load their operands through pointers only."""
+    return [triton.Config({k: v for k, v in c.kwargs.items() if k != "USE_TMA"}, num_warps=c.num_warps,
+                          num_stages=c.num_stages)
+            for c in gemm_configs(table, ()) if not c.kwargs.get("USE_TMA")]
+
+
+LOGIT_CONFIGS = _configs(_H100_LOGITS)
+GRAD_CONFIGS = _configs(_H100_GRAD)
+
+
+def _pruner(dtype_arg: str, acc_budget=None):
+    """``make_gemm_pruner`` (blocks clamped to the extents registered under ``LAYOUT_KEY``, shared
+    memory and register budgets, least wasted MMA work; its smaller budgets where ``ALIGN == 1``)
+    over the configs of the input's dtype class (BLOCK_K <= 32 for fp32, 64 for 16-bit inputs),
+    then at most ``acc_budget(args)`` fp32 accumulator values a thread (the smallest tile if none
+    fits)."""
     base = make_gemm_pruner(dtype_arg)
 
     def prune(configs, named_args, **kwargs):
@@ -53,45 +74,69 @@ def _pruner(dtype_arg: str, heavy=None):
         wide = args[dtype_arg].element_size() >= 4
         mine = [c for c in configs if (c.kwargs["BLOCK_K"] <= 32) == wide]
         kept = base(mine or configs, named_args, **kwargs)
-        if heavy is not None and heavy(args):
-            light = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps]
-            kept = light or kept
+        if acc_budget is not None:
+            budget = acc_budget(args)
+            light = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= budget * 32 * c.num_warps]
+            kept = light or [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / c.num_warps)]
         return kept
 
     return prune
 
 
-# Heavy logit epilogues, where the 128x128 / 8-warp tile spilled (up to 220 B a thread, sm_90a):
-# dlogits (worst with softcap: the logit tile stays live beside tanh and D), and the forward with more
-# than 16 per-scale state vectors (NS * (2 + label smoothing)). 16 scales with label smoothing and
-# softcap still spill in every forward config (up to 188 B): a known limit.
-_fwd_pruner = _pruner("H", lambda a: a["NUM_SCALES"] * (2 + int(bool(a["SMOOTH"]))) > 16)
-# dlogits keeps the logit tile live beside the gradient tile: its 128x128 / 8-warp tile spills
-# 12 B a thread at the default bench shape even without softcap (Triton 3.9's ptxas, sm_90a).
-_dlogits_pruner = _pruner("H", lambda a: True)
+# Accumulator budgets of the logit kernels (fp32 values a thread; sm_90a, ptxas -v). 64 (the
+# 128x128 / 8-warp tile) only for light epilogues: it spilled in dlogits with softcap (up to 220 B:
+# the logit tile stays live beside tanh and D) or label smoothing (12 B), in the forward with
+# softcap (136-152 B), with more than 16 per-scale state vectors (NS * (2 + label smoothing)), or
+# with per-row scales (72 B at 2 scales; 255 registers and no spill at the bench shape). Plain,
+# it takes 253-255 registers without spills in both kernels at the bench shape (bf16, V 32000,
+# D 2048, 4 chains). Unaligned operands (ALIGN == 1: tiles loaded element by element through
+# registers): 32 in the forward (no spill seen), 16 in dlogits, where every 32-value tile spilled
+# with the options (200-760 B; fp16, widths 24/16, V 101, an odd row stride) and the 64x64 /
+# 8-warp tile did not (175-241 registers). 16 scales with label smoothing and softcap still spill
+# in every forward config (up to 188 B): a known limit.
+def _fwd_budget(a) -> int:
+    heavy = (int(a["ALIGN"]) == 1 or bool(a["ROWS"]) or bool(a["SOFTCAP"])
+             or a["NUM_SCALES"] * (2 + int(bool(a["SMOOTH"]))) > 16)
+    return 32 if heavy else 64
+
+
+def _dlogits_budget(a) -> int:
+    if int(a["ALIGN"]) == 1:
+        return 16
+    return 32 if a["SOFTCAP"] or a["SMOOTH"] else 64
+
+
+_fwd_pruner = _pruner("H", _fwd_budget)
+_dlogits_pruner = _pruner("H", _dlogits_budget)
 _dh_pruner = _pruner("G")
 _dw_pruner = _pruner("G")
 
 
-def gemm_layout(kind: str, key: int, vocab: int, widths) -> int:
-    """Register what each CE GEMM's blocks tile (``register_gemm_layout``) under autotune key
-    ``key``: logits (forward, dlogits): BLOCK_N over the vocabulary, BLOCK_K over each chain's
-    columns; dh: BLOCK_N over a chain's columns, BLOCK_K over the vocabulary; dW: BLOCK_M over
-    the vocabulary, BLOCK_N over a chain's columns."""
-    if kind == "logits":
-        return register_gemm_layout(key, ("BLOCK_N", "BLOCK_K"), [(vocab, w) for w in widths])
-    if kind == "dh":
-        return register_gemm_layout(key, ("BLOCK_N", "BLOCK_K"), [(w, vocab) for w in widths])
-    return register_gemm_layout(key, ("BLOCK_M", "BLOCK_N"), [(vocab, w) for w in widths])
+def logits_layout(kind: str, v: int, offsets, *extra) -> int:
+    """Autotune key of a logit kernel (forward, dlogits): BLOCK_N tiles the vocabulary, BLOCK_K
+    each chain's width; registered for the pruner."""
+    widths = [b - a for a, b in zip(offsets, offsets[1:])]
+    return register_gemm_layout(_layout_key(kind, v, tuple(offsets), *extra), ("BLOCK_N", "BLOCK_K"),
+                                [(v, w) for w in widths])
+
+
+def grad_layouts(v: int, offsets) -> tuple:
+    """Autotune keys of the dh GEMM (BLOCK_N over a chain's width, BLOCK_K over V) and the dW GEMM
+    (BLOCK_M over V, BLOCK_N over a chain's width); registered for the pruner."""
+    widths = [b - a for a, b in zip(offsets, offsets[1:])]
+    dh = register_gemm_layout(_layout_key("dh", v, tuple(offsets)), ("BLOCK_N", "BLOCK_K"), [(w, v) for w in widths])
+    dw = register_gemm_layout(_layout_key("dw", v, tuple(offsets)), ("BLOCK_M", "BLOCK_N"), [(v, w) for w in widths])
+    return dh, dw
 
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _chain_k_tiles(TBL, NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr):
+def _chain_k_tiles(TBL, n_scales, NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr):
     """``(starts, widths, k_tiles)``: the chains' first columns and widths as tuples of scalars and
-    the number of BLOCK_K tiles of the K loop (no tile straddles two chains)."""
+    the number of BLOCK_K tiles of a K loop over the first ``n_scales`` chains (no tile straddles
+    two chains)."""
     starts = ()
     widths = ()
     k_tiles = 0
@@ -99,7 +144,7 @@ def _chain_k_tiles(TBL, NUM_SCALES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: 
         w = load_int(TBL + NUM_SCALES, j, ALIGN)
         starts = starts + (load_int(TBL, j, ALIGN),)
         widths = widths + (w,)
-        k_tiles += tl.cdiv(w, BLOCK_K)
+        k_tiles += tl.where(j < n_scales, tl.cdiv(w, BLOCK_K), 0)
     return starts, widths, k_tiles
 
 
@@ -191,22 +236,31 @@ def _check(hidden, weight, targets, offsets, reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _chain_table(offsets, device, element_size, operands=()) -> Tuple[torch.Tensor, int]:
-    """The ``(2, NS)`` table of chain starts and widths, and the ``ALIGN`` hint (elements per 16
-    bytes when every start and width is a multiple of it and every 2-D ``operands`` tensor has a
-    16-byte aligned base and row stride, else 1). An unaligned operand is read element by element
-    through registers: ``ALIGN == 1`` also tells the GEMM pruner to keep the small staging tiles."""
+def _chain_table(offsets, device, element_size) -> Tuple[torch.Tensor, int]:
+    """The ``(2, NS)`` table of chain starts and widths, and the ``ALIGN`` hint for them
+    (elements per 16 bytes when every start and width is a multiple of it, else 1)."""
     starts, widths = list(offsets[:-1]), [b - a for a, b in zip(offsets, offsets[1:])]
     step = max(1, 16 // element_size)
-    ints = starts + widths + [int(t.stride(0)) for t in operands]
-    aligned = all(x % step == 0 for x in ints) and all(t.data_ptr() % 16 == 0 for t in operands)
-    return int64_table([starts, widths], device), step if aligned else 1
+    align = step if all(x % step == 0 for x in starts + widths) else 1
+    return int64_table([starts, widths], device), align
+
+
+def _align(align: int, *operands: torch.Tensor) -> int:
+    """A kernel's ``ALIGN``: the table's, or 1 when a GEMM operand's base or row stride is not a
+    16-byte multiple (its tiles then load through registers, element by element, and the pruners
+    keep the configs whose registers allow that)."""
+    return align if operands_tma_aligned(*operands) else 1
 
 
 def _flags(label_smoothing, lse_square_scale, softcap):
     return dict(SOFTCAP=softcap > 0, SMOOTH=label_smoothing > 0, ZLOSS=lse_square_scale > 0)
 
 
-def _n_counted(targets, ignore_index) -> torch.Tensor:
-    """The rows that count (not ignored) as an fp32 device scalar: no host sync."""
-    return (targets != ignore_index).sum().to(torch.float32)
+def _n_counted(targets, ignore_index, row_chains=None, n_scales: int = 1) -> torch.Tensor:
+    """The rows that count (not ignored) as an fp32 device scalar, or with ``row_chains`` per scale
+    ``(n_scales,)`` (not ignored and reaching the scale): no host sync."""
+    valid = targets != ignore_index
+    if row_chains is None:
+        return valid.sum().to(torch.float32)
+    scales = torch.arange(n_scales, device=targets.device, dtype=row_chains.dtype)
+    return (valid[None, :] & (row_chains[None, :] >= scales[:, None])).sum(1).to(torch.float32)
