@@ -14,8 +14,10 @@ Host side:
   clamps blocks to the chain layout's extents, keeps configs within the measured shared-memory and
   register budgets, drops those that waste MMA work on partial tiles (never a function of the token
   count) and keeps TMA configs only where descriptors are legal (``tma_legal``).
-- ``tma_mode``: which of the pointer / TMA configs the GEMM pruner offers (tests force either);
-  ``operands_tma_aligned``: whether activation operands can back TMA descriptors;
+- ``tma_mode``: which of the pointer / TMA configs the pruners offer (tests force either);
+  ``tma_choices``: the ``USE_TMA`` values offered for one launch; ``tma_device``: whether a device
+  has TMA; ``operands_tma_aligned``: whether activation operands can back TMA descriptors;
+  ``strides_tma_aligned``: the same for every 2-D slice of N-D tensors (attention's K / V);
   ``ensure_tma_allocator``: the global scratch allocator device-side descriptors need on CUDA.
 - ``autotune``: ``triton.autotune`` with an early pruner that ``COLM_KERNELS_AUTOTUNE=0`` reduces to
   one config (correctness runs on a GPU) and ``force_config(i)`` pins to the i-th (tests of every
@@ -64,6 +66,9 @@ __all__ = [
     "tma_legal",
     "tma_mode",
     "operands_tma_aligned",
+    "strides_tma_aligned",
+    "tma_device",
+    "tma_choices",
     "ensure_tma_allocator",
     "autotune",
     "autotune_enabled",
@@ -244,11 +249,12 @@ _tma_mode = "auto"
 
 @contextlib.contextmanager
 def tma_mode(mode: str):
-    """Which GEMM configs the pruners offer inside the block: ``"auto"`` (the default: the pointer
-    configs and, where ``tma_legal``, their TMA twins, so the autotuner chooses; under the
-    interpreter's small tiles the pointer config only), ``"off"`` (pointer configs only) or
-    ``"only"`` (the TMA configs wherever they are legal, the interpreter included; pointer configs
-    where not): tests of either path. Tuning caches are cleared on entry and exit."""
+    """Which configs the pruners (GEMM and attention) offer inside the block: ``"auto"`` (the
+    default: the pointer configs and, where descriptors are legal, their TMA twins, so the
+    autotuner chooses; under the interpreter's small tiles the pointer config only), ``"off"``
+    (pointer configs only) or ``"only"`` (the TMA configs wherever they are legal, the interpreter
+    included; pointer configs where not): tests of either path. Tuning caches are cleared on entry
+    and exit."""
     global _tma_mode
     if mode not in _TMA_MODES:
         raise ValueError(f"tma_mode must be one of {_TMA_MODES}, got {mode!r}")
@@ -274,13 +280,21 @@ def tma_legal(args: Dict[str, object], element_size: int, device=None) -> bool:
         return False
     if bool(args.get("ROWS", False)):
         return False
+    return tma_device(device)
+
+
+def tma_device(device=None) -> bool:
+    """Whether launches on ``device`` may use TMA: on CUDA a GPU of sm_90 or newer; elsewhere (the
+    interpreter, or the compile-only sm_90a driver of ``colm_kernels.bench.sm90``) True."""
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 9
-    return True  # the interpreter, or the compile-only sm_90a driver (colm_kernels.bench.sm90)
+    return True
 
 
-def _tma_choices(legal: bool) -> tuple:
-    """The ``USE_TMA`` values the pruner offers under the current ``tma_mode``."""
+def tma_choices(legal: bool) -> tuple:
+    """The ``USE_TMA`` values a pruner offers for a launch whose descriptors are ``legal``, under
+    the current ``tma_mode``: pointer configs always where TMA is illegal or off; TMA twins alone in
+    ``"only"``; both in ``"auto"``, except under the interpreter's small tiles (pointer only)."""
     if not legal or _tma_mode == "off":
         return (False,)
     if _tma_mode == "only":
@@ -288,11 +302,24 @@ def _tma_choices(legal: bool) -> tuple:
     return (False,) if small_tiles() else (False, True)
 
 
+_tma_choices = tma_choices  # the GEMM pruner's name for it (and its tests')
+
+
 def operands_tma_aligned(*tensors: torch.Tensor) -> bool:
     """Whether every row-major 2-D operand can back a TMA descriptor: a 16-byte aligned base and
     row stride (in bytes), and fewer than 2**31 rows (descriptor extents are int32)."""
     return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.shape[0] < 2**31
                for t in tensors)
+
+
+def strides_tma_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether descriptors over any 2-D slice ``t[i, ..., :, j, :]`` of these tensors (rows along
+    one dim, the unit-stride last dim as columns) are legal: a 16-byte aligned base, every stride
+    but the last's a 16-byte multiple (so every slice's base and row stride are too), a unit last
+    stride, and every dim below 2**31 (descriptor extents are int32)."""
+    return all(t.data_ptr() % 16 == 0 and (t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1)
+               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+               and all(n < 2**31 for n in t.shape) for t in tensors)
 
 
 def _torch_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
@@ -387,7 +414,7 @@ def make_gemm_pruner(dtype_arg: str, *, n_acc: int = 1, n_b: int = 1, max_acc_re
         es = args[dtype_arg].element_size()
         blocks, products = _GEMM_LAYOUTS.get(int(args["LAYOUT_KEY"]), ((), ()))
         unaligned = int(args.get("ALIGN", 1)) == 1
-        offered = _tma_choices(tma_legal(args, es, args[dtype_arg].device))
+        offered = tma_choices(tma_legal(args, es, args[dtype_arg].device))
         sized, seen = [], set()
         for cfg in configs:
             kw = dict(cfg.kwargs)

@@ -143,7 +143,9 @@ def cases():
             yield (f"multi_chain_cross_entropy {dtype} aligned={aligned}",
                    run_multi_chain_cross_entropy, (dtype, aligned), full)
             yield f"chain_rmsnorm {dtype} aligned={aligned}", run_chain_rmsnorm, (dtype, aligned), full
-        for d, varlen, causal, sc in ((64, False, True, False), (128, True, False, True)):
+        # the forward's and the dQ pass's TMA twins compile beside their pointer configs (aligned
+        # K / V); head dim 80 (padded to 128) with varlen, seq_chains and causal, the heaviest mix
+        for d, varlen, causal, sc in ((64, False, True, False), (128, True, False, True), (80, True, True, True)):
             yield (f"chain_attention {dtype} D={d} varlen={varlen} causal={causal} sc={sc}",
                    run_chain_attention, (dtype, d, varlen, causal, sc), full)
         # Head dims padded inside the kernel (8 -> 16, 40 -> 64, 80 -> 128, 160 -> 256), many new

@@ -1,6 +1,6 @@
 """What ``colm-bench --static`` reports, held in CI (no GPU): at the default bench shapes no kept
 autotune config spills registers on sm_90a, every tensor-core kernel compiles to wgmma and the chain
-GEMMs keep TMA configs that compile to TMA loads; the
+GEMMs and the attention forward keep TMA configs that compile to TMA loads; the
 chain GEMMs execute exactly their useful tensor-core FLOPs (within 2%) when chain widths are
 multiples of 128, in the interpreter at the H100 tiles and for every config the pruners keep.
 These bounds may not be loosened to pass: fix the kernel or prune the config."""
@@ -76,6 +76,19 @@ def test_default_shapes_no_spills_and_wgmma(tmp_path):
                for r in tma if not (r["tma"] and r["mma"] == "wgmma" and r["spill_bytes"] == 0)]
         assert not bad, f"{kernel}: TMA configs that do not compile to TMA + wgmma without spills:\n" + "\n".join(bad)
         assert not [r["config"] for r in mine if r["tma"] and r not in tma], f"{kernel}: TMA in a pointer config"
+    # the attention forward's TMA twins (K / V tiles by descriptors) are kept at the default shapes
+    # too and compile to TMA loads on the MMA kind of their pointer twins, without spills
+    attention = [r for r in rows if r["op"] == "chain_attention"]
+    attention_tma = [r for r in attention if r["config"].endswith("USE_TMA")]
+    assert attention_tma, "chain_attention: no TMA config kept at the default shapes"
+    pointer_mma = {(r["kernel"], r["shape"], r["config"]): r["mma"] for r in attention if r not in attention_tma}
+    bad = [f"{r['kernel']} {r['config']} ({r['shape']}): tma={r['tma']} mma={r['mma']} spill={r['spill_bytes']} B"
+           for r in attention_tma
+           if not (r["tma"] and r["spill_bytes"] == 0
+                   and r["mma"] == pointer_mma.get((r["kernel"], r["shape"], r["config"][:-len(" USE_TMA")])))]
+    assert not bad, ("chain_attention TMA configs without TMA, off their pointer twin's MMA, or spilling:\n"
+                     + "\n".join(bad))
+    assert not [r["config"] for r in attention if r["tma"] and r not in attention_tma], "TMA in a pointer config"
 
 
 def test_chain_gemms_execute_their_useful_flops():

@@ -53,9 +53,21 @@ Kernels:
   (``deterministic=True``; then the kernel above runs without ``DQ_ATOMIC``). It also serves a
   backward that needs dQ only (frozen K/V).
 All products accumulate in fp32 (fp32 inputs use IEEE dots); outputs are written once in the
-input dtype. Autotune keys: head dim, G, causal, seq_chains and varlen flags (and Triton adds the
-dtypes); never a sequence length (``Sq``, ``Sk`` and the lse strides are not specialised
-either). Offsets are int64.
+input dtype.
+
+TMA (``USE_TMA`` config knob of the forward and the dQ pass, the autotuner's choice on sm_90+):
+the same tiles and math, but the K / V tiles these kernels stream come from device-side tensor
+descriptors (``triton_tiles.key_source``) over the program's (sequence, kv head) slice: ``Sk``
+rows (varlen: the sequence's own) of row stride ``stride_ks``, ``HEAD_DIM`` columns, read in
+(BLOCK_N or SUB_N, HEAD_DIM_P2) boxes whose zero fill past Sk and past the head dim replaces the
+masks. Legal for 16-bit inputs whose K and V bases and strides are 16-byte multiples (``TMA_KV``,
+an autotune key); the pruners offer the TMA twins only then and the launchers set Triton's scratch
+allocator on CUDA. Q, dO and every output still go through pointers: the packed rows are a
+gather across the G query heads through ``HEADS``. The key-block backward has no TMA twin: it
+loads its K / V tile once per program (nothing to pipeline) and streams those gathered rows.
+Autotune keys: head dim, G, causal, seq_chains and varlen flags (``TMA_KV`` for the forward and
+the dQ pass; Triton adds the dtypes); never a sequence length (``Sq``, ``Sk`` and the lse strides
+are not specialised either). Offsets are int64.
 
 This file holds kernels and launchers only (tiles and configs: ``triton_tiles``); the ops are
 registered in ``triton.py``.
@@ -70,7 +82,8 @@ import triton
 import triton.language as tl
 
 from colm_kernels._triton.attention import active_members as _active_members
-from colm_kernels._triton.utils import autotune, device_guard, int32_table, last_dim_contiguous, mma, small_tiles
+from colm_kernels._triton.utils import (autotune, device_guard, ensure_tma_allocator, int32_table,
+                                        last_dim_contiguous, mma, small_tiles, strides_tma_aligned)
 from colm_kernels.ops.chain_attention.heads import LOG2E, group_rows, layout_reasons
 from colm_kernels.ops.chain_attention.triton_tiles import (
     AUTOTUNE_KEY,
@@ -84,6 +97,8 @@ from colm_kernels.ops.chain_attention.triton_tiles import (
     head_dim_p2,
     head_dim_reasons,
     hint_strides,
+    key_source,
+    load_keys,
     load_tile,
     packed_rows,
     prune_bwd,
@@ -113,18 +128,18 @@ _MAX_GRID_Y = 65535
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, start_n, end_n,
+def _fwd_keys(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, pos, start_n, end_n,
               Sq, Sk, qk_scale, offs_d,
               HEAD_DIM: tl.constexpr, PAD: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-              BLOCK_N: tl.constexpr):
-    """Online softmax of the rows of ``q`` over keys [start_n, end_n) in BLOCK_N-wide steps;
-    ``MASK``: keys past Sk and (causal) past each row's diagonal are masked."""
+              BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    """Online softmax of the rows of ``q`` over keys [start_n, end_n) in BLOCK_N-wide steps of the
+    ``key_source``s k_src / v_src; ``MASK``: keys past Sk and (causal) past each row's diagonal
+    are masked."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start_n, end_n, BLOCK_N):
         cols = n0 + offs_n
         ok = cols < Sk
-        k = load_tile(k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], ok, offs_d,
-                      HEAD_DIM, PAD, MASK)
+        k = load_keys(k_src, n0, cols, ok, stride_ks, offs_d, HEAD_DIM, PAD, MASK, USE_TMA)
         s = mma(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)) * qk_scale
         if MASK:
             vis = ok[None, :]
@@ -136,8 +151,7 @@ def _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, start
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], ok, offs_d,
-                      HEAD_DIM, PAD, MASK)
+        v = load_keys(v_src, n0, cols, ok, stride_vs, offs_d, HEAD_DIM, PAD, MASK, USE_TMA)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -156,10 +170,10 @@ def _fwd_store(acc, l_i, m_i, pos, head, act, valid, O, LSE, b64, stride_ob, str
 
 
 @triton.jit
-def _fwd_diagonal(Q, HEADS, k_base, v_base, b64, g, start, A, n_act, stride_qb, stride_qs, stride_qh,
+def _fwd_diagonal(Q, HEADS, k_src, v_src, b64, g, start, A, n_act, stride_qb, stride_qs, stride_qh,
                   stride_ks, stride_vs, first_key, Sq, Sk, qk_scale, offs_d,
                   G: tl.constexpr, HAS_SC: tl.constexpr, HEAD_DIM: tl.constexpr, PAD: tl.constexpr,
-                  N_SUB: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr):
+                  N_SUB: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr, USE_TMA: tl.constexpr):
     """Online-softmax state ``(acc, l, m)`` of packed rows [start, start + N_SUB * SUB_M) over the
     causal diagonal's keys [first_key, each row's last key], one SUB_M-row sub-block at a time up
     to its own last key; halves are built recursively and stacked, so no tile is held twice."""
@@ -172,23 +186,24 @@ def _fwd_diagonal(Q, HEADS, k_base, v_base, b64, g, start, A, n_act, stride_qb, 
         acc = tl.zeros((SUB_M, offs_d.shape[0]), dtype=tl.float32)
         l_i = tl.zeros((SUB_M,), dtype=tl.float32)
         m_i = tl.full((SUB_M,), float("-inf"), dtype=tl.float32)
-        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, first_key, hi,
-                                  Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, True, True, SUB_N)
+        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, pos, first_key, hi,
+                                  Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, True, True, SUB_N, USE_TMA)
     else:
-        acc_a, l_a, m_a = _fwd_diagonal(Q, HEADS, k_base, v_base, b64, g, start, A, n_act, stride_qb,
+        acc_a, l_a, m_a = _fwd_diagonal(Q, HEADS, k_src, v_src, b64, g, start, A, n_act, stride_qb,
                                         stride_qs, stride_qh, stride_ks, stride_vs, first_key, Sq, Sk,
-                                        qk_scale, offs_d, G, HAS_SC, HEAD_DIM, PAD, N_SUB // 2, SUB_M, SUB_N)
-        acc_b, l_b, m_b = _fwd_diagonal(Q, HEADS, k_base, v_base, b64, g, start + (N_SUB // 2) * SUB_M, A,
+                                        qk_scale, offs_d, G, HAS_SC, HEAD_DIM, PAD, N_SUB // 2, SUB_M, SUB_N,
+                                        USE_TMA)
+        acc_b, l_b, m_b = _fwd_diagonal(Q, HEADS, k_src, v_src, b64, g, start + (N_SUB // 2) * SUB_M, A,
                                         n_act, stride_qb, stride_qs, stride_qh, stride_ks, stride_vs,
                                         first_key, Sq, Sk, qk_scale, offs_d, G, HAS_SC, HEAD_DIM, PAD,
-                                        N_SUB // 2, SUB_M, SUB_N)
+                                        N_SUB // 2, SUB_M, SUB_N, USE_TMA)
         acc = stack_rows(acc_a, acc_b)
         l_i = stack_rows(l_a, l_b)
         m_i = stack_rows(m_a, m_b)
     return acc, l_i, m_i
 
 
-@autotune(configs=fwd_configs(), key=AUTOTUNE_KEY, prune=prune_fwd)
+@autotune(configs=fwd_configs(), key=AUTOTUNE_KEY + ["TMA_KV"], prune=prune_fwd)
 @triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_fwd_kernel(
     Q, K, V, O, LSE, HEADS, CHAINS, SC, CU_Q, CU_K,
@@ -200,10 +215,12 @@ def _chain_attention_fwd_kernel(
     Sq, Sk, Hkv, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
     G_P2: tl.constexpr, CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr,
+    TMA_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, SUB_M: tl.constexpr,
-    SUB_N: tl.constexpr,
+    SUB_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
+    tl.static_assert(TMA_KV or not USE_TMA, "TMA needs K / V bases and strides that are 16-byte multiples")
     stride_qb, stride_qs, stride_qh = hint_strides(stride_qb, stride_qs, stride_qh, ALIGN)
     stride_kb, stride_ks, stride_kh = hint_strides(stride_kb, stride_ks, stride_kh, ALIGN)
     stride_vb, stride_vs, stride_vh = hint_strides(stride_vb, stride_vs, stride_vh, ALIGN)
@@ -227,14 +244,23 @@ def _chain_attention_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM_P2)
     k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
+    # K / V tiles of BLOCK_N keys (the bulk) and of SUB_N keys (the diagonal and the tail)
+    k_blk = key_source(k_base, Sk, stride_ks, HEAD_DIM, HEAD_DIM_P2, BLOCK_N, USE_TMA)
+    v_blk = key_source(v_base, Sk, stride_vs, HEAD_DIM, HEAD_DIM_P2, BLOCK_N, USE_TMA)
+    if SUB_N == BLOCK_N:
+        k_sub = k_blk
+        v_sub = v_blk
+    else:
+        k_sub = key_source(k_base, Sk, stride_ks, HEAD_DIM, HEAD_DIM_P2, SUB_N, USE_TMA)
+        v_sub = key_source(v_base, Sk, stride_vs, HEAD_DIM, HEAD_DIM_P2, SUB_N, USE_TMA)
     lo, hi = visible_keys(start, n_act, A, Sq, Sk, CAUSAL, BLOCK_M)
     bulk_end = (lo // BLOCK_N) * BLOCK_N
     shared_end = (lo // SUB_N) * SUB_N  # keys [0, lo) are visible to every active row
 
     if CAUSAL:  # the diagonal first (softmax order is free), per sub-block of SUB_M rows
-        acc, l_i, m_i = _fwd_diagonal(Q, HEADS, k_base, v_base, b64, g, start, A, n_act, stride_qb, stride_qs,
+        acc, l_i, m_i = _fwd_diagonal(Q, HEADS, k_sub, v_sub, b64, g, start, A, n_act, stride_qb, stride_qs,
                                       stride_qh, stride_ks, stride_vs, shared_end, Sq, Sk, qk_scale, offs_d,
-                                      G, HAS_SC, HEAD_DIM, PAD, BLOCK_M // SUB_M, SUB_M, SUB_N)
+                                      G, HAS_SC, HEAD_DIM, PAD, BLOCK_M // SUB_M, SUB_M, SUB_N, USE_TMA)
     else:
         acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -243,13 +269,13 @@ def _chain_attention_fwd_kernel(
     head = tl.load(HEADS + g * G + mem)
     q = load_tile(row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d), act, offs_d,
                   HEAD_DIM, PAD, True)
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, 0, bulk_end,
-                              Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, False, CAUSAL, BLOCK_N)
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, bulk_end,
-                              shared_end, Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, False, CAUSAL, SUB_N)
+    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_blk, v_blk, stride_ks, stride_vs, pos, 0, bulk_end,
+                              Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, False, CAUSAL, BLOCK_N, USE_TMA)
+    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_sub, v_sub, stride_ks, stride_vs, pos, bulk_end,
+                              shared_end, Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, False, CAUSAL, SUB_N, USE_TMA)
     if not CAUSAL:  # the last keys past a whole SUB_N step
-        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, pos, shared_end,
-                                  hi, Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, True, CAUSAL, SUB_N)
+        acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, k_sub, v_sub, stride_ks, stride_vs, pos, shared_end,
+                                  hi, Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, True, CAUSAL, SUB_N, USE_TMA)
     _fwd_store(acc, l_i, m_i, pos, head, act, valid, O, LSE, b64, stride_ob, stride_os, stride_oh,
                stride_lb, stride_lh, offs_d, HEAD_DIM, PAD)
 
@@ -468,18 +494,16 @@ def _chain_attention_bwd_kernel(
 
 
 @triton.jit
-def _dq_keys(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, start_n, end_n,
+def _dq_keys(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, pos, start_n, end_n,
              Sq, Sk, qk_scale, offs_d,
              HEAD_DIM: tl.constexpr, PAD: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-             BLOCK_N: tl.constexpr):
+             BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start_n, end_n, BLOCK_N):
         cols = n0 + offs_n
         ok = cols < Sk
-        k = load_tile(k_base + cols.to(tl.int64)[:, None] * stride_ks + offs_d[None, :], ok, offs_d,
-                      HEAD_DIM, PAD, MASK)
-        v = load_tile(v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_d[None, :], ok, offs_d,
-                      HEAD_DIM, PAD, MASK)
+        k = load_keys(k_src, n0, cols, ok, stride_ks, offs_d, HEAD_DIM, PAD, MASK, USE_TMA)
+        v = load_keys(v_src, n0, cols, ok, stride_vs, offs_d, HEAD_DIM, PAD, MASK, USE_TMA)
         s = mma(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)) * qk_scale
         if MASK:
             vis = ok[None, :]
@@ -493,7 +517,7 @@ def _dq_keys(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, s
     return dq
 
 
-@autotune(configs=dq_configs(), key=AUTOTUNE_KEY, prune=prune_dq)
+@autotune(configs=dq_configs(), key=AUTOTUNE_KEY + ["TMA_KV"], prune=prune_dq)
 @triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, HEADS, CHAINS, SC, CU_Q, CU_K,
@@ -506,10 +530,12 @@ def _chain_attention_bwd_dq_kernel(
     Sq, Sk, Hkv, qk_scale, softmax_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
     G_P2: tl.constexpr, CAUSAL: tl.constexpr, HAS_SC: tl.constexpr, VARLEN: tl.constexpr,
+    TMA_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIAG: tl.constexpr, SUB_M: tl.constexpr,
-    SUB_N: tl.constexpr,
+    SUB_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
+    tl.static_assert(TMA_KV or not USE_TMA, "TMA needs K / V bases and strides that are 16-byte multiples")
     stride_qb, stride_qs, stride_qh = hint_strides(stride_qb, stride_qs, stride_qh, ALIGN)
     stride_kb, stride_ks, stride_kh = hint_strides(stride_kb, stride_ks, stride_kh, ALIGN)
     stride_vb, stride_vs, stride_vh = hint_strides(stride_vb, stride_vs, stride_vh, ALIGN)
@@ -543,16 +569,18 @@ def _chain_attention_bwd_dq_kernel(
     row = b64 * stride_lb + head.to(tl.int64) * stride_lh + pos
     lse = tl.load(LSE + row, mask=act, other=float("inf"))
     delta = tl.load(DELTA + row, mask=act, other=0.0)
-    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
+    k_src = key_source(K + b64 * stride_kb + g.to(tl.int64) * stride_kh, Sk, stride_ks, HEAD_DIM, HEAD_DIM_P2,
+                       BLOCK_N, USE_TMA)
+    v_src = key_source(V + b64 * stride_vb + g.to(tl.int64) * stride_vh, Sk, stride_vs, HEAD_DIM, HEAD_DIM_P2,
+                       BLOCK_N, USE_TMA)
     lo, hi = visible_keys(start, n_act, A, Sq, Sk, CAUSAL, BLOCK_M)
     full = (lo // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM_P2), dtype=tl.float32)
-    dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, 0, full,
-                  Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, False, CAUSAL, BLOCK_N)
-    dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, pos, full, hi,
-                  Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, True, CAUSAL, BLOCK_N)
+    dq = _dq_keys(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, pos, 0, full,
+                  Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, False, CAUSAL, BLOCK_N, USE_TMA)
+    dq = _dq_keys(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, pos, full, hi,
+                  Sq, Sk, qk_scale, offs_d, HEAD_DIM, PAD, True, CAUSAL, BLOCK_N, USE_TMA)
     dq = tl.where(act[:, None], dq * softmax_scale, 0.0)
     tl.store(row_ptrs(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d),
              dq.to(DQ.dtype.element_ty), mask=tile_mask(valid, offs_d, HEAD_DIM, PAD))
@@ -688,13 +716,14 @@ def chain_attention_fwd(
         return (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)
 
     align = stride_alignment(q, k, v, out)
+    ensure_tma_allocator(q.device)  # the autotuner may pick a TMA config (device-side descriptors)
     with device_guard(q.device):
         _chain_attention_fwd_kernel[grid](
             q, k, v, out, lse, heads, chains, sc, cu_q, cu_k,
             *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
             *_bsh(out, varlen, align), *lse_strides,
             Sq, Sk, Hkv, float(softmax_scale) * LOG2E,
-            CAUSAL=bool(causal), ALIGN=align, **meta,
+            CAUSAL=bool(causal), ALIGN=align, TMA_KV=strides_tma_aligned(k, v), **meta,
         )
     return out, lse
 
@@ -763,12 +792,13 @@ def chain_attention_bwd(
                 CAUSAL=bool(causal), DQ_ATOMIC=atomic_dq, ALIGN=align, **meta,
             )
         if need_dq and not atomic_dq and Sq > 0:
+            ensure_tma_allocator(q.device)  # autograd's backward thread has its own allocator slot
             _chain_attention_bwd_dq_kernel[lambda m: (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)](
                 q, k, v, dout, lse, delta, dq, heads, chains, sc, cu_q, cu_k,
                 *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
                 *_bsh(dout, varlen, align), *_bsh(dq, varlen, align), *lse_strides,
                 Sq, Sk, Hkv, qk_scale, float(softmax_scale),
-                CAUSAL=bool(causal), ALIGN=align, **meta,
+                CAUSAL=bool(causal), ALIGN=align, TMA_KV=strides_tma_aligned(k, v), **meta,
             )
     if atomic_dq and q.dtype != torch.float32:
         dq = dq.to(q.dtype)

@@ -24,12 +24,12 @@ from typing import Callable, List
 import triton
 import triton.language as tl
 
-from colm_kernels._triton.utils import SMEM_BUDGET, small_tiles
+from colm_kernels._triton.utils import SMEM_BUDGET, small_tiles, tile_desc, tma_choices, tma_device
 
 __all__ = ["MIN_HEAD_DIM", "MAX_HEAD_DIM", "HEAD_DIM_STEP", "head_dim_p2", "head_dim_reasons",
            "fwd_configs", "bwd_configs", "dq_configs", "prune_fwd", "prune_bwd", "prune_dq", "AUTOTUNE_KEY",
            "seq_bounds", "packed_rows", "row_ptrs", "tile_mask", "load_tile", "visible_keys", "stack_rows",
-           "hint_strides", "stride_alignment"]
+           "hint_strides", "stride_alignment", "tma_kv_legal", "key_source", "load_keys"]
 
 # Head dims of the training kernels: multiples of 8 in [8, 256] (flash-attn's rule), padded inside
 # the kernels to a power of two. (``heads.MIN_HEAD_DIM`` / ``MAX_HEAD_DIM`` are the decode
@@ -81,6 +81,13 @@ _DQ = {
     # alternative at 150 registers, where 64 x 16 (wgmma) takes 234
     256: ((64, 16, 8, 2), (32, 64, 8, 2)),
 }
+# TMA twins (``USE_TMA``, listed after the pointer configs so ``COLM_KERNELS_AUTOTUNE=0`` runs a
+# pointer config): the kernels that stream K / V tiles (the forward and the dQ pass) also run
+# every shape above with those tiles fetched by TMA (``key_source`` / ``load_keys``), for 16-bit
+# inputs whose K / V can back descriptors (``TMA_KV``). The key-block backward has none: it loads
+# its K / V tile once per program and streams the packed query rows, a gather across heads through
+# the HEADS table that TMA boxes cannot express in general.
+_TMA_TABLES = {"fwd": _FWD, "dq": _DQ}
 # The causal diagonal's granularity (``_sub_blocks``): 16 query positions x 16 keys forward (32
 # positions would leave 6 % of masked work at 512 tokens), 32 keys backward.
 _DIAG = {"fwd": 16, "bwd": 32, "dq": 16}
@@ -91,23 +98,30 @@ _INTERPRETER_DIAG = 8
 _TABLES = {"fwd": _FWD, "bwd": _BWD, "dq": _DQ}
 
 
-def _table(kind: str, head_dim_p2_: int, element_size: int):
-    """The config list of a head-dim class; fp32 inputs take the class of twice the head dim."""
+def _table(kind: str, head_dim_p2_: int, element_size: int, tma: bool = False):
+    """The config list of a head-dim class (``tma``: its TMA twins); fp32 inputs take the class of
+    twice the head dim."""
+    tables = (_TMA_TABLES if tma else _TABLES).get(kind)
+    if not tables:
+        return ()
     if small_tiles():
         return (_INTERPRETER[kind],)
     width = head_dim_p2_ * max(1, element_size // 2)
-    table = _TABLES[kind]
-    return table[min((c for c in table if c >= width), default=max(table))]
+    return tables[min((c for c in tables if c >= width), default=max(tables))]
 
 
 def _configs(kind: str) -> List[triton.Config]:
-    """Every config any head-dim class uses (SUB_M / SUB_N placeholders the pruner sets)."""
-    if small_tiles():
-        rows, diag = [_INTERPRETER[kind]], _INTERPRETER_DIAG
-    else:
-        rows, diag = list(dict.fromkeys(c for table in _TABLES[kind].values() for c in table)), _DIAG[kind]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "DIAG": diag, "SUB_M": bm, "SUB_N": bn},
-                          num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+    """Every config any head-dim class uses (SUB_M / SUB_N placeholders the pruner sets): the
+    pointer configs, then the TMA twins (``USE_TMA``; a kernel without twins gets no such key)."""
+    diag = _INTERPRETER_DIAG if small_tiles() else _DIAG[kind]
+    out = []
+    for tma in ((False, True) if kind in _TMA_TABLES else (None,)):
+        tables = (_TMA_TABLES if tma else _TABLES)[kind]
+        rows = [_INTERPRETER[kind]] if small_tiles() else dict.fromkeys(c for t in tables.values() for c in t)
+        extra = {} if tma is None else {"USE_TMA": tma}
+        out += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "DIAG": diag, "SUB_M": bm, "SUB_N": bn, **extra},
+                              num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+    return out
 
 
 def fwd_configs() -> List[triton.Config]:
@@ -135,10 +149,19 @@ def _sub_blocks(kind: str, bm: int, bn: int, diag: int, g: int):
     return min(bm, max(16, diag * triton.next_power_of_2(g))), min(bn, max(16, diag))
 
 
+def tma_kv_legal(args, element_size: int) -> bool:
+    """Whether a launch with kernel arguments ``args`` may run TMA configs: 16-bit inputs (fp32
+    dots are IEEE FMA loops, not wgmma), K / V whose bases and strides are 16-byte multiples
+    (``TMA_KV``, from ``strides_tma_aligned``) and, on CUDA, a GPU with TMA."""
+    return element_size == 2 and bool(args.get("TMA_KV", False)) and tma_device(args["K"].device)
+
+
 def _make_pruner(kind: str) -> Callable:
     """Keep the configs of the head-dim class (``_table``), in its order, whose shared memory fits
     the H100 (the class's last one if none does: fp32 at the largest head dims), with SUB_M /
-    SUB_N set. Depends only on autotune keys (head dim, G) and the dtype."""
+    SUB_N set: the pointer configs, then (``tma_choices``: where ``tma_kv_legal``, under the
+    current ``tma_mode``) their TMA twins. Depends only on autotune keys (head dim, G, TMA_KV) and
+    the dtype."""
 
     def filled(cfg, g):
         kw = dict(cfg.kwargs)
@@ -154,9 +177,15 @@ def _make_pruner(kind: str) -> Callable:
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         dp, es, g = int(args["HEAD_DIM_P2"]), args["Q"].element_size(), int(args["G"])
-        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
-        table = [by_shape[shape] for shape in _table(kind, dp, es) if shape in by_shape]
-        kept = [cfg for cfg in table if smem(cfg, dp, es) <= SMEM_BUDGET] or table[-1:]
+        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                     bool(c.kwargs.get("USE_TMA", False))): c for c in configs}
+        offered = tma_choices(kind in _TMA_TABLES and tma_kv_legal(args, es))
+        if not any(_table(kind, dp, es, tma) for tma in offered):  # a class without twins
+            offered = (False,)
+        kept = []
+        for tma in offered:
+            table = [by_shape[shape + (tma,)] for shape in _table(kind, dp, es, tma) if shape + (tma,) in by_shape]
+            kept += [cfg for cfg in table if smem(cfg, dp, es) <= SMEM_BUDGET] or table[-1:]
         return [filled(cfg, g) for cfg in kept]
 
     return prune
@@ -232,6 +261,35 @@ def load_tile(ptrs, ok, offs_d, HEAD_DIM: tl.constexpr, PAD: tl.constexpr, ROW_M
         x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
     else:
         x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def key_source(base, Sk, row_stride, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """What ``load_keys`` reads (BLOCK_N, HEAD_DIM_P2) tiles of one (sequence, kv head)'s keys or
+    values from: their base pointer, or (USE_TMA) a TMA descriptor of the ``(Sk, HEAD_DIM)`` slice
+    at ``base`` with row stride ``row_stride``, whose zero fill past Sk rows and HEAD_DIM columns
+    stands in for the masks. (At least one row: a descriptor's extents are positive; a sequence
+    without keys never loads one.)"""
+    if USE_TMA:
+        src = tile_desc(base, tl.maximum(Sk, 1), HEAD_DIM, row_stride, BLOCK_N, HEAD_DIM_P2)
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def load_keys(src, n0, cols, ok, row_stride, offs_d, HEAD_DIM: tl.constexpr, PAD: tl.constexpr,
+              MASK: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows ``cols = n0 + arange(BLOCK_N)`` of a ``key_source``: one TMA box at row n0, or a
+    pointer load whose masks (rows ``ok`` when MASK, padded columns) read zeros where the box does.
+    The same values either way, so both paths compute the same bits."""
+    if USE_TMA:
+        x = src.load([n0, 0])
+    else:
+        x = load_tile(src + cols.to(tl.int64)[:, None] * row_stride + offs_d[None, :], ok, offs_d, HEAD_DIM, PAD,
+                      MASK)
     return x
 
 
