@@ -255,7 +255,7 @@ setup(
     # numpy < 2.3: triton 3.6's interpreter (the CPU test path) breaks on newer numpy.
     install_requires=["torch", "triton>=3.6", "numpy<2.3", "ninja", "pybind11"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
         "bench": ["matplotlib", "tqdm"],
         # Pinned: the integrations follow these releases' APIs (transformers 5's `cache` argument,
         # TorchTitan 0.3's Configurable model/trainer API); both install beside torch 2.13.

@@ -78,8 +78,10 @@ def _worker(rank: int, port: int, backend: str, dtype: torch.dtype, config: dict
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+# Triton on CPU ranks is its interpreter (~1 min a config on 2 cores), so it runs one config:
+# CoLM-Air calls the same ops and kernels as the per-chain KV config (sharded on the reference
+# backend here); the kernels' per-chain KV head layouts are tested op by op in tests/ops.
+@pytest.mark.parametrize("backend,config", [("reference", "air"), ("reference", "gqa"), ("triton", "air")])
 def test_fully_shard_matches_unsharded(backend, config):
     if backend == "triton":
         if backend_unavailable_reason("triton") is not None or torch.cuda.is_available():

@@ -1,14 +1,16 @@
 """Compile every Triton kernel of ``colm_kernels`` for an H100 (sm_90a) on a machine without a GPU.
 
-Run as a script (``python tests/ops/sm90_compile_check.py [label-filter]``) in a process WITHOUT
+Run as a script (``python tests/ops/sm90_compile_check.py [label-filter] [--ops op,op:dtype]``: cases whose
+label contains the filter, of the named ops (or one dtype of an op) only) in a process WITHOUT
 ``TRITON_INTERPRET`` (``tests/ops/test_triton_compiles_for_sm90.py`` spawns it so). It installs
 ``colm_kernels.bench.sm90`` (a fake sm_90a driver; every autotune config the pruners keep is
 compiled to a cubin with Triton's ``ptxas -v``, nothing is launched) and calls the public launchers
 of every op on small CPU tensors: fp16 / bf16, aligned and unaligned shapes, varlen, several decode
 splits. ``colm-bench --static`` does the same at the default bench shapes.
 
-Exit status 0 iff every compile succeeded and every ``@triton.jit`` kernel module was covered; the
-last line is ``SM90_COMPILE_SUMMARY <json>`` with one entry per compiled config (registers, spill
+Exit status 0 iff every compile succeeded and every ``@triton.jit`` kernel module was covered (with
+``--ops``: every kernel of the modules of those ops, ``colm_kernels.ops.<op>.*``); the last line
+is ``SM90_COMPILE_SUMMARY <json>`` with one entry per compiled config (registers, spill
 bytes, shared memory, MMA kind, TMA / cp.async, resident blocks per SM).
 """
 from __future__ import annotations
@@ -198,19 +200,47 @@ def discover_kernels():
     return found
 
 
+def op_of(module: str):
+    """The op a kernel module belongs to (``colm_kernels.ops.<op>.triton_kernels`` -> ``<op>``)."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["colm_kernels", "ops"] else None
+
+
+def case_part(label: str) -> str:
+    """``"<op>:<dtype>"`` of a case label (``"chain_linear torch.float16 ..."`` -> ``"chain_linear:float16"``)."""
+    op, dtype = label.split()[:2]
+    return f"{op}:{dtype.replace('torch.', '')}"
+
+
 def main(argv):
-    only = argv[1] if len(argv) > 1 else None
+    args = list(argv[1:])
+    ops = None  # --ops tokens: "<op>" (all its cases) or "<op>:<dtype>"
+    if "--ops" in args:
+        i = args.index("--ops")
+        ops = set(args[i + 1].split(","))
+        del args[i:i + 2]
+    only = args[0] if args else None
+    all_parts = sorted({case_part(label) for label, *_ in cases()})
+    all_ops = sorted({p.split(":")[0] for p in all_parts})
+    if ops is not None and ops - set(all_ops) - set(all_parts):
+        sys.exit(f"--ops: unknown {sorted(ops - set(all_ops) - set(all_parts))}; the cases cover {all_parts}")
+    op_names = None if ops is None else {t.split(":")[0] for t in ops}
+
+    def selected(label):
+        return ((not only or only in label)
+                and (ops is None or label.split()[0] in ops or case_part(label) in ops))
+
     sm90.install()
     t0 = time.time()
-    for label, fn, args, full in cases():
-        if only and only not in label:
+    for label, fn, args_, full in cases():
+        if not selected(label):
             continue
         sm90.full_sweep(full)
         sm90.set_label(label)
         t = time.time()
         n = len(sm90.COMPILED)
         try:
-            fn(*args)
+            fn(*args_)
         except Exception as e:  # noqa: BLE001
             FAILURES.append(f"{label}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}")
         print(f"[sm90] {label}: {len(sm90.COMPILED) - n} kernels in {time.time() - t:.1f}s", flush=True)
@@ -221,7 +251,9 @@ def main(argv):
         if m not in launched:
             FAILURES.append(f"no launched @triton.jit kernel found in {m}")
     for m, want in sorted(launched.items()):
-        if not only and want - compiled_names:
+        if op_of(m) is not None and op_of(m) not in all_ops:
+            FAILURES.append(f"{m} launches Triton kernels but no case of this script calls op {op_of(m)!r}")
+        elif not only and (op_names is None or op_of(m) in op_names) and want - compiled_names:
             missing[m] = sorted(want - compiled_names)
     if missing:
         FAILURES.append(f"kernels never compiled: {missing}")
@@ -233,6 +265,7 @@ def main(argv):
     for f in FAILURES:
         print("[sm90] FAIL", f, flush=True)
     summary = dict(compiled=len(sm90.COMPILED), failures=len(FAILURES), seconds=round(time.time() - t0, 1),
+                   ops=sorted(ops) if ops is not None else all_ops, all_ops=all_ops, all_parts=all_parts,
                    modules=sorted({c.module for c in sm90.COMPILED}),
                    kernel_modules={m: sorted(v) for m, v in sorted(launched.items())},
                    kernels=dict(sorted(per_kernel.items())),

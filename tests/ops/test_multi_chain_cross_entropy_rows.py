@@ -23,28 +23,13 @@ import torch
 import torch.nn.functional as F
 
 import colm_kernels as ck
+from ce_options import CHAINS, D, DEVICE, LOW, OPTIONS, V
 from numerics import assert_within_eager_error
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs are NaN
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LOW = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-CHAINS, D, V = (1, 2, 1), 40, 101  # chain widths 10/20/10; V not a multiple of any block
 B, S = 3, 7
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-OPTIONS = [  # (id, options)
-    ("mean", dict()),
-    ("sum", dict(reduction="sum")),
-    ("none", dict(reduction="none")),
-    ("smooth", dict(label_smoothing=0.1)),
-    ("smooth-none", dict(label_smoothing=0.3, reduction="none")),
-    ("zloss", dict(lse_square_scale=0.05)),
-    ("zloss-sum", dict(lse_square_scale=0.05, reduction="sum")),
-    ("softcap", dict(softcap=2.5)),
-    ("all-mean", dict(label_smoothing=0.2, lse_square_scale=0.02, softcap=3.0)),
-    ("all-none", dict(label_smoothing=0.2, lse_square_scale=0.02, softcap=3.0, reduction="none")),
-]
 LAYOUTS = ["per-seq", "per-token"]
 
 

@@ -7,6 +7,10 @@ pass CI. This test runs ``sm90_compile_check.py`` in a clean subprocess without
 ``TRITON_INTERPRET``: it calls the public Triton launchers on small CPU tensors with a fake driver
 targeting sm_90, compiles every kernel (every surviving autotune config) they would launch down to
 a cubin with Triton's bundled ``ptxas``, and launches nothing. See that script's docstring.
+
+The ops are split into shards of about equal compile time (one subprocess each), so that
+``pytest -n 2`` runs them on both workers; together the shards cover every op of the script and
+every kernel module of the package.
 """
 import json
 import os
@@ -37,14 +41,24 @@ def _ptxas_or_skip() -> str:
     return path
 
 
-def test_every_triton_kernel_compiles_for_sm90(tmp_path):
+# Ops, or "op:dtype" parts of an op's cases (every kernel of an op runs in each dtype's cases), in
+# shards of about equal compile time (attention's configs take ~2.5 s each on one core, the rest ~1 s).
+SHARDS = (
+    ("chain_attention:float16",),
+    ("chain_attention:bfloat16", "chain_linear", "chain_rmsnorm"),
+    ("chain_swiglu", "chain_attention_decode", "multi_chain_cross_entropy"),
+)
+
+
+@pytest.mark.parametrize("ops", SHARDS, ids=["+".join(s) for s in SHARDS])
+def test_every_triton_kernel_compiles_for_sm90(tmp_path, ops):
     _ptxas_or_skip()
     # Neither the interpreter nor the one-config test mode: every config the pruners keep compiles.
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COLM_KERNELS_AUTOTUNE")}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # a real compile, never a cache hit
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run([sys.executable, _SCRIPT], cwd=_ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, _SCRIPT, "--ops", ",".join(ops)], cwd=_ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     log = (proc.stdout + proc.stderr)[-20000:]
     summary_lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SM90_COMPILE_SUMMARY ")]
@@ -53,10 +67,16 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     summary = json.loads(summary_lines[-1].split(" ", 1)[1])
     assert summary["failures"] == 0, log
     assert summary["compiled"] > 0, log
+    covered = {p for p in summary["all_parts"] for shard in SHARDS for t in shard if t in (p, p.split(":")[0])}
+    assert covered == set(summary["all_parts"]), f"shards {SHARDS} miss {set(summary['all_parts']) - covered}"
     launched = summary["kernel_modules"]  # every module of the package that launches a @triton.jit kernel
     assert _EXPECTED_MODULES <= set(launched), f"kernel modules not discovered: {sorted(launched)}"
-    assert set(launched) <= set(summary["modules"]), log
-    for module, kernels in launched.items():
+    outside = [m for m in launched if not m.startswith("colm_kernels.ops.")]
+    assert not outside, f"kernel modules outside colm_kernels.ops/<op>/, which no shard owns: {outside}"
+    mine = {m: kernels for m, kernels in launched.items() if m.split(".")[2] in {t.split(":")[0] for t in ops}}
+    assert mine, f"no kernel module of {ops} discovered: {sorted(launched)}"
+    assert set(mine) <= set(summary["modules"]), log
+    for module, kernels in mine.items():
         for kernel in kernels:
             assert summary["kernels"].get(kernel, 0) > 0, f"{module}.{kernel} was never compiled\n{log}"
     # every config the pruners keep at these shapes (fp16, bf16, fp32 decode; aligned and not; head
