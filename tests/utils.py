@@ -198,3 +198,63 @@ def randomize(model, seed=0):
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / math.sqrt(p.shape[-1]))
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# compile-only checks (sm_90a without a GPU)
+def require_sm90_ptxas() -> str:
+    """Triton's bundled ``ptxas`` for sm_90 (its path), or skip the test: the compile-only checks
+    lower kernels to cubins with it."""
+    import os
+
+    import pytest
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        path = get_ptxas(90).path
+    except Exception as e:  # noqa: BLE001  (no NVIDIA backend / no ptxas in this triton build)
+        pytest.skip(f"triton's ptxas is not available: {e!r}")
+    if not path or not os.access(path, os.X_OK):
+        pytest.skip(f"triton's ptxas is not available ({path!r})")
+    return path
+
+
+def kernel_subprocess_env(cache_dir=None, **set_vars: str) -> dict:
+    """The environment of a subprocess that compiles kernels for sm_90a (or, with ``set_vars``
+    such as ``work_env``'s, counts their work): by default not the interpreter nor the one-config or
+    small-tile test modes (every config the pruners keep compiles, at the H100 tiles), and no
+    backend forced from outside; ``cache_dir``: a fresh Triton cache (a real compile, never a cache
+    hit); this checkout and ``tests/`` importable."""
+    import os
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "COLM_KERNELS_AUTOTUNE", "COLM_KERNELS_TILES", "COLM_KERNELS_BACKEND")}
+    if cache_dir is not None:
+        env["TRITON_CACHE_DIR"] = str(cache_dir)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(tests), tests, env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(set_vars)
+    return env
+
+
+def work_env(cache_dir=None) -> dict:
+    """A subprocess that counts the tensor-core FLOPs kernels execute: the interpreter at the H100
+    tiles, the first kept config (``colm_kernels.bench.work``)."""
+    return kernel_subprocess_env(cache_dir, TRITON_INTERPRET="1", COLM_KERNELS_TILES="gpu", COLM_KERNELS_AUTOTUNE="0")
+
+
+def run_reporting(args, marker: str, env: dict, timeout: int = 900):
+    """Run ``python *args`` from the repository root and return the JSON of its last stdout line
+    that starts with ``marker`` (after one space); fail with its output if it exits non-zero or
+    prints no such line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker + " ")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
+    return json.loads(lines[-1][len(marker) + 1:])

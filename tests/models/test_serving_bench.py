@@ -5,9 +5,6 @@ interpreter at the H100 tiles the mixed batch executes at most 1.05x the tensor-
 per-scale batches (``colm-bench --static``'s work accounting)."""
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,9 +14,9 @@ from colm_kernels.bench import cli
 from colm_kernels.bench.models import (SERVE_SIZES, SERVE_WORK, decode_bytes, decode_flops, serving_batch,
                                        serving_runs)
 from colm_kernels.bench.static import roofline
+from utils import run_reporting, work_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("air", [True, False], ids=["air", "gqa"])
@@ -69,14 +66,8 @@ def test_serving_case_runs_in_the_cpu_timing_harness(tmp_path):
 def test_mixed_decode_executes_no_more_tensor_core_flops_than_per_scale_batches():
     """Counted in the interpreter at the H100 tiles (first kept config), through ``colm-bench
     --static``'s work part: one decode step, 64 sequences at 4 scales."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COLM_KERNELS_AUTOTUNE",)}
-    env.update(TRITON_INTERPRET="1", COLM_KERNELS_TILES="gpu", COLM_KERNELS_AUTOTUNE="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-m", "colm_kernels.bench.static", "work", "colm_serving_decode", "first"],
-                          env=env, cwd=_ROOT, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("COLM_STATIC_JSON ")]
-    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
-    report = json.loads(lines[-1].split(" ", 1)[1])
+    report = run_reporting(["-m", "colm_kernels.bench.static", "work", "colm_serving_decode", "first"],
+                           "COLM_STATIC_JSON", work_env())
     assert not report["failures"], report["failures"]
     rows = {r["pass"].split()[1]: r for r in report["work"]}
     mixed, separate = rows["mixed"], rows["per-scale"]

@@ -14,14 +14,11 @@ interpreter runs of the H100 configs (large tiles, several diagonal sub-blocks).
 The counting runs in a subprocess: the tile choice is read when the kernels are imported.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(os.path.dirname(_HERE))
+from utils import run_reporting, work_env
+
 
 MAX_FWD, MAX_BWD = 1.05, 1.10
 SEQ = 512
@@ -69,14 +66,7 @@ print("WORK " + json.dumps(report))
 
 @pytest.fixture(scope="module")
 def work_report():
-    env = {k: v for k, v in os.environ.items() if k != "COLM_KERNELS_BACKEND"}
-    env.update(TRITON_INTERPRET="1", COLM_KERNELS_TILES="gpu", COLM_KERNELS_AUTOTUNE="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.path.dirname(_HERE), env.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(LAYOUTS), str(SEQ), "64"], cwd=_ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORK ")]
-    assert proc.returncode == 0 and lines, f"work count failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}"
-    return json.loads(lines[-1].split(" ", 1)[1])
+    return run_reporting(["-c", _SCRIPT, json.dumps(LAYOUTS), str(SEQ), "64"], "WORK", work_env(), timeout=600)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

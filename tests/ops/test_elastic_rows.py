@@ -6,20 +6,15 @@ flows from the zeros). Both layouts of ``seq_chains``: one scale per sequence ``
 per token ``(B, S)``. The Triton kernels sort rows by scale and skip the work of chains a row does
 not reach: ``test_mixed_batch_runs_the_flops_of_separate_batches`` counts it.
 """
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import colm_kernels as ck
 from colm_kernels.chains import Chains
-from utils import F64
+from utils import F64, run_reporting, work_env
 
 BACKENDS = ["reference", "triton"]
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _per_row_reference(fn, x, seq_chains, out_width, params):
@@ -187,13 +182,6 @@ print("ELASTIC_WORK " + json.dumps(out))
 def test_mixed_batch_runs_the_flops_of_separate_batches():
     """Executed tensor-core FLOPs (interpreter, H100 tiles, forward and backward) of a batch that
     mixes four scales in random order, over the FLOPs of four batches of one scale each: <= 1.05."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COLM_KERNELS_AUTOTUNE",)}
-    env.update(TRITON_INTERPRET="1", COLM_KERNELS_TILES="gpu", COLM_KERNELS_AUTOTUNE="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-c", _WORK], env=env, cwd=_ROOT, capture_output=True, text=True,
-                          timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ELASTIC_WORK ")]
-    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
-    for op, (mixed, separate) in json.loads(lines[-1].split(" ", 1)[1]).items():
+    for op, (mixed, separate) in run_reporting(["-c", _WORK], "ELASTIC_WORK", work_env()).items():
         assert separate > 0
         assert mixed <= 1.05 * separate, f"{op}: mixed batch {mixed} FLOPs vs {separate} for separate batches"

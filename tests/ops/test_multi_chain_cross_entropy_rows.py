@@ -13,10 +13,6 @@ row's own prefix that must never be read; several backward chunks; opcheck and t
 execute (interpreter, H100 tiles) for a batch mixing 4 scales against 4 one-scale batches.
 ``torch.empty`` is NaN-filled here, so any output element a kernel leaves unwritten fails.
 """
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,11 +21,11 @@ import torch.nn.functional as F
 import colm_kernels as ck
 from ce_options import CHAINS, D, DEVICE, LOW, OPTIONS, V
 from numerics import assert_within_eager_error
+from utils import kernel_subprocess_env, require_sm90_ptxas, run_reporting, work_env
 
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs are NaN
 
 B, S = 3, 7
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYOUTS = ["per-seq", "per-token"]
 
 
@@ -364,14 +360,7 @@ def test_mixed_batch_runs_the_flops_of_separate_batches():
     100 and 60 rows) in random order over the FLOPs of four one-scale batches, each run at its
     scale (``hidden[..., :P]``): forward and backward each <= 1.05. The same rows all at the full
     scale execute well over 1.3x (what a kernel that ignored the scales would run)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COLM_KERNELS_AUTOTUNE",)}
-    env.update(TRITON_INTERPRET="1", COLM_KERNELS_TILES="gpu", COLM_KERNELS_AUTOTUNE="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-c", _WORK], env=env, cwd=_ROOT, capture_output=True, text=True,
-                          timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CE_WORK ")]
-    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
-    work = json.loads(lines[-1].split(" ", 1)[1])
+    work = run_reporting(["-c", _WORK], "CE_WORK", work_env())
     for i, name in enumerate(("forward", "backward")):
         mixed, separate, full = work["mixed"][i], work["separate"][i], work["full"][i]
         assert separate > 0
@@ -408,22 +397,8 @@ def test_sorted_row_kernels_compile_for_sm90_without_spills(tmp_path):
     """The per-row-scale (``ROWS``) variants compile for sm_90a (``colm_kernels.bench.sm90``, no
     GPU: the interpreter never lowers a kernel), to wgmma, without register spills: fp16, aligned
     and unaligned operands, plain and with every option (first and largest kept config)."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        ptxas = get_ptxas(90).path
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"triton's ptxas is not available: {e!r}")
-    if not ptxas or not os.access(ptxas, os.X_OK):
-        pytest.skip(f"triton's ptxas is not available ({ptxas!r})")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COLM_KERNELS_AUTOTUNE",
-                                                             "COLM_KERNELS_TILES")}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-c", _SM90], env=env, cwd=_ROOT, capture_output=True, text=True,
-                          timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CE_SM90 ")]
-    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
-    report = json.loads(lines[-1].split(" ", 1)[1])
+    require_sm90_ptxas()
+    report = run_reporting(["-c", _SM90], "CE_SM90", kernel_subprocess_env(tmp_path / "cache"))
     assert not report["failures"], report["failures"]
     kernels = {r["kernel"] for r in report["compiled"]}
     assert {"_mcce_fwd_kernel", "_mcce_fwd_merge_kernel", "_mcce_bwd_dlogits_kernel", "_mcce_bwd_dh_kernel",

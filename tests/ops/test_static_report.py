@@ -4,11 +4,6 @@ GEMMs and the attention forward keep TMA configs that compile to TMA loads; the
 chain GEMMs execute exactly their useful tensor-core FLOPs (within 2%) when chain widths are
 multiples of 128, in the interpreter at the H100 tiles and for every config the pruners keep.
 These bounds may not be loosened to pass: fix the kernel or prune the config."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -17,41 +12,34 @@ import triton
 from colm_kernels._triton.utils import (_H100_GEMM, _H100_GEMM_TMA, gemm_waste, make_gemm_pruner,
                                         register_gemm_layout, tma_mode)
 from colm_kernels.chains import Chains
+from utils import kernel_subprocess_env, require_sm90_ptxas, run_reporting, work_env
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MARK = "COLM_STATIC_JSON "
+MARK = "COLM_STATIC_JSON"  # the report line of colm_kernels.bench.static
 # Kernels that use tl.dot and are allowed mma.sync at the default shapes, with the reason.
 MMA_SYNC_ALLOWED: dict = {}
 
 
-def _static(part, ops, env_changes, *extra, timeout=900):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COLM_KERNELS_AUTOTUNE",
-                                                             "COLM_KERNELS_TILES")}
-    env.update(env_changes)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run([sys.executable, "-m", "colm_kernels.bench.static", part, ",".join(ops), *extra],
-                          cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-6000:]
-    return json.loads(lines[-1][len(MARK):])
+def _static(part, ops, env, *extra):
+    return run_reporting(["-m", "colm_kernels.bench.static", part, ",".join(ops), *extra], MARK, env)
 
 
-def _ptxas_or_skip():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        path = get_ptxas(90).path
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"triton's ptxas is not available: {e!r}")
-    if not path or not os.access(path, os.X_OK):
-        pytest.skip(f"triton's ptxas is not available ({path!r})")
+# Every op, in groups of about equal compile time (one subprocess each, so ``pytest -n 2`` splits them).
+GROUPS = (("chain_linear",), ("chain_swiglu", "chain_rmsnorm"), ("chain_attention", "multi_chain_cross_entropy"))
+GEMM_KERNELS = {"chain_linear": {"_chain_linear_fwd_kernel", "_chain_linear_bwd_dx_kernel",
+                                 "_chain_linear_bwd_dw_kernel"},
+                "chain_swiglu": {"_chain_swiglu_fwd_kernel"}}
+
+
+def test_groups_cover_every_op():
+    from colm_kernels.bench.static import DEFAULT_DTYPE, _compile_cases
+    assert sorted(op for group in GROUPS for op in group) == sorted({op for op, *_ in _compile_cases(DEFAULT_DTYPE)})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compile-only driver: on a GPU the real kernels run")
-def test_default_shapes_no_spills_and_wgmma(tmp_path):
-    _ptxas_or_skip()
-    ops = ["chain_linear", "chain_swiglu", "chain_rmsnorm", "chain_attention", "multi_chain_cross_entropy"]
-    report = _static("compile", ops, {"TRITON_CACHE_DIR": str(tmp_path / "cache")})
+@pytest.mark.parametrize("ops", GROUPS, ids=["+".join(g) for g in GROUPS])
+def test_default_shapes_no_spills_and_wgmma(tmp_path, ops):
+    require_sm90_ptxas()
+    report = _static("compile", ops, kernel_subprocess_env(tmp_path / "cache"))
     assert not report["failures"], report["failures"]
     rows = report["kernels"]
     assert {r["op"] for r in rows} == set(ops), "every op compiled at its default shapes"
@@ -62,8 +50,7 @@ def test_default_shapes_no_spills_and_wgmma(tmp_path):
     not_wgmma = [f"{r['kernel']} {r['config']}" for r in tensor_core
                  if r["mma"] != "wgmma" and r["kernel"] not in MMA_SYNC_ALLOWED]
     assert not not_wgmma, "tensor-core kernels on mma.sync at the default shapes:\n" + "\n".join(not_wgmma)
-    gemm_kernels = {"_chain_linear_fwd_kernel", "_chain_linear_bwd_dx_kernel", "_chain_linear_bwd_dw_kernel",
-                    "_chain_swiglu_fwd_kernel"}
+    gemm_kernels = set().union(*(GEMM_KERNELS.get(op, set()) for op in ops))
     assert gemm_kernels <= {r["kernel"] for r in tensor_core}
     assert all(r["resident_blocks"] >= 1 for r in rows)
     # the TMA twins (USE_TMA) of the chain GEMMs are kept at the default shapes (bf16, aligned) and
@@ -78,6 +65,8 @@ def test_default_shapes_no_spills_and_wgmma(tmp_path):
         assert not [r["config"] for r in mine if r["tma"] and r not in tma], f"{kernel}: TMA in a pointer config"
     # the attention forward's TMA twins (K / V tiles by descriptors) are kept at the default shapes
     # too and compile to TMA loads on the MMA kind of their pointer twins, without spills
+    if "chain_attention" not in ops:
+        return
     attention = [r for r in rows if r["op"] == "chain_attention"]
     attention_tma = [r for r in attention if r["config"].endswith("USE_TMA")]
     assert attention_tma, "chain_attention: no TMA config kept at the default shapes"
@@ -94,9 +83,7 @@ def test_default_shapes_no_spills_and_wgmma(tmp_path):
 def test_chain_gemms_execute_their_useful_flops():
     """First kept config, counted in the interpreter at H100 tiles (4, 8 and unequal chains; the
     fused SwiGLU forward and its backward on the chain-linear kernels)."""
-    report = _static("work", ["chain_linear", "chain_swiglu"],
-                     {"TRITON_INTERPRET": "1", "COLM_KERNELS_TILES": "gpu", "COLM_KERNELS_AUTOTUNE": "0"},
-                     "first")
+    report = _static("work", ["chain_linear", "chain_swiglu"], work_env(), "first")
     assert not report["failures"], report["failures"]
     rows = report["work"]
     assert len(rows) == 3 * 3 + 2

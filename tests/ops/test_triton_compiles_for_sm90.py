@@ -19,6 +19,8 @@ import sys
 
 import pytest
 
+from utils import kernel_subprocess_env, require_sm90_ptxas
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(os.path.dirname(_HERE))
 _SCRIPT = os.path.join(_HERE, "sm90_compile_check.py")
@@ -28,17 +30,6 @@ _EXPECTED_MODULES = {
     "colm_kernels.ops.chain_attention.triton_kernels",
     "colm_kernels.ops.chain_attention_decode.triton_kernels",
 }
-
-
-def _ptxas_or_skip() -> str:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        path = get_ptxas(90).path
-    except Exception as e:  # noqa: BLE001  (no NVIDIA backend / no ptxas in this triton build)
-        pytest.skip(f"triton's ptxas is not available: {e!r}")
-    if not path or not os.access(path, os.X_OK):
-        pytest.skip(f"triton's ptxas is not available ({path!r})")
-    return path
 
 
 # Ops, or "op:dtype" parts of an op's cases (every kernel of an op runs in each dtype's cases), in
@@ -52,12 +43,8 @@ SHARDS = (
 
 @pytest.mark.parametrize("ops", SHARDS, ids=["+".join(s) for s in SHARDS])
 def test_every_triton_kernel_compiles_for_sm90(tmp_path, ops):
-    _ptxas_or_skip()
-    # Neither the interpreter nor the one-config test mode: every config the pruners keep compiles.
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COLM_KERNELS_AUTOTUNE")}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # a real compile, never a cache hit
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    require_sm90_ptxas()
+    env = kernel_subprocess_env(tmp_path / "triton-cache")
     proc = subprocess.run([sys.executable, _SCRIPT, "--ops", ",".join(ops)], cwd=_ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     log = (proc.stdout + proc.stderr)[-20000:]
