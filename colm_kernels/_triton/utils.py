@@ -34,6 +34,7 @@ Device side (``@triton.jit``):
 - ``load_ptr`` / ``load_int``: read a table entry as a typed pointer / int32 extent with optional
   divisibility hints.
 - ``mma``: ``tl.dot`` with fp32 accumulation, IEEE precision for fp32 inputs.
+- ``masked_k_loop``: a pointer-tile K loop of ``mma`` steps with masked loads (dW and CE dh GEMMs).
 - ``tile_desc``: a TMA tensor descriptor of a row-major matrix (boxes past its edges read zeros).
 """
 from __future__ import annotations
@@ -82,6 +83,7 @@ __all__ = [
     "load_ptr",
     "load_int",
     "mma",
+    "masked_k_loop",
     "tile_desc",
 ]
 
@@ -617,6 +619,23 @@ def mma(a, b, acc):
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def masked_k_loop(acc, a_ptrs, b_ptrs, a_ok, b_ok, k_end, k_size, step_a, step_b, BLOCK_K: tl.constexpr):
+    """``acc + A @ B`` over the K steps [0, k_end) of BLOCK_K, from pointer tiles: ``a_ptrs``
+    (BLOCK_M, BLOCK_K) and ``b_ptrs`` (BLOCK_K, BLOCK_N) at step 0, advanced by ``step_a`` /
+    ``step_b`` per step. Rows of A outside ``a_ok``, columns of B outside ``b_ok`` and K indices
+    from ``k_size`` on read zeros."""
+    rk = tl.arange(0, BLOCK_K)
+    for k in range(0, k_end, BLOCK_K):
+        k_ok = rk < k_size - k
+        a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & b_ok[None, :], other=0.0)
+        acc = mma(a, b, acc)
+        a_ptrs += step_a
+        b_ptrs += step_b
     return acc
 
 

@@ -74,6 +74,7 @@ from colm_kernels._triton.utils import (
     load_int,
     load_ptr,
     make_gemm_pruner,
+    masked_k_loop,
     register_gemm_layout,
     mma,
     operands_tma_aligned,
@@ -298,15 +299,8 @@ def _chain_linear_bwd_dw_kernel(
     else:
         dy_ptrs = DY + rk.to(tl.int64)[None, :] * stride_dym + (o + rd)[:, None]  # dy_i^T tile (BLOCK_M, BLOCK_K)
         x_ptrs = X + rk.to(tl.int64)[:, None] * stride_xm + rp[None, :]  # (BLOCK_K, BLOCK_N)
-        step_dy = tl.cast(stride_dym, tl.int64) * BLOCK_K
-        step_x = tl.cast(stride_xm, tl.int64) * BLOCK_K
-        for k in range(0, M, BLOCK_K):
-            k_ok = rk < M - k
-            a = tl.load(dy_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(x_ptrs, mask=k_ok[:, None] & p_ok[None, :], other=0.0)
-            acc = mma(a, b, acc)
-            dy_ptrs += step_dy
-            x_ptrs += step_x
+        acc = masked_k_loop(acc, dy_ptrs, x_ptrs, d_ok, p_ok, M, M, tl.cast(stride_dym, tl.int64) * BLOCK_K,
+                            tl.cast(stride_xm, tl.int64) * BLOCK_K, BLOCK_K)
 
     dw_ptrs = dw_ptr + rd.to(tl.int64)[:, None] * p + rp[None, :]
     tl.store(dw_ptrs, acc.to(ELEM), mask=d_ok[:, None] & p_ok[None, :])

@@ -17,6 +17,7 @@ from colm_kernels._triton.utils import (
     find_segment,
     grouped_tile,
     load_int,
+    masked_k_loop,
     mma,
     segment_tile_count,
     tile_count,
@@ -189,16 +190,10 @@ def _mcce_bwd_dh_kernel(
     cols = lo + rc
     a_ptrs = G + chain.to(tl.int64) * stride_gs + pos.to(tl.int64)[:, None] * stride_gn + rk[None, :]
     b_ptrs = W + rk.to(tl.int64)[:, None] * stride_wv + cols[None, :]
-    step_b = tl.cast(stride_wv, tl.int64) * BLOCK_K
     k_end = tl.where(tile_m * BLOCK_M < rows_used(COUNTS, chain, N, ROWS), V, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, k_end, BLOCK_K):
-        k_ok = rk < V - k
-        a = tl.load(a_ptrs, mask=used[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = mma(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += step_b
+    acc = masked_k_loop(acc, a_ptrs, b_ptrs, used, c_ok, k_end, V, BLOCK_K, tl.cast(stride_wv, tl.int64) * BLOCK_K,
+                        BLOCK_K)
     acc *= tl.load(ALPHA)
     dh_ptrs = DH + rm64[:, None] * stride_dhn + cols[None, :]
     tl.store(dh_ptrs, acc.to(ELEM), mask=m_ok[:, None] & c_ok[None, :])
