@@ -51,6 +51,30 @@ def test_interrupted_timing_run_still_writes_what_it_measured(tmp_path, monkeypa
     assert [r["ms"] for r in data["rows"]] == [1.0, 1.0]
 
 
+def test_failed_graph_capture_is_reported_not_hidden(monkeypatch):
+    """A case that asks for CUDA-graph replay and cannot be captured is timed by do_bench, and the
+    timing says so (method and the capture's exception), as the table's "timed by" column shows.
+    The CUDA calls are stubbed: the logic runs on CPU."""
+    import contextlib
+
+    import triton.testing
+
+    from colm_kernels.bench import timing
+
+    def capture(fn, **_):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", capture)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **_: [2.0, 1.5, 2.5])
+    monkeypatch.setattr(timing, "synchronize", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    t = timing.measure(lambda: None, torch.device("cuda"), cudagraph=True)
+    assert (t.ms, t.method) == (2.0, "do_bench (graph capture failed)")
+    assert t.capture_error == "RuntimeError: operation not permitted when stream is capturing"
+    t = timing.measure(lambda: None, torch.device("cuda"), cudagraph=False)
+    assert (t.method, t.capture_error) == ("do_bench", "")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU colm-bench times instead of checking")
 def test_check_mode_without_gpu(tmp_path):
     rc = cli.main(["--out", str(tmp_path), "--ops", "chain_linear,chain_attention_decode",

@@ -7,6 +7,8 @@ Host side:
 - ``TORCH_TO_TL`` / ``tl_dtype``: the floating dtypes kernels accept and their Triton types.
 - ``int64_table`` / ``int32_table``: a small cached device table of per-chain ints (pointers,
   widths, strides, offsets; int32: index tables), one content-keyed cache for both.
+- ``pointer_row``: the ``data_ptr()``s of a pointer table's tensors (declared to the GPU-semantics
+  bounds checker, ``gpu_semantics``).
 - ``table_aligned``: whether pointers and ints of a table are 16-byte friendly (enables hints).
 - ``tile_count``: host-side count of the tiles of a list of per-chain extents.
 - ``gemm_configs`` / ``register_gemm_layout`` / ``make_gemm_pruner``: autotune configs (H100 list,
@@ -49,6 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._tables import clear_table_cache, int32_table, int64_table
+from .gpu_semantics import pointer_row
+
 __all__ = [
     "is_interpreter",
     "small_tiles",
@@ -57,6 +62,7 @@ __all__ = [
     "tl_dtype",
     "int64_table",
     "int32_table",
+    "pointer_row",
     "clear_table_cache",
     "table_aligned",
     "tile_count",
@@ -75,6 +81,7 @@ __all__ = [
     "autotune_enabled",
     "force_config",
     "autotuned_kernels",
+    "ACCUMULATING_KERNELS",
     "check_tensor",
     "device_guard",
     "grouped_tile",
@@ -118,65 +125,6 @@ def tl_dtype(dtype: torch.dtype):
         return TORCH_TO_TL[dtype]
     except KeyError:
         raise TypeError(f"unsupported dtype {dtype}: expected one of {FLOAT_DTYPES}") from None
-
-
-_TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_TABLE_CACHE_SIZE = 512
-_TABLE_LOCK = threading.Lock()
-
-
-def _device_table(rows: Sequence[Iterable[int]], dtype: torch.dtype, device) -> torch.Tensor:
-    """A contiguous ``dtype`` tensor of shape ``(len(rows), len(rows[0]))`` on ``device``, from
-    one content-keyed LRU cache shared by every table (``int64_table``, ``int32_table``)."""
-    name = "int32_table" if dtype == torch.int32 else "int64_table"
-    content = tuple(tuple(int(v) for v in r) for r in rows)
-    if not content or not content[0] or any(len(r) != len(content[0]) for r in content):
-        raise ValueError(f"{name}: rows must be non-empty and of equal length, got {content}")
-    if dtype == torch.int32 and any(not -2**31 <= v < 2**31 for r in content for v in r):
-        raise ValueError("int32_table: every entry must fit in int32")
-    dev = torch.device(device)
-    key = (dev, dtype, content)
-    with _TABLE_LOCK:
-        hit = _TABLE_CACHE.get(key)
-        if hit is not None:
-            _TABLE_CACHE.move_to_end(key)
-            return hit[0]
-    if dev.type == "cuda":
-        host = torch.tensor(content, dtype=dtype, pin_memory=True)
-        table = host.to(dev, non_blocking=True)
-    else:
-        host = None
-        table = torch.tensor(content, dtype=dtype, device=dev)
-    with _TABLE_LOCK:
-        _TABLE_CACHE[key] = (table, host)
-        while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
-    return table
-
-
-def int64_table(rows: Sequence[Iterable[int]], device) -> torch.Tensor:
-    """A contiguous int64 tensor of shape ``(len(rows), len(rows[0]))`` on ``device``.
-
-    Row ``f`` holds field ``f`` for every chain (a kernel reads field ``f`` of chain ``c`` at
-    ``TABLE + f * NUM + c``). Rows usually hold ``data_ptr()``s, widths, row strides and offsets.
-    Tables are cached on their full content (pointers included) and device, so a layer whose
-    parameters are updated in place builds its tables once; the content is the key, so a hit is
-    always exact. On CUDA a miss copies from pinned host memory without blocking the host (the
-    pinned buffer is kept with the table). Tables are read-only: never write into one.
-    """
-    return _device_table(rows, torch.int64, device)
-
-
-def int32_table(rows: Sequence[Iterable[int]], device) -> torch.Tensor:
-    """Like ``int64_table`` but int32 (small index tables read once per program, e.g. the query
-    heads of each kv head); every entry must fit in int32. Same cache; read-only."""
-    return _device_table(rows, torch.int32, device)
-
-
-def clear_table_cache() -> None:
-    """Drop every cached table (tests, or after freeing many layers)."""
-    with _TABLE_LOCK:
-        _TABLE_CACHE.clear()
 
 
 def table_aligned(ptrs: Iterable[int], ints: Iterable[int], element_size: int) -> bool:
@@ -362,6 +310,7 @@ UNALIGNED_MAX_LOAD_ELEMS = 48
 UNALIGNED_MAX_ACC_REGS = 64
 
 _GEMM_LAYOUTS: "OrderedDict[int, tuple]" = OrderedDict()
+_LAYOUTS_LOCK = threading.Lock()
 _GEMM_LAYOUTS_SIZE = 4096
 
 
@@ -370,7 +319,7 @@ def register_gemm_layout(key: int, blocks: Sequence[str], products: Iterable[Seq
     ``products`` lists, for every (chain, segment) sub-GEMM, its extent along each of ``blocks``
     (e.g. ``("BLOCK_N", "BLOCK_K")`` and ``(d_i, P_i)`` per chain). Host ints only, so pruning
     never reads a device table. Returns ``key``."""
-    with _TABLE_LOCK:
+    with _LAYOUTS_LOCK:
         _GEMM_LAYOUTS[int(key)] = (tuple(blocks), tuple(tuple(int(e) for e in p) for p in products))
         _GEMM_LAYOUTS.move_to_end(int(key))
         while len(_GEMM_LAYOUTS) > _GEMM_LAYOUTS_SIZE:
@@ -462,30 +411,66 @@ def autotune_enabled() -> bool:
     return os.environ.get("COLM_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _untimed(kernel_call, quantiles=None, **_):
-    """The interpreter's "benchmark": nothing to time, and the kernel is not run for it, so every
-    kept config ties and the first runs. Needed where a list of several configs (a GEMM's pointer
-    config and its TMA twin) is pruned to one: Triton 3.6 benchmarks even a single survivor."""
+def _interpreter_bench(kernel_call, quantiles=None, **kw):
+    """The interpreter's "benchmark". Normally nothing to time, and the kernel is not run for it,
+    so every kept config ties and the first runs (needed where a list of several configs is pruned
+    to one: Triton 3.6 benchmarks even a single survivor). Under the GPU-semantics emulation
+    (``gpu_semantics``) the kernel is rerun into the live buffers, as ``do_bench`` does on a GPU."""
+    from colm_kernels._triton import gpu_semantics  # late: it patches the interpreter
+
+    if gpu_semantics.active():
+        return gpu_semantics.rerun_bench(kernel_call, quantiles=quantiles, **kw)
     return [1.0, 1.0, 1.0] if quantiles else 1.0
 
 
-def autotune(configs: List[triton.Config], key: List[str], prune: Callable):
+def autotune(configs: List[triton.Config], key: List[str], prune: Callable, *,
+             reset_to_zero: Sequence[str] = (), restore_value: Sequence[str] = ()):
     """``triton.autotune(configs, key)`` with ``prune`` as its early pruner, narrowed to one config
-    when autotuning is off or a config is forced."""
+    when autotuning is off or a config is forced.
+
+    The autotuner benchmarks a new key by launching every kept config many times into the live
+    argument buffers (Triton 3.6: even a single kept config). A kernel that accumulates into an
+    output (atomics) must name it in ``reset_to_zero``; one that reads an output back (``+=`` of
+    a previous launch's partial sum) must name it in ``restore_value``. The list of such kernels,
+    and why each is safe, is ``ACCUMULATING_KERNELS`` below; a test holds every kernel to it."""
 
     def narrowed(configs, named_args, **kwargs):
         kept = prune(configs, named_args, **kwargs)
         if _forced_index is not None:
-            return [kept[min(_forced_index, len(kept) - 1)]]
-        return kept if autotune_enabled() else kept[:1]
+            kept = [kept[min(_forced_index, len(kept) - 1)]]
+        elif not autotune_enabled():
+            kept = kept[:1]
+        if len(kept) == 1 and is_interpreter():
+            from colm_kernels._triton import gpu_semantics
+
+            if gpu_semantics.active():  # Triton 3.6 (the GPUs') benchmarks a single survivor too
+                kept = kept * 2
+        return kept
 
     def wrap(fn):
         tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": narrowed},
-                                do_bench=_untimed if is_interpreter() else None)(fn)
+                                reset_to_zero=list(reset_to_zero) or None,
+                                restore_value=list(restore_value) or None,
+                                do_bench=_interpreter_bench if is_interpreter() else None)(fn)
         _AUTOTUNED.append(tuned)
         return tuned
 
     return wrap
+
+
+# Autotuned kernels whose launches are not idempotent, i.e. that would give a wrong result if the
+# autotuner's benchmark runs went into the same buffers first, and what makes each safe. Every
+# other autotuned kernel only writes its outputs (each element by one program, from inputs it does
+# not write), so rerunning it rewrites the same values. ``tests/ops/test_autotune_safety.py``
+# checks that each kernel with ``tl.atomic_*`` or a read of an output is listed here with the
+# declaration, and the GPU-semantics mode (``gpu_semantics``) checks the results of first calls.
+ACCUMULATING_KERNELS = {
+    # dQ += dS K by fp32 atomics from every key block into a zeroed buffer (DQ_ATOMIC; DQ is None
+    # without it, so nothing else is ever zeroed)
+    "_chain_attention_bwd_kernel": {"reset_to_zero": ("DQ",)},
+    # row chunks of the cross-entropy dW: OUT = alpha G^T h + ACC (LOAD_ACC), OUT often ACC itself
+    "_mcce_bwd_dw_kernel": {"restore_value": ("OUT",)},
+}
 
 
 def autotuned_kernels() -> List:

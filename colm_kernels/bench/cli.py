@@ -154,7 +154,8 @@ def _time_cases(args, size, device, dtype, rows: list) -> None:
                        "ms": timing.ms if timing else None, "peer": case.peer, "flops": case.flops,
                        "bytes": case.bytes, "note": case.note, "error": error}
                 if timing:
-                    row.update(ms_p20=timing.ms_p20, ms_p80=timing.ms_p80, timing_method=timing.method)
+                    row.update(ms_p20=timing.ms_p20, ms_p80=timing.ms_p80, timing_method=timing.method,
+                               capture_error=timing.capture_error or None)
                     ms = timing.ms
                     row["tflops"] = case.flops / ms / 1e9 if case.flops else None
                     row["gb_s"] = case.bytes / ms / 1e6 if case.bytes else None

@@ -6,7 +6,8 @@
 - ``do_bench_cudagraph``: the calls captured in a CUDA graph and replayed, so launch overhead does
   not swamp kernels of a few microseconds (decode steps, norms). Used for forward-only passes that
   ask for it; a provider that cannot be captured (a host sync, a first-call compile) falls back to
-  ``do_bench``, and the row says which method timed it.
+  ``do_bench``, and the row says so: its method reads ``do_bench (graph capture failed)`` and
+  ``capture_error`` holds the exception, never a silent fallback.
 
 ``measure`` returns a ``Timing`` (median and 20th / 80th percentiles in ms, and the method).
 """
@@ -21,6 +22,7 @@ import torch
 
 QUANTILES = (0.5, 0.2, 0.8)
 METHODS = ("do_bench", "do_bench_cudagraph", "perf_counter")
+CAPTURE_FAILED = "do_bench (graph capture failed)"
 
 
 @dataclasses.dataclass
@@ -28,7 +30,8 @@ class Timing:
     ms: float       # median
     ms_p20: float
     ms_p80: float
-    method: str     # one of METHODS
+    method: str     # one of METHODS, or CAPTURE_FAILED
+    capture_error: str = ""  # why a requested CUDA-graph capture failed (then timed by do_bench)
 
 
 def synchronize(device: torch.device) -> None:
@@ -60,13 +63,15 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
 
     fn()  # first call outside any capture: compiles, autotunes, allocates
     synchronize(device)
+    capture_error = ""
     if cudagraph:
         try:
             with torch.cuda.device(device):
                 ms = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=list(QUANTILES))
             return Timing(*ms, method="do_bench_cudagraph")
-        except Exception:  # noqa: BLE001  capture failed: time it the ordinary way
+        except Exception as exc:  # noqa: BLE001  capture failed: time it the ordinary way, and say so
+            capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
             synchronize(device)
     with torch.cuda.device(device):
         ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
-    return Timing(*ms, method="do_bench")
+    return Timing(*ms, method=CAPTURE_FAILED if capture_error else "do_bench", capture_error=capture_error)

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._tables import index_vector
 from ._checks import check_int_values, check_like, check_tensor
 
 
@@ -37,9 +38,9 @@ def row_chains(seq_chains, x: Tensor, scale: int, check_values: bool, *, name: s
 
 
 def column_chains(widths: Sequence[int], device) -> Tensor:
-    """The chain of every column of a ``(rows, sum(widths))`` output."""
-    return torch.repeat_interleave(torch.arange(len(widths), device=device),
-                                   torch.tensor(list(widths), device=device))
+    """The chain of every column of a ``(rows, sum(widths))`` output (a cached device vector: no
+    host-to-device copy per call)."""
+    return index_vector([c for c, w in enumerate(widths) for _ in range(w)], device)
 
 
 def active(widths: Sequence[int], rows: Tensor) -> Tensor:

@@ -329,10 +329,9 @@ def _bwd_rows(dk, dv, k, v, cols, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act
               G: tl.constexpr, HAS_SC: tl.constexpr, HEAD_DIM: tl.constexpr, PAD: tl.constexpr,
               MASK: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr):
     """Packed rows [row_lo, row_hi) against the keys ``cols`` (tiles k, v): accumulate dK, dV and,
-    with DQ_ATOMIC, add each step's dQ tile into the fp32 buffer DQ. ``MASK``: the causal mask and
-    keys past Sk apply (rows of a step past row_hi are dropped); without it every row sees every
-    key below Sk (keys past Sk are zero tiles: they add nothing to dQ, and their dK/dV rows are
-    never stored)."""
+    with DQ_ATOMIC, add each step's dQ tile into the fp32 buffer DQ. Keys past Sk are
+    always masked. ``MASK``: the causal mask applies too (rows of a step past row_hi are dropped);
+    without it every row sees every key below Sk."""
     for m0 in range(row_lo, row_hi, BLOCK_M):
         pos, mem, act, valid = packed_rows(m0, Sq, n_act, A, G, BLOCK_M, HAS_SC)
         if MASK:
@@ -346,11 +345,12 @@ def _bwd_rows(dk, dv, k, v, cols, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act
         lse = tl.load(LSE + row, mask=act, other=float("inf"))  # +inf: probability 0
         delta = tl.load(DELTA + row, mask=act, other=0.0)
         s_t = mma(k, tl.trans(q), tl.zeros((k.shape[0], BLOCK_M), dtype=tl.float32)) * qk_scale
-        if MASK:
-            vis = (cols < Sk)[:, None]
-            if CAUSAL:
-                vis = vis & (cols[:, None] <= pos[None, :] + (Sk - Sq))
-            s_t = tl.where(vis, s_t, float("-inf"))
+        # Keys past Sk are zero tiles, yet their probability exp2(0 - lse) overflows where every
+        # real score is very negative (lse << 0), and inf * 0 = NaN in dQ: always masked.
+        vis = (cols < Sk)[:, None]
+        if MASK and CAUSAL:
+            vis = vis & (cols[:, None] <= pos[None, :] + (Sk - Sq))
+        s_t = tl.where(vis, s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse[None, :])
         dv = mma(p_t.to(do.dtype), do, dv)
         dp_t = mma(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), dtype=tl.float32))
@@ -413,7 +413,7 @@ def _bwd_diagonal(k_base, v_base, c0, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n
     return dk, dv
 
 
-@autotune(configs=bwd_configs(), key=AUTOTUNE_KEY + ["DQ_ATOMIC"], prune=prune_bwd)
+@autotune(configs=bwd_configs(), key=AUTOTUNE_KEY + ["DQ_ATOMIC"], prune=prune_bwd, reset_to_zero=["DQ"])
 @triton.jit(do_not_specialize=["Sq", "Sk", "stride_lb", "stride_lh"])
 def _chain_attention_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, HEADS, CHAINS, SC, CU_Q, CU_K,
@@ -449,7 +449,8 @@ def _chain_attention_bwd_kernel(
             return
         Q += q_off * stride_qs
         DO += q_off * stride_dos
-        DQ += q_off * stride_dqs
+        if DQ_ATOMIC:  # DQ is None without it
+            DQ += q_off * stride_dqs
         LSE += q_off
         DELTA += q_off
         K += k_off * stride_ks
@@ -782,11 +783,12 @@ def chain_attention_bwd(
                 G_P2=meta["G_P2"], HAS_SC=meta["HAS_SC"], VARLEN=varlen,
             )
         if need_dkv and Sk > 0:
-            dq_arg = dq if atomic_dq else q  # unused without DQ_ATOMIC
+            # the autotuner zeroes DQ between its benchmark runs: None unless it is the sum
+            dq_arg = dq if atomic_dq else None
             _chain_attention_bwd_kernel[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)](
                 q, k, v, dout, lse, delta, dq_arg, dk, dv, heads, chains, sc, cu_q, cu_k,
                 *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
-                *_bsh(dout, varlen, align), *_bsh(dq_arg, varlen, align), *_bsh(dk, varlen, align),
+                *_bsh(dout, varlen, align), *_bsh(dq if atomic_dq else q, varlen, align), *_bsh(dk, varlen, align),
                 *lse_strides,
                 Sq, Sk, Hkv, qk_scale, float(softmax_scale),
                 CAUSAL=bool(causal), DQ_ATOMIC=atomic_dq, ALIGN=align, **meta,

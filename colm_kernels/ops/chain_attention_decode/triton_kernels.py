@@ -65,6 +65,7 @@ from colm_kernels._triton.utils import (
     is_interpreter,
     last_dim_contiguous,
     mma,
+    small_tiles,
 )
 from colm_kernels.ops.chain_attention.heads import LOG2E, group_rows
 from colm_kernels.ops.chain_attention.heads import layout_reasons as _layout_reasons
@@ -86,7 +87,9 @@ __all__ = [
 
 MAX_SPLITS = 64
 _MAX_GRID_YZ = 65535
-_INTERPRETER_SMS = 4  # pretend SM count on CPU (the heuristic then runs, with its small numbers)
+# pretend SM count on CPU: with the interpreter's small tiles 4 (the heuristic then runs, with its
+# small numbers); with the H100 tiles (COLM_KERNELS_TILES=gpu) the H100's 132, so the launch is the GPU's
+_INTERPRETER_SMS, _H100_SMS = 4, 132
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,7 +349,7 @@ def _blocks(head_dim: int, rows: int, fp32: bool) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the padded ``head_dim``. BLOCK_M: the packed
     rows ``G * Sq`` rounded up to a power of two (tl.dot needs 16), capped so that the fp32
     accumulator stays in registers (more rows: more row blocks)."""
-    if is_interpreter():
+    if small_tiles():
         return 16, 16, 1, 1
     cap, block_n, warps, stages = (_TILES_FP32 if fp32 else _TILES_16BIT)[head_dim]
     return min(max(16, triton.next_power_of_2(rows)), cap), block_n, warps, stages
@@ -364,7 +367,7 @@ def decode_plan(batch: int, n_kv: int, rows: int, s_max: int, head_dim: int, dev
         if device.type == "cuda":
             sms, min_blocks = _num_sms(device.index if device.index is not None else torch.cuda.current_device()), 2
         else:
-            sms, min_blocks = _INTERPRETER_SMS, 1
+            sms, min_blocks = (_INTERPRETER_SMS, 1) if small_tiles() else (_H100_SMS, 2)
         num_splits = num_splits_heuristic(batch * n_kv * n_rb, n_blocks, sms, min_blocks_per_split=min_blocks)
     elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
@@ -494,12 +497,12 @@ def chain_attention_decode_fwd(
             num_warps=plan["num_warps"], num_stages=plan["num_stages"], **meta,
         )
         if split:
-            block_r = 16 if is_interpreter() else max(1, min(64, 4096 // D_P2))
+            block_r = 16 if small_tiles() else max(1, min(64, 4096 // D_P2))
             head_chain_t = int32_table([list(head_chain)], q.device)
             _decode_reduce_kernel[(triton.cdiv(Sq * Hq, block_r), B)](
                 part_o, part_lse, out, seqlens, sc, head_chain_t,
                 out.stride(0), out.stride(1), out.stride(2),
                 Sq, Hq, S_max, plan["split_size"], n_splits,
-                BLOCK_R=block_r, num_warps=1 if is_interpreter() else 4, **meta,
+                BLOCK_R=block_r, num_warps=1 if small_tiles() else 4, **meta,
             )
     return out

@@ -9,6 +9,8 @@ from . import cuda_kernels as kernels
 from .backend_ops import define_backend_ops
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SEQ_CHAINS_DECLINED = ("cuda chain_linear does not take seq_chains: cuBLAS would compute every row at full "
+                       "width and zero the rest; the triton kernels skip the inactive rows' work")
 _ops = define_backend_ops("cuda", kernels)
 chain_linear_cuda = _ops.forward
 chain_linear_cuda_bwd_dx = _ops.bwd_dx
@@ -33,4 +35,6 @@ def not_supported_reasons(x: Tensor, weights, biases, row_chains=None) -> list[s
         reasons.append(
             f"cuda chain_linear needs every tensor on one device, got {sorted({str(t.device) for t in tensors})}"
         )
+    if row_chains is not None:
+        reasons.append(SEQ_CHAINS_DECLINED)
     return reasons

@@ -25,7 +25,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ... import _cuda
-from .._rows import zero_inactive
 
 __all__ = ["chain_linear_fwd", "chain_linear_bwd_dx", "chain_linear_bwd_dw"]
 
@@ -60,25 +59,26 @@ def _weights(weights: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [_rows(w) for w in weights]
 
 
-# Per-row scales (``row_chains``): cuBLAS takes one M per GEMM, so these launchers mask instead of
-# skipping: outputs beyond a row's scale are zeroed after the forward GEMMs, and dy there before
-# the backward ones (exact zeros and gradients; the Triton kernels skip that work instead).
-def _widths(weights: Sequence[torch.Tensor]) -> List[int]:
-    return [int(w.shape[0]) for w in weights]
+# Per-row scales (``row_chains``) are declined (``cuda.not_supported_reasons``): cuBLAS takes one
+# M per GEMM, so it could only compute every row at full width and zero the rest, where the Triton
+# kernels skip that work. The launchers take the argument for the shared op signature only.
+def _no_rows(row_chains: Optional[torch.Tensor]) -> None:
+    if row_chains is not None:
+        raise ValueError("the cuda chain_linear kernels do not take per-row scales (seq_chains): use triton")
 
 
 def chain_linear_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor],
                      biases: Sequence[torch.Tensor] = (), row_chains: Optional[torch.Tensor] = None
                      ) -> torch.Tensor:
     """``y = cat_i(x[:, :P_i] @ W_i^T + b_i)``; ``biases`` empty or one ``(d_i,)`` per chain."""
-    y = _extension().chain_linear_fwd(_rows(x), _weights(weights), [_rows(b) for b in biases])
-    return zero_inactive(y, _widths(weights), row_chains)
+    _no_rows(row_chains)
+    return _extension().chain_linear_fwd(_rows(x), _weights(weights), [_rows(b) for b in biases])
 
 
 def chain_linear_bwd_dx(dy: torch.Tensor, weights: Sequence[torch.Tensor], in_features: int,
                         row_chains: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dx (M, in_features)``: ``sum_i dy_i @ W_i`` in columns ``[0, P_i)``, zeros past ``P_n``."""
-    dy = zero_inactive(dy, _widths(weights), row_chains)
+    _no_rows(row_chains)
     return _extension().chain_linear_bwd_dx(_rows(dy), _weights(weights), int(in_features))
 
 
@@ -93,7 +93,7 @@ def chain_linear_bwd_dw(
     """``(dW, db)``, one entry per chain: ``dW_i (d_i, P_i)``, ``db_i (d_i,)``, and a fresh empty
     ``(0,)`` tensor where the gradient is not needed (no work is done for it). Only the weights'
     shapes are read."""
-    dy = zero_inactive(dy, _widths(weights), row_chains)
+    _no_rows(row_chains)
     dws, dbs = _extension().chain_linear_bwd_dw(
         _rows(dy), _rows(x), _weights(weights), [bool(f) for f in needs_weight],
         [bool(f) for f in needs_bias],

@@ -78,6 +78,7 @@ from colm_kernels._triton.utils import (
     register_gemm_layout,
     mma,
     operands_tma_aligned,
+    pointer_row,
     segment_tile_count,
     small_tiles,
     table_aligned,
@@ -447,8 +448,8 @@ def chain_linear_fwd(x: torch.Tensor, weights: Sequence[torch.Tensor],
         return y
     offs = _offsets(ds)
     strides = [_row_stride(w) for w in weights]
-    w_ptrs = [w.data_ptr() for w in weights]
-    b_ptrs = [b.data_ptr() for b in biases] if has_bias else [0] * n
+    w_ptrs = pointer_row(weights)
+    b_ptrs = pointer_row(biases) if has_bias else [0] * n
     tbl = int64_table([w_ptrs, ds, ps, strides, offs, b_ptrs], device)
     es = x.element_size()
     aligned = table_aligned(w_ptrs + (b_ptrs if has_bias else []), ds + ps + strides + offs, es)
@@ -491,7 +492,7 @@ def chain_linear_bwd_dx(dy: torch.Tensor, weights: Sequence[torch.Tensor], in_fe
         return dx
     offs = _offsets(ds)
     strides = [_row_stride(w) for w in weights]
-    w_ptrs = [w.data_ptr() for w in weights]
+    w_ptrs = pointer_row(weights)
     seg_start = [0] + ps
     seg_width = [b - a for a, b in zip(seg_start, ps + [in_features])]
     tbl = int64_table([w_ptrs, ds, strides, offs], device)
@@ -560,7 +561,7 @@ def chain_linear_bwd_dw(
     if active:
         for i in active:
             dws[i] = torch.empty((ds[i], ps[i]), dtype=dtype, device=device)
-        a_ptrs = [dws[i].data_ptr() for i in active]
+        a_ptrs = pointer_row(dws[i] for i in active)
         a_d = [ds[i] for i in active]
         a_p = [ps[i] for i in active]
         a_o = [offs[i] for i in active]
@@ -588,7 +589,7 @@ def chain_linear_bwd_dw(
     if active:
         for i in active:
             dbs[i] = torch.empty((ds[i],), dtype=dtype, device=device)
-        a_ptrs = [dbs[i].data_ptr() for i in active]
+        a_ptrs = pointer_row(dbs[i] for i in active)
         a_d = [ds[i] for i in active]
         a_o = [offs[i] for i in active]
         tbl = int64_table([a_ptrs, a_d, a_o], device)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton.utils import check_tensor, device_guard, int32_table, is_interpreter, last_dim_contiguous
+from ..._triton.utils import check_tensor, device_guard, int32_table, last_dim_contiguous, small_tiles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def _blocks(offsets: Sequence[int]) -> Tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps)`` from the widest chain only (never the token count).
     Under the interpreter small blocks keep the chunk loop and its masking exercised."""
     max_w = max(b - a for a, b in zip(offsets, offsets[1:]))
-    if is_interpreter():
+    if small_tiles():
         return 16, min(16, triton.next_power_of_2(max_w)), 1
     block_n = max(16, min(1024, triton.next_power_of_2(max_w)))
     block_m = max(1, min(32, 4096 // block_n))

@@ -59,6 +59,7 @@ from colm_kernels._triton.utils import (
     make_gemm_pruner,
     mma,
     operands_tma_aligned,
+    pointer_row,
     segment_tile_count,
     small_tiles,
     table_aligned,
@@ -285,8 +286,8 @@ def chain_swiglu_fwd(x: torch.Tensor, w1: Sequence[torch.Tensor], w3: Sequence[t
     offs = _offsets(ds)
     s1 = [_row_stride(w) for w in w1]
     s3 = [_row_stride(w) for w in w3]
-    p1 = [w.data_ptr() for w in w1]
-    p3 = [w.data_ptr() for w in w3]
+    p1 = pointer_row(w1)
+    p3 = pointer_row(w3)
     tbl = int64_table([p1, p3, ds, ps, s1, s3, offs], device)
     es = x.element_size()
     aligned = table_aligned(p1 + p3, ds + ps + s1 + s3 + offs, es)

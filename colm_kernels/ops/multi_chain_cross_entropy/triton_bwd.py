@@ -206,6 +206,7 @@ def _mcce_bwd_dh_kernel(
     configs=GRAD_CONFIGS,
     key=["LAYOUT_KEY", "ALIGN", "ROWS"],
     prune=_dw_pruner,
+    restore_value=["OUT"],  # OUT may be ACC itself: a benchmark rerun must not add a chunk twice
 )
 @triton.jit(do_not_specialize=["N", "LAYOUT_KEY"])
 def _mcce_bwd_dw_kernel(
@@ -356,8 +357,8 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                 )
             if needs_weight:
                 # One chunk: straight into dW. Several: an fp32 sum, the last chunk writes dW.
-                # Autotuning reruns the first launch of a key: that is chunk 0 (LOAD_ACC off) or a
-                # launch that writes dW and only reads ACC, so no rerun adds a chunk twice.
+                # The kernel restores OUT after each autotuning run (restore_value), so a chunk
+                # whose launch tunes a new key is still added once.
                 last = i == len(starts) - 1
                 target = dw if last else acc
                 _mcce_bwd_dw_kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_M"])

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from colm_kernels._triton.rows import blocks_reached, row_plan, sorted_rows
-from colm_kernels._triton.utils import autotune, device_guard, is_interpreter, mma
+from colm_kernels._triton.utils import autotune, device_guard, mma, small_tiles
 
 from .triton_tiles import (
     LOGIT_CONFIGS,
@@ -243,7 +243,7 @@ def _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothin
             NUM_SCALES=ns, SOFTCAP=flags["SOFTCAP"], SMOOTH=flags["SMOOTH"], ALIGN=_align(align, hidden, weight),
             ROWS=has_rows,
         )
-        block_r, block_d = (16, 16) if is_interpreter() else (16, 64)
+        block_r, block_d = (16, 16) if small_tiles() else (16, 64)
         _mcce_fwd_merge_kernel[(triton.cdiv(n, block_r),)](
             part, hidden, weight, targets, tbl, order, counts, lse, rows,
             n, v, hidden.stride(0), weight.stride(0), splits, ignore_index, float(label_smoothing),
