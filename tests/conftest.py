@@ -42,7 +42,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 if GPU_SEMANTICS:
     from colm_kernels._triton import gpu_semantics  # noqa: E402
-    from colm_kernels._triton.utils import autotuned_kernels  # noqa: E402
+    from colm_kernels._triton.autotuning import autotuned_kernels  # noqa: E402
 
     GPU_SEMANTICS_SEED = int(os.environ["COLM_KERNELS_GPU_SEMANTICS_SEED"])
     gpu_semantics.start(GPU_SEMANTICS_SEED)
@@ -109,12 +109,24 @@ def _restore_backend():
 
 
 def pytest_configure(config):
+    # One Triton cache for every kernel-compiling subprocess of the session (utils.kernel_subprocess_env),
+    # made by the controller and inherited by pytest-xdist's workers.
+    if not hasattr(config, "workerinput") and "COLM_KERNELS_TEST_TRITON_CACHE" not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
+
+        cache = tempfile.mkdtemp(prefix="colm-test-triton-cache-")
+        os.environ["COLM_KERNELS_TEST_TRITON_CACHE"] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     # Triton's interpreter converts 1-element numpy arrays with int(); numpy >= 1.25 warns each time.
     config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0:DeprecationWarning")
     # pytest-xdist's grouping marker (used by tests/ops/test_int64_offsets.py); known without it too.
     config.addinivalue_line("markers", "xdist_group(name): run in one xdist worker with --dist loadgroup")
     config.addinivalue_line("markers", "gpu_semantics: runs only with COLM_KERNELS_GPU_SEMANTICS=1 "
                             "(the interpreter launching kernels as an H100 does)")
+    config.addinivalue_line("markers", "static: the second tier's sm_90a compiles and H100-tile work counts "
+                            "(subprocesses, minutes; README's second-tier command runs them)")
 
 
 def pytest_report_header(config):

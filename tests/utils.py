@@ -222,13 +222,16 @@ def kernel_subprocess_env(cache_dir=None, **set_vars: str) -> dict:
     """The environment of a subprocess that compiles kernels for sm_90a (or, with ``set_vars``
     such as ``work_env``'s, counts their work): by default not the interpreter nor the one-config or
     small-tile test modes (every config the pruners keep compiles, at the H100 tiles), and no
-    backend forced from outside; ``cache_dir``: a fresh Triton cache (a real compile, never a cache
-    hit); this checkout and ``tests/`` importable."""
+    backend forced from outside; this checkout and ``tests/`` importable. Triton's cache:
+    ``cache_dir``, else the test session's shared one (``COLM_KERNELS_TEST_TRITON_CACHE``, set by
+    conftest.py), so shards and xdist workers compile each kernel once (``bench.sm90`` keeps the
+    ptxas log beside the cubin, so a cache hit reports the same registers and spills)."""
     import os
 
     tests = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "COLM_KERNELS_AUTOTUNE", "COLM_KERNELS_TILES", "COLM_KERNELS_BACKEND")}
+    cache_dir = cache_dir if cache_dir is not None else os.environ.get("COLM_KERNELS_TEST_TRITON_CACHE")
     if cache_dir is not None:
         env["TRITON_CACHE_DIR"] = str(cache_dir)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(tests), tests, env.get("PYTHONPATH")) if p)

@@ -3,18 +3,17 @@
 - ``NOT_A_CHAIN``: the ``tl.constexpr`` padding of chain tables (never <= a sequence's chain).
 - ``active_members``: how many query heads of a kv head's packed group are active for a sequence.
 
-Host-side packing (the tables these read) lives in ``colm_kernels.ops.chain_attention.heads``.
+Host-side packing (the tables these read) lives in ``colm_kernels.ops.chain_attention.heads``, a
+floor above: nothing here imports it.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ..ops.chain_attention import heads as _heads
-
 __all__ = ["NOT_A_CHAIN", "active_members"]
 
-NOT_A_CHAIN = tl.constexpr(_heads.NOT_A_CHAIN)
+NOT_A_CHAIN = tl.constexpr(2**30)  # padding of chain tables: never <= a sequence's chain
 
 
 @triton.jit

@@ -3,7 +3,7 @@
 An H100 launch differs from the interpreter's in ways that hide whole classes of bugs:
 
 - the autotuner benchmarks every kept config of a new key by launching it many times into the
-  live argument buffers (the interpreter's stand-in, ``utils._interpreter_bench``, runs nothing),
+  live argument buffers (the interpreter's stand-in, ``autotuning._interpreter_bench``, runs nothing),
   so a kernel that accumulates into an output returns a multiple of the answer on first call;
 - the programs of a launch run concurrently and in no fixed order (the interpreter: one after
   another, in grid order), so two programs writing one element, or one reading what another

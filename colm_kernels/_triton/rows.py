@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import int32_table
+from .tables import int32_table
 
 __all__ = ["row_plan", "sorted_rows", "rows_used", "blocks_reached"]
 

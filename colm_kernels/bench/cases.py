@@ -14,6 +14,11 @@ import torch
 PASSES = ("fwd", "bwd_x", "bwd_w", "fwd+bwd")
 
 
+def chains_label(chains) -> str:
+    """``(1, 1, 2)`` -> ``"C1.1.2"``: the chain layout in a row's shape label."""
+    return "C" + ".".join(map(str, chains))
+
+
 @dataclasses.dataclass
 class Case:
     op: str                # e.g. "chain_linear"

@@ -9,7 +9,8 @@
 * wraps ``triton.compiler.compile``: each kernel goes through the whole pipeline down to a cubin
   with Triton's bundled ``ptxas -v``; what ptxas reports (registers, spill bytes) and what the PTX
   holds (``wgmma`` / ``mma.sync``, TMA, ``cp.async``) is recorded per compiled config in
-  ``COMPILED``, and a stub that launches nothing stands in for the loaded kernel;
+  ``COMPILED``, and a stub that launches nothing stands in for the loaded kernel. The ptxas log is
+  kept in Triton's cache beside the cubin, so a cache hit reports the same numbers;
 * makes the autotuners "benchmark" by compiling only, so every config surviving
   ``early_config_prune`` is compiled (``triton.autotune`` would otherwise swallow a config's
   ``OutOfResources`` / ``PTXASError``: here they are recorded in ``FAILURES``).
@@ -164,6 +165,28 @@ def _ptxas_log(ptx: str) -> str:
     return proc.stdout + proc.stderr
 
 
+_LOG_FILE = "colm_ptxas_v.log"
+
+
+def _kept_ptxas_log(compiled, fresh: Optional[str], ptx: str) -> str:
+    """The ptxas ``-v`` log of a compiled kernel, kept beside its cubin in Triton's cache: a fresh
+    compile writes it there, a cache hit (another process, or another test shard sharing the cache
+    directory, compiled the same kernel) reads it back instead of running ptxas again."""
+    from triton.runtime.cache import get_cache_manager
+
+    cache = get_cache_manager(compiled.hash)
+    if fresh:
+        cache.put(fresh, _LOG_FILE, binary=False)
+        return fresh
+    path = cache.get_file(_LOG_FILE)
+    if path:
+        with open(path) as fh:
+            return fh.read()
+    log = _ptxas_log(ptx)
+    cache.put(log, _LOG_FILE, binary=False)
+    return log
+
+
 # ----------------------------------------------------------------------------------------------
 # Fake driver: target sm_90, dummy device / stream, compile-only "benchmark"
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +294,7 @@ def _compile_for_sm90(src, target=None, options=None, _env_vars=None):
     if "cubin" not in ck.asm:
         FAILURES.append(f"{tag}: no cubin produced")
     ptx = ck.asm.get("ptx", "")
-    log = getattr(_PTXAS_LOG, "text", None) or _ptxas_log(ptx)
+    log = _kept_ptxas_log(ck, getattr(_PTXAS_LOG, "text", None), ptx)
     try:
         regs, spills = parse_ptxas(log)
     except ValueError as e:

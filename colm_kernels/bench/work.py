@@ -48,7 +48,7 @@ class MmaWork:
 def count_mma_flops() -> Iterator[MmaWork]:
     """Count ``2 * M * N * K`` for every ``tl.dot`` the interpreter executes inside the block
     (batched dots count each batch). Needs ``TRITON_INTERPRET=1``; not re-entrant."""
-    from .._triton.utils import is_interpreter
+    from .._triton.device import is_interpreter
 
     if not is_interpreter():
         raise RuntimeError("count_mma_flops counts in Triton's interpreter: set TRITON_INTERPRET=1 "

@@ -470,6 +470,18 @@ int64_t db_splits(int64_t M) {
 
 unsigned grid_rows(int64_t M) { return static_cast<unsigned>(std::min<int64_t>(M, 1024)); }
 
+// The checks every launcher starts with: a known dtype, the chain layout, M >= 0, and an input
+// width K that covers the last chain's prefix.
+Layout checked_layout(const ChainLinearWeights& w, const char* op, bool need_data, DType dtype, int64_t M,
+                      int64_t K) {
+  (void)cuda_type(dtype);  // rejects an unknown dtype before any work
+  Layout L = make_layout(w, op, need_data);
+  COLM_CHECK(M >= 0, op, ": the number of rows M must be >= 0, got ", M);
+  COLM_CHECK(K >= L.p_last(), op, ": the input has ", K, " features (in_features) but the last chain reads P = ",
+             L.p_last());
+  return L;
+}
+
 
 }  // namespace
 
@@ -487,11 +499,7 @@ void launch_chain_linear_fwd(cublasHandle_t handle, const void* x, int64_t x_row
                              size_t workspace_bytes, DType dtype, ChainLinearGemmMode mode,
                              cudaStream_t stream) {
   constexpr const char* op = "chain_linear_fwd";
-  (void)cuda_type(dtype);  // rejects an unknown dtype before any work
-  const Layout L = make_layout(w, op, true);
-  COLM_CHECK(M >= 0, op, ": the number of rows M must be >= 0, got ", M);
-  COLM_CHECK(K >= L.p_last(), op, ": x has ", K, " features but the last chain reads P = ",
-             L.p_last());
+  const Layout L = checked_layout(w, op, true, dtype, M, K);
   if (M == 0) return;
   COLM_CHECK(x != nullptr && y != nullptr, op, ": null x or y");
   const int64_t es = dtype_size(dtype);
@@ -567,11 +575,7 @@ void launch_chain_linear_bwd_dx(cublasHandle_t handle, const void* dy, int64_t d
                                 size_t workspace_bytes, DType dtype, ChainLinearGemmMode mode,
                                 cudaStream_t stream) {
   constexpr const char* op = "chain_linear_bwd_dx";
-  (void)cuda_type(dtype);  // rejects an unknown dtype before any work
-  const Layout L = make_layout(w, op, true);
-  COLM_CHECK(M >= 0, op, ": the number of rows M must be >= 0, got ", M);
-  COLM_CHECK(K >= L.p_last(), op, ": in_features K = ", K, " is smaller than the last chain's P = ",
-             L.p_last());
+  const Layout L = checked_layout(w, op, true, dtype, M, K);
   if (M == 0) return;
   COLM_CHECK(dy != nullptr && dx != nullptr, op, ": null dy or dx");
   const int64_t es = dtype_size(dtype);
@@ -669,11 +673,7 @@ void launch_chain_linear_bwd_dw(cublasHandle_t handle, const void* dy, int64_t d
                                 void* const* db_ptrs, void* workspace, size_t workspace_bytes,
                                 DType dtype, ChainLinearGemmMode mode, cudaStream_t stream) {
   constexpr const char* op = "chain_linear_bwd_dw";
-  (void)cuda_type(dtype);  // rejects an unknown dtype before any work
-  const Layout L = make_layout(w, op, false);
-  COLM_CHECK(M >= 0, op, ": the number of rows M must be >= 0, got ", M);
-  COLM_CHECK(K >= L.p_last(), op, ": x has ", K, " features but the last chain reads P = ",
-             L.p_last());
+  const Layout L = checked_layout(w, op, false, dtype, M, K);
   const DwPlan p = plan_dw(L, M, dw_ptrs, db_ptrs);
   const int64_t es = dtype_size(dtype);
   if (M == 0) {  // empty sums: exact zeros

@@ -165,6 +165,13 @@ __device__ __forceinline__ void accumulate_f32(float* p, const float (&v)[N]) {
   for (int j = 0; j < N; ++j) p[j] += v[j];
 }
 
+// Segment s's total of the per-item partial sums (its items are [s_base[s], s_base[s + 1])).
+__device__ __forceinline__ float segment_total(const float* s_partial, const int* s_base, int s) {
+  float total = 0.f;
+  for (int k = s_base[s]; k < s_base[s + 1]; ++k) total += s_partial[k];
+  return total;
+}
+
 __device__ __forceinline__ void load_layout(const ChainLayout& L, int* s_off, int* s_base) {
   for (int i = threadIdx.x; i <= L.n; i += blockDim.x) {
     s_off[i] = L.offsets[i];
@@ -217,8 +224,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
     // step 2: rstd per segment
     for (int s = threadIdx.x; s < n; s += blockDim.x) {
-      float ss = 0.f;
-      for (int k = s_base[s]; k < s_base[s + 1]; ++k) ss += s_partial[k];
+      const float ss = segment_total(s_partial, s_base, s);
       const float w = static_cast<float>(s_off[s + 1] - s_off[s]);
       const float r = 1.0f / sqrtf(ss / w + eps);
       s_rstd[s] = r;
@@ -315,8 +321,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
     // step 2: m = mean(dxhat * xhat) = rstd * sum(dy * g * x) / w
     for (int s = threadIdx.x; s < n; s += blockDim.x) {
-      float dot = 0.f;
-      for (int k = s_base[s]; k < s_base[s + 1]; ++k) dot += s_partial[k];
+      const float dot = segment_total(s_partial, s_base, s);
       const float w = static_cast<float>(s_off[s + 1] - s_off[s]);
       const float r = rstd[row * n + s];
       s_rstd[s] = r;

@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 from colm_kernels._triton import gpu_semantics as gs
-from colm_kernels._triton.utils import autotune, is_interpreter
+from colm_kernels._triton.autotuning import autotune
+from colm_kernels._triton.device import is_interpreter
 
 pytestmark = pytest.mark.skipif(not is_interpreter(), reason="the emulation patches Triton's CPU interpreter")
 

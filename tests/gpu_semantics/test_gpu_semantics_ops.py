@@ -25,7 +25,7 @@ import torch
 
 import colm_kernels as ck
 from colm_kernels._triton import gpu_semantics as gs
-from colm_kernels._triton.utils import autotuned_kernels
+from colm_kernels._triton.autotuning import autotuned_kernels
 from numerics import assert_within_eager_error, dtype_slack
 
 pytestmark = [pytest.mark.gpu_semantics, pytest.mark.usefixtures("nan_empty"),

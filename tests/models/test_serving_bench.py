@@ -13,7 +13,7 @@ import colm_kernels as ck
 from colm_kernels.bench import cli
 from colm_kernels.bench.models import (SERVE_SIZES, SERVE_WORK, decode_bytes, decode_flops, serving_batch,
                                        serving_runs)
-from colm_kernels.bench.static import roofline
+from colm_kernels.bench.roofline import roofline
 from utils import run_reporting, work_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -63,6 +63,7 @@ def test_serving_case_runs_in_the_cpu_timing_harness(tmp_path):
     assert all(r["peer"] == "ours-per-scale" for r in rows)
 
 
+@pytest.mark.static
 def test_mixed_decode_executes_no_more_tensor_core_flops_than_per_scale_batches():
     """Counted in the interpreter at the H100 tiles (first kept config), through ``colm-bench
     --static``'s work part: one decode step, 64 sequences at 4 scales."""

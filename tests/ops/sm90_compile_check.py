@@ -51,7 +51,7 @@ def _unaligned(rows, cols, dtype):
 
 
 def run_chain_linear(dtype, aligned):
-    from colm_kernels.ops.chain_linear import triton_kernels as K
+    from colm_kernels.ops.chain_linear import triton_launch as K
     ps, ds = ((64, 128), (64, 64)) if aligned else ((24, 40), (40, 24))
     M = 64 if aligned else 37
     x = _t(M, ps[-1], dtype=dtype) if aligned else _unaligned(M, ps[-1], dtype)
@@ -76,7 +76,7 @@ def run_chain_swiglu(dtype, aligned):
 
 
 def run_chain_attention(dtype, head_dim, varlen, causal, seq_chains):
-    from colm_kernels.ops.chain_attention import triton_kernels as K
+    from colm_kernels.ops.chain_attention import triton_launch as K
     kv_index, head_chain = [0, 0, 1, 1], [0, 1, 0, 1]
     Hq, Hkv, D = 4, 2, head_dim
     if varlen:
@@ -165,7 +165,8 @@ def cases():
 
 def discover_kernels():
     """``{module: {kernel names}}`` for every module of ``colm_kernels`` that defines a
-    ``@triton.jit`` function and launches it (``name[grid](...)`` in its own source)."""
+    ``@triton.jit`` kernel that the package launches (``name[grid](...)`` in any of its sources: a
+    kernel module's launchers may live beside it, e.g. ``triton_launch``)."""
     import importlib
     import re
 
@@ -173,30 +174,32 @@ def discover_kernels():
     from triton.runtime.jit import JITFunction
 
     root = os.path.dirname(os.path.abspath(colm_kernels.__file__))
-    found = {}
+    sources = {}
     for dirpath, _, files in sorted(os.walk(root)):  # not pkgutil: op folders are namespace packages
         for fname in sorted(files):
-            path = os.path.join(dirpath, fname)
-            if not fname.endswith(".py"):
-                continue
-            with open(path) as fh:
-                src = fh.read()
-            if "triton.jit" not in src:
-                continue
-            rel = os.path.relpath(path[:-3], os.path.dirname(root)).replace(os.sep, ".")
-            mod_name = rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
-            try:
-                mod = importlib.import_module(mod_name)
-            except Exception as e:  # noqa: BLE001
-                FAILURES.append(f"cannot import {mod_name} (defines @triton.jit code): {e!r}")
-                continue
-            for attr, obj in vars(mod).items():
-                fn = obj
-                while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
-                    fn = fn.fn
-                if (isinstance(fn, JITFunction) and fn.module == mod_name
-                        and re.search(r"\b%s\s*\[" % re.escape(attr), src)):
-                    found.setdefault(mod_name, set()).add(fn.__name__)
+            if fname.endswith(".py"):
+                path = os.path.join(dirpath, fname)
+                with open(path) as fh:
+                    sources[path] = fh.read()
+    everything = "\n".join(sources.values())
+    found = {}
+    for path, src in sources.items():
+        if "triton.jit" not in src:
+            continue
+        rel = os.path.relpath(path[:-3], os.path.dirname(root)).replace(os.sep, ".")
+        mod_name = rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception as e:  # noqa: BLE001
+            FAILURES.append(f"cannot import {mod_name} (defines @triton.jit code): {e!r}")
+            continue
+        for attr, obj in vars(mod).items():
+            fn = obj
+            while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
+                fn = fn.fn
+            if (isinstance(fn, JITFunction) and fn.module == mod_name
+                    and re.search(r"\b%s\s*\[" % re.escape(attr), everything)):
+                found.setdefault(mod_name, set()).add(fn.__name__)
     return found
 
 

@@ -19,6 +19,8 @@ import pytest
 
 from utils import run_reporting, work_env
 
+pytestmark = pytest.mark.static  # second tier: H100-tile work counts in a subprocess
+
 
 MAX_FWD, MAX_BWD = 1.05, 1.10
 SEQ = 512

@@ -226,7 +226,7 @@ def test_strided_inputs():
 
 
 def test_opcheck_and_compile():
-    from colm_kernels.ops.chain_attention.triton import (
+    from colm_kernels.ops.chain_attention.triton_backend import (
         chain_attention_triton, chain_attention_triton_bwd, chain_attention_triton_fwd)
 
     def mk(*shape):
@@ -257,7 +257,7 @@ def test_opcheck_and_compile():
 
 
 def test_unsupported_inputs_raise_with_reasons():
-    from colm_kernels.ops.chain_attention.triton import not_supported_reasons
+    from colm_kernels.ops.chain_attention.triton_backend import not_supported_reasons
 
     for d in (12, 4, 264):  # not a multiple of 8, below 8, above 256
         q = torch.randn(1, 3, 2, d, device=DEVICE)

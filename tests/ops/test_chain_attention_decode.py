@@ -394,7 +394,7 @@ def test_errors():
 
 def test_opcheck_and_compile():
     from colm_kernels.ops.chain_attention_decode.api import chain_attention_decode_reference
-    from colm_kernels.ops.chain_attention_decode.triton import chain_attention_decode_triton
+    from colm_kernels.ops.chain_attention_decode.triton_backend import chain_attention_decode_triton
 
     case = CASES[4]
     q, k, v, lengths = _make(case, 4, 2, B=2, lengths=[5, 17], s_max=20)
@@ -405,7 +405,7 @@ def test_opcheck_and_compile():
     args = (q, k, v, lengths, [0, 0, 0, 0], [0, 0, 0, 0], sc, 0.25)
     ops = [chain_attention_decode_reference, chain_attention_decode_triton]
     if HAS_CUDA_EXT:
-        from colm_kernels.ops.chain_attention_decode.cuda import chain_attention_decode_cuda
+        from colm_kernels.ops.chain_attention_decode.cuda_backend import chain_attention_decode_cuda
         ops.append(chain_attention_decode_cuda)
     for op in ops:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -193,7 +193,7 @@ def test_unchecked_table_entries_are_clamped_into_the_cache(backend):
 
 def test_opcheck_and_compile_with_block_table():
     from colm_kernels.ops.chain_attention_decode.api import chain_attention_decode_reference
-    from colm_kernels.ops.chain_attention_decode.triton import chain_attention_decode_triton
+    from colm_kernels.ops.chain_attention_decode.triton_backend import chain_attention_decode_triton
 
     case = CASES[0]
     q, k, v, lens = _contiguous(case, 2, [5, 9], 12)
@@ -203,7 +203,7 @@ def test_opcheck_and_compile_with_block_table():
     args = (q.float().to(DEVICE), kp, vp, lens.to(DEVICE), [0, 0, 1, 1], [0, 0, 1, 1], None, 0.25, table)
     ops = [chain_attention_decode_reference, chain_attention_decode_triton]
     if HAS_CUDA_EXT:
-        from colm_kernels.ops.chain_attention_decode.cuda import chain_attention_decode_cuda
+        from colm_kernels.ops.chain_attention_decode.cuda_backend import chain_attention_decode_cuda
         ops.append(chain_attention_decode_cuda)
     for op in ops:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -20,8 +20,10 @@ import pytest
 import torch
 
 import colm_kernels as ck
-from colm_kernels._triton import utils as U
-from colm_kernels._triton.utils import autotuned_kernels, force_config, is_interpreter, tma_mode
+from colm_kernels._triton import tma as TMA
+from colm_kernels._triton.autotuning import autotuned_kernels, force_config
+from colm_kernels._triton.device import is_interpreter
+from colm_kernels._triton.tma import tma_mode
 from colm_kernels.ops.chain_attention import triton_kernels as K
 from colm_kernels.ops.chain_attention import triton_tiles as T
 from numerics import assert_within_eager_error, check_against_reference
@@ -155,7 +157,7 @@ def test_tma_configs_only_where_legal(gen):
         "unaligned k base": (q, shifted, v),
         "v strides not 16-byte multiples": (q, k, wide),
     }
-    assert U.strides_tma_aligned(k, v) and not U.strides_tma_aligned(shifted) and not U.strides_tma_aligned(wide)
+    assert TMA.strides_tma_aligned(k, v) and not TMA.strides_tma_aligned(shifted) and not TMA.strides_tma_aligned(wide)
     for label, (qq, kk, vv) in cases.items():
         def call():
             leaves = [t.detach().requires_grad_(True) for t in (qq, kk, vv)]
@@ -177,7 +179,7 @@ def test_config_lists_put_twins_after_pointer_configs(monkeypatch):
     no ``USE_TMA`` key); the pruner keeps the head-dim class's pointer configs first and adds their
     twins only where legal, so ``COLM_KERNELS_AUTOTUNE=0`` runs a pointer config."""
     monkeypatch.setattr(T, "small_tiles", lambda: False)
-    monkeypatch.setattr(U, "small_tiles", lambda: False)
+    monkeypatch.setattr(TMA, "small_tiles", lambda: False)
 
     def shapes(cfgs):
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cfgs]

@@ -247,7 +247,7 @@ def test_opcheck_reference_op_varlen():
 
 
 def test_opcheck_triton_ops_varlen():
-    from colm_kernels.ops.chain_attention.triton import (
+    from colm_kernels.ops.chain_attention.triton_backend import (
         chain_attention_triton, chain_attention_triton_bwd, chain_attention_triton_fwd)
 
     q, k, v, cq, ck_, mq, mk = _tiny_varlen()

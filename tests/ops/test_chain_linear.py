@@ -134,7 +134,7 @@ def test_leading_dims_and_wide_input():
 
 
 def test_opcheck_and_compile():
-    from colm_kernels.ops.chain_linear.triton import chain_linear_triton
+    from colm_kernels.ops.chain_linear.triton_backend import chain_linear_triton
 
     x = torch.randn(17, 40, device=DEVICE, requires_grad=True)
     ws = [torch.randn(6, 10, device=DEVICE, requires_grad=True),

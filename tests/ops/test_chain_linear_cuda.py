@@ -295,7 +295,7 @@ def test_deterministic():
 # Registered ops: opcheck, torch.compile, backend selection
 # ----------------------------------------------------------------------------------------------
 def test_opcheck():
-    from colm_kernels.ops.chain_linear.cuda import (
+    from colm_kernels.ops.chain_linear.cuda_backend import (
         chain_linear_cuda,
         chain_linear_cuda_bwd_dw,
         chain_linear_cuda_bwd_dx,
@@ -337,7 +337,7 @@ def test_compile_fullgraph_matches_eager():
 
 def test_auto_picks_cuda_and_reasons():
     from colm_kernels import backends
-    from colm_kernels.ops.chain_linear.cuda import not_supported_reasons
+    from colm_kernels.ops.chain_linear.cuda_backend import not_supported_reasons
 
     x = torch.randn(4, 8, device=DEVICE)
     ws = [torch.randn(4, 4, device=DEVICE), torch.randn(4, 8, device=DEVICE)]

@@ -36,7 +36,7 @@ def _randn(*shape, gen):
 # the interpreter converts 1-element arrays with int(); numpy >= 1.25 warns on every call
 pytestmark = pytest.mark.usefixtures("nan_empty")  # unwritten outputs are NaN
 
-from colm_kernels.ops.chain_linear.triton_kernels import (
+from colm_kernels.ops.chain_linear.triton_launch import (
     chain_linear_bwd_dw,
     chain_linear_bwd_dx,
     chain_linear_fwd,
@@ -353,8 +353,8 @@ def test_chain_linear_validation_bwd():
 def test_shared_helpers():
     import triton
 
-    from colm_kernels._triton.utils import (gemm_waste, int64_table, make_gemm_pruner,
-                                            register_gemm_layout, table_aligned, tile_count)
+    from colm_kernels._triton.gemm_configs import gemm_waste, make_gemm_pruner, register_gemm_layout
+    from colm_kernels._triton.tables import int64_table, table_aligned, tile_count
 
     t = int64_table([[1, 2, 3], [4, 5, 6]], "cpu")
     assert t.dtype == torch.int64 and t.tolist() == [[1, 2, 3], [4, 5, 6]]

@@ -16,9 +16,13 @@ import pytest
 import torch
 
 import colm_kernels as ck
-from colm_kernels._triton import utils as U
-from colm_kernels._triton.utils import autotuned_kernels, force_config, is_interpreter, tma_legal, tma_mode
-from colm_kernels.ops.chain_linear.triton_kernels import chain_linear_bwd_dw, chain_linear_bwd_dx, chain_linear_fwd
+from colm_kernels._triton import device as DEV
+from colm_kernels._triton import gemm_configs as GEMM
+from colm_kernels._triton import tma as TMA
+from colm_kernels._triton.autotuning import autotuned_kernels, force_config
+from colm_kernels._triton.device import is_interpreter
+from colm_kernels._triton.tma import tma_legal, tma_mode
+from colm_kernels.ops.chain_linear.triton_launch import chain_linear_bwd_dw, chain_linear_bwd_dx, chain_linear_fwd
 from colm_kernels.ops.chain_swiglu.triton_kernels import _H100_DUAL_GEMM_TMA, chain_swiglu_fwd
 from numerics import assert_within_eager_error, check_against_reference
 
@@ -168,20 +172,20 @@ def test_tma_legal_and_mode():
         with tma_mode("always"):
             pass
     # the interpreter's small tiles: the TMA twin is offered in "only" mode alone
-    if U.small_tiles():
-        assert U._tma_choices(True) == (False,)
+    if DEV.small_tiles():
+        assert TMA.tma_choices(True) == (False,)
         with tma_mode("only"):
-            assert U._tma_choices(True) == (True,) and U._tma_choices(False) == (False,)
+            assert TMA.tma_choices(True) == (True,) and TMA.tma_choices(False) == (False,)
         with tma_mode("off"):
-            assert U._tma_choices(True) == (False,)
+            assert TMA.tma_choices(True) == (False,)
     import triton
     only_tma = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "USE_TMA": True})]
-    key = U.register_gemm_layout(301, ("BLOCK_N", "BLOCK_K"), [(64, 64)])
+    key = GEMM.register_gemm_layout(301, ("BLOCK_N", "BLOCK_K"), [(64, 64)])
     with pytest.raises(ValueError, match="pointer configs"):  # illegal here, and nothing else to run
-        U.make_gemm_pruner("X")(only_tma, {"X": torch.empty(1), "LAYOUT_KEY": key, **base})
+        GEMM.make_gemm_pruner("X")(only_tma, {"X": torch.empty(1), "LAYOUT_KEY": key, **base})
     x = torch.empty(4, 16, dtype=torch.float16)
-    assert U.operands_tma_aligned(x) and not U.operands_tma_aligned(x[:, 1:])
-    assert not U.operands_tma_aligned(torch.empty(4, 17, dtype=torch.float16)[:, :16])  # row stride 34 B
+    assert TMA.operands_tma_aligned(x) and not TMA.operands_tma_aligned(x[:, 1:])
+    assert not TMA.operands_tma_aligned(torch.empty(4, 17, dtype=torch.float16)[:, :16])  # row stride 34 B
 
 
 def test_ensure_tma_allocator_sets_one_only_where_none_is_set():
@@ -198,21 +202,21 @@ def test_ensure_tma_allocator_sets_one_only_where_none_is_set():
         return ctx.run(fn)
 
     def cpu_then_cuda():
-        U.ensure_tma_allocator(torch.device("cpu"))
+        TMA.ensure_tma_allocator(torch.device("cpu"))
         before = current()
-        U.ensure_tma_allocator(torch.device("cuda", 0))
+        TMA.ensure_tma_allocator(torch.device("cuda", 0))
         return before, current()
 
     before, after = fresh(cpu_then_cuda)
     assert isinstance(before, _allocation.NullAllocator), "CPU launches set nothing"
-    assert after is U._torch_scratch
+    assert after is TMA._torch_scratch
 
     def custom():
         def mine(size, alignment, stream):
             raise AssertionError("not called here")
         import triton
         triton.set_allocator(mine)
-        U.ensure_tma_allocator(torch.device("cuda", 0))
+        TMA.ensure_tma_allocator(torch.device("cuda", 0))
         return current() is mine
 
     assert fresh(custom), "a caller's allocator is kept"
@@ -226,7 +230,7 @@ def _randn64(*shape, scale=1.0):
 
 
 @requires_gpu
-@pytest.mark.parametrize("index", range(max(len(U._H100_GEMM_TMA), len(_H100_DUAL_GEMM_TMA))))
+@pytest.mark.parametrize("index", range(max(len(GEMM._H100_GEMM_TMA), len(_H100_DUAL_GEMM_TMA))))
 def test_every_tma_config_matches_reference(index):
     chains = (1, 2, 1)
     m, k_in, n_out, hidden = 301, 320, 192, 448  # chain widths 80/160/80, 48/96/48, 112/224/112

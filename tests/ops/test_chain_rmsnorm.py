@@ -182,7 +182,7 @@ def test_launcher_validation():
 # Registered ops: opcheck, compile
 # ----------------------------------------------------------------------------------------------
 def test_opcheck_triton_ops():
-    from colm_kernels.ops.chain_rmsnorm.triton import chain_rmsnorm_triton_bwd, chain_rmsnorm_triton_fwd
+    from colm_kernels.ops.chain_rmsnorm.triton_backend import chain_rmsnorm_triton_bwd, chain_rmsnorm_triton_fwd
 
     offsets = [0, 10, 30, 40]
     x = torch.randn(17, 40, device=DEVICE, requires_grad=True)

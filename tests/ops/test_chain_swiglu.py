@@ -196,7 +196,7 @@ def test_empty_tokens():
 def launches(monkeypatch):
     """Record the chain-linear backward launchers' calls made by chain_swiglu's backward, and the
     forward's ``save_gates``."""
-    from colm_kernels.ops.chain_linear import triton_kernels as lin
+    from colm_kernels.ops.chain_linear import triton_launch as lin
     from colm_kernels.ops.chain_swiglu import triton_kernels as sw
 
     calls = {"dx": 0, "dw": [], "save_gates": []}
@@ -337,7 +337,7 @@ def test_launcher_validation():
 # Registered ops: opcheck, compile; the reference backend's gradcheck
 # ----------------------------------------------------------------------------------------------
 def test_opcheck_triton_ops():
-    from colm_kernels.ops.chain_swiglu.triton import chain_swiglu_triton_bwd_gates, chain_swiglu_triton_fwd
+    from colm_kernels.ops.chain_swiglu.triton_backend import chain_swiglu_triton_bwd_gates, chain_swiglu_triton_fwd
 
     x = torch.randn(17, 40, device=DEVICE, requires_grad=True)
     w1 = [t.to(DEVICE).requires_grad_(True) for t in _blocks(torch.randn(24, 40) / 6, (1, 2, 1))]

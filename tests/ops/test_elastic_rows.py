@@ -179,6 +179,7 @@ print("ELASTIC_WORK " + json.dumps(out))
 """
 
 
+@pytest.mark.static
 def test_mixed_batch_runs_the_flops_of_separate_batches():
     """Executed tensor-core FLOPs (interpreter, H100 tiles, forward and backward) of a batch that
     mixes four scales in random order, over the FLOPs of four batches of one scale each: <= 1.05."""

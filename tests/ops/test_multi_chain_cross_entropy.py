@@ -173,7 +173,7 @@ def test_unsupported_inputs_raise_with_reasons():
 
 
 def test_opcheck():
-    from colm_kernels.ops.multi_chain_cross_entropy.triton import (
+    from colm_kernels.ops.multi_chain_cross_entropy.triton_backend import (
         multi_chain_cross_entropy_triton_bwd, multi_chain_cross_entropy_triton_fwd)
 
     options = ("none", 0.1, 0.02, 3.0)  # reduction, label_smoothing, lse_square_scale, softcap

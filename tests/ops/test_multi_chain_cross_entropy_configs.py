@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import colm_kernels as ck
-from colm_kernels._triton.utils import force_config
+from colm_kernels._triton.autotuning import force_config
 from colm_kernels.ops.multi_chain_cross_entropy import triton_bwd, triton_fwd
 from numerics import assert_within_eager_error
 

@@ -99,7 +99,7 @@ def test_strided_weight_and_hidden(backend, dtype):
 
 def test_triton_backend_declines_strided_inputs_with_reasons():
     """Called directly (past the API's copy), the backend names the layout it needs."""
-    from colm_kernels.ops.multi_chain_cross_entropy.triton import not_supported_reasons
+    from colm_kernels.ops.multi_chain_cross_entropy.triton_backend import not_supported_reasons
 
     hidden, weight, targets = _inputs()
     reasons = not_supported_reasons(hidden[:, ::2], weight.T.contiguous().T, targets, [0, 10, 20], -100)

@@ -280,7 +280,7 @@ def test_bad_seq_chains_name_the_argument():
 
 
 def test_opcheck():
-    from colm_kernels.ops.multi_chain_cross_entropy.triton import (
+    from colm_kernels.ops.multi_chain_cross_entropy.triton_backend import (
         multi_chain_cross_entropy_triton_bwd, multi_chain_cross_entropy_triton_fwd)
 
     options = ("none", 0.1, 0.02, 3.0)  # reduction, label_smoothing, lse_square_scale, softcap
@@ -355,6 +355,7 @@ print("CE_WORK " + json.dumps(out))
 """
 
 
+@pytest.mark.static
 def test_mixed_batch_runs_the_flops_of_separate_batches():
     """Executed tensor-core FLOPs (interpreter, H100 tiles) of a batch mixing four scales (300, 200,
     100 and 60 rows) in random order over the FLOPs of four one-scale batches, each run at its
@@ -393,12 +394,13 @@ print("CE_SM90 " + json.dumps(dict(failures=sm90.FAILURES, compiled=sm90.kernel_
 """
 
 
-def test_sorted_row_kernels_compile_for_sm90_without_spills(tmp_path):
+@pytest.mark.static
+def test_sorted_row_kernels_compile_for_sm90_without_spills():
     """The per-row-scale (``ROWS``) variants compile for sm_90a (``colm_kernels.bench.sm90``, no
     GPU: the interpreter never lowers a kernel), to wgmma, without register spills: fp16, aligned
     and unaligned operands, plain and with every option (first and largest kept config)."""
     require_sm90_ptxas()
-    report = run_reporting(["-c", _SM90], "CE_SM90", kernel_subprocess_env(tmp_path / "cache"))
+    report = run_reporting(["-c", _SM90], "CE_SM90", kernel_subprocess_env())
     assert not report["failures"], report["failures"]
     kernels = {r["kernel"] for r in report["compiled"]}
     assert {"_mcce_fwd_kernel", "_mcce_fwd_merge_kernel", "_mcce_bwd_dlogits_kernel", "_mcce_bwd_dh_kernel",

@@ -9,8 +9,14 @@ import torch
 
 import triton
 
-from colm_kernels._triton.utils import (_H100_GEMM, _H100_GEMM_TMA, gemm_waste, make_gemm_pruner,
-                                        register_gemm_layout, tma_mode)
+from colm_kernels._triton.gemm_configs import (
+    _H100_GEMM,
+    _H100_GEMM_TMA,
+    gemm_waste,
+    make_gemm_pruner,
+    register_gemm_layout,
+)
+from colm_kernels._triton.tma import tma_mode
 from colm_kernels.chains import Chains
 from utils import kernel_subprocess_env, require_sm90_ptxas, run_reporting, work_env
 
@@ -31,15 +37,16 @@ GEMM_KERNELS = {"chain_linear": {"_chain_linear_fwd_kernel", "_chain_linear_bwd_
 
 
 def test_groups_cover_every_op():
-    from colm_kernels.bench.static import DEFAULT_DTYPE, _compile_cases
+    from colm_kernels.bench.static_compile import DEFAULT_DTYPE, _compile_cases
     assert sorted(op for group in GROUPS for op in group) == sorted({op for op, *_ in _compile_cases(DEFAULT_DTYPE)})
 
 
+@pytest.mark.static
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compile-only driver: on a GPU the real kernels run")
 @pytest.mark.parametrize("ops", GROUPS, ids=["+".join(g) for g in GROUPS])
-def test_default_shapes_no_spills_and_wgmma(tmp_path, ops):
+def test_default_shapes_no_spills_and_wgmma(ops):
     require_sm90_ptxas()
-    report = _static("compile", ops, kernel_subprocess_env(tmp_path / "cache"))
+    report = _static("compile", ops, kernel_subprocess_env())
     assert not report["failures"], report["failures"]
     rows = report["kernels"]
     assert {r["op"] for r in rows} == set(ops), "every op compiled at its default shapes"
@@ -80,6 +87,7 @@ def test_default_shapes_no_spills_and_wgmma(tmp_path, ops):
     assert not [r["config"] for r in attention if r["tma"] and r not in attention_tma], "TMA in a pointer config"
 
 
+@pytest.mark.static
 def test_chain_gemms_execute_their_useful_flops():
     """First kept config, counted in the interpreter at H100 tiles (4, 8 and unequal chains; the
     fused SwiGLU forward and its backward on the chain-linear kernels)."""

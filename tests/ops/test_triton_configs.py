@@ -13,7 +13,8 @@ import torch
 import triton
 
 import colm_kernels as ck
-from colm_kernels._triton.utils import autotuned_kernels, force_config, register_gemm_layout
+from colm_kernels._triton.autotuning import autotuned_kernels, force_config
+from colm_kernels._triton.gemm_configs import register_gemm_layout
 from colm_kernels.ops.chain_attention import triton_kernels as _attention  # noqa: F401  (registers)
 from colm_kernels.ops.chain_linear import triton_kernels as _linear
 from colm_kernels.ops.chain_swiglu import triton_kernels as _swiglu  # noqa: F401

@@ -6,8 +6,7 @@ active for a sequence (``head_chain[h] <= seq_chains[b]``) are a prefix of each 
 
 - ``group_rows``: those tables, as tuples (cached on the head maps).
 - ``group_counts`` / ``layout_reasons``: whether a head mapping packs into equal groups.
-- Constants of the kernels: ``LOG2E``, ``NOT_A_CHAIN`` (table padding), the Triton kernels' head
-  dim range, ``MAX_DECODE_TOKENS``.
+- Constants of the kernels: ``LOG2E``, the Triton kernels' head dim range, ``MAX_DECODE_TOKENS``.
 
 No ``triton`` import here: the CUDA backend uses this module too.
 """
@@ -18,7 +17,6 @@ from typing import List, Optional, Sequence, Tuple
 
 __all__ = [
     "LOG2E",
-    "NOT_A_CHAIN",
     "MIN_HEAD_DIM",
     "MAX_HEAD_DIM",
     "MAX_DECODE_TOKENS",
@@ -28,7 +26,6 @@ __all__ = [
 ]
 
 LOG2E = 1.4426950408889634  # softmax in exp2: scores are scaled by softmax_scale * log2(e)
-NOT_A_CHAIN = 2**30  # table padding: never <= a sequence's chain
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # head dims (powers of two) of the Triton kernels
 MAX_DECODE_TOKENS = 128  # new tokens per sequence of chain_attention_decode (flash-attn tests 64, 128)
 

@@ -69,35 +69,26 @@ Autotune keys: head dim, G, causal, seq_chains and varlen flags (``TMA_KV`` for 
 the dQ pass; Triton adds the dtypes); never a sequence length (``Sq``, ``Sk`` and the lse strides
 are not specialised either). Offsets are int64.
 
-This file holds kernels and launchers only (tiles and configs: ``triton_tiles``); the ops are
-registered in ``triton.py``.
+This file holds the kernels only: their launchers are in ``triton_launch``, tiles and configs in
+``triton_tiles``, the ops' registration in ``triton_backend``.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Tuple
-
-import torch
 import triton
 import triton.language as tl
 
 from colm_kernels._triton.attention import active_members as _active_members
-from colm_kernels._triton.utils import (autotune, device_guard, ensure_tma_allocator, int32_table,
-                                        last_dim_contiguous, mma, small_tiles, strides_tma_aligned)
-from colm_kernels.ops.chain_attention.heads import LOG2E, group_rows, layout_reasons
+from colm_kernels._triton.autotuning import autotune
+from colm_kernels._triton.tiles import mma
 from colm_kernels.ops.chain_attention.triton_tiles import (
     AUTOTUNE_KEY,
-    MAX_HEAD_DIM,
-    MIN_HEAD_DIM,
     bwd_configs,
     dq_configs,
     fwd_configs,
     stack_rows,
-    stride_alignment,
-    head_dim_p2,
-    head_dim_reasons,
     hint_strides,
-    key_source,
+    kv_sources,
+    load_grad_rows,
     load_keys,
     load_tile,
     packed_rows,
@@ -105,23 +96,13 @@ from colm_kernels.ops.chain_attention.triton_tiles import (
     prune_dq,
     prune_fwd,
     row_ptrs,
-    seq_bounds,
+    program_block,
     tile_mask,
     visible_keys,
 )
 
-__all__ = [
-    "chain_attention_fwd",
-    "chain_attention_bwd",
-    "fwd_out_shapes",
-    "group_layout",
-    "layout_reasons",
-    "head_dim_reasons",
-    "MIN_HEAD_DIM",
-    "MAX_HEAD_DIM",
-]
-
-_MAX_GRID_Y = 65535
+__all__ = ["_chain_attention_fwd_kernel", "_chain_attention_bwd_preprocess_kernel", "_chain_attention_bwd_kernel",
+           "_chain_attention_bwd_dq_kernel"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,11 +206,7 @@ def _chain_attention_fwd_kernel(
     stride_kb, stride_ks, stride_kh = hint_strides(stride_kb, stride_ks, stride_kh, ALIGN)
     stride_vb, stride_vs, stride_vh = hint_strides(stride_vb, stride_vs, stride_vh, ALIGN)
     stride_ob, stride_os, stride_oh = hint_strides(stride_ob, stride_os, stride_oh, ALIGN)
-    pid_bg = tl.program_id(1)
-    b = pid_bg // Hkv
-    g = pid_bg % Hkv
-    start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # late (long) rows first
-    q_off, Sq, k_off, Sk = seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    b, g, start, q_off, Sq, k_off, Sk = program_block(CU_Q, CU_K, Sq, Sk, Hkv, BLOCK_M, True, VARLEN)
     if VARLEN:
         if start >= G * Sq:  # past this sequence's rows: they belong to no program of it
             return
@@ -242,17 +219,15 @@ def _chain_attention_fwd_kernel(
     n_act = A * Sq
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM_P2)
-    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
     # K / V tiles of BLOCK_N keys (the bulk) and of SUB_N keys (the diagonal and the tail)
-    k_blk = key_source(k_base, Sk, stride_ks, HEAD_DIM, HEAD_DIM_P2, BLOCK_N, USE_TMA)
-    v_blk = key_source(v_base, Sk, stride_vs, HEAD_DIM, HEAD_DIM_P2, BLOCK_N, USE_TMA)
+    k_blk, v_blk = kv_sources(K, V, b64, g, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, Sk,
+                              HEAD_DIM, HEAD_DIM_P2, BLOCK_N, USE_TMA)
     if SUB_N == BLOCK_N:
         k_sub = k_blk
         v_sub = v_blk
     else:
-        k_sub = key_source(k_base, Sk, stride_ks, HEAD_DIM, HEAD_DIM_P2, SUB_N, USE_TMA)
-        v_sub = key_source(v_base, Sk, stride_vs, HEAD_DIM, HEAD_DIM_P2, SUB_N, USE_TMA)
+        k_sub, v_sub = kv_sources(K, V, b64, g, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                  Sk, HEAD_DIM, HEAD_DIM_P2, SUB_N, USE_TMA)
     lo, hi = visible_keys(start, n_act, A, Sq, Sk, CAUSAL, BLOCK_M)
     bulk_end = (lo // BLOCK_N) * BLOCK_N
     shared_end = (lo // SUB_N) * SUB_N  # keys [0, lo) are visible to every active row
@@ -297,11 +272,7 @@ def _chain_attention_bwd_preprocess_kernel(
     PAD: tl.constexpr = HEAD_DIM != HEAD_DIM_P2
     stride_ob, stride_os, stride_oh = hint_strides(stride_ob, stride_os, stride_oh, ALIGN)
     stride_dob, stride_dos, stride_doh = hint_strides(stride_dob, stride_dos, stride_doh, ALIGN)
-    pid_bg = tl.program_id(1)
-    b = pid_bg // Hkv
-    g = pid_bg % Hkv
-    start = tl.program_id(0) * BLOCK_M
-    q_off, Sq, _, _ = seq_bounds(CU_Q, CU_Q, b, Sq, Sq, VARLEN)
+    b, g, start, q_off, Sq, _, _ = program_block(CU_Q, CU_Q, Sq, Sq, Hkv, BLOCK_M, False, VARLEN)
     if VARLEN:
         if start >= G * Sq:
             return
@@ -337,13 +308,9 @@ def _bwd_rows(dk, dv, k, v, cols, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act
         if MASK:
             act = act & (m0 + tl.arange(0, BLOCK_M) < row_hi)
         head = tl.load(HEADS + g * G + mem)
-        q = load_tile(row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d), act, offs_d,
-                      HEAD_DIM, PAD, True)
-        do = load_tile(row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d), act,
-                       offs_d, HEAD_DIM, PAD, True)
-        row = b64 * stride_lb + head.to(tl.int64) * stride_lh + pos
-        lse = tl.load(LSE + row, mask=act, other=float("inf"))  # +inf: probability 0
-        delta = tl.load(DELTA + row, mask=act, other=0.0)
+        q, do, lse, delta = load_grad_rows(Q, DO, LSE, DELTA, b64, pos, head, act, stride_qb, stride_qs, stride_qh,
+                                           stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, offs_d,
+                                           HEAD_DIM, PAD)
         s_t = mma(k, tl.trans(q), tl.zeros((k.shape[0], BLOCK_M), dtype=tl.float32)) * qk_scale
         # Keys past Sk are zero tiles, yet their probability exp2(0 - lse) overflows where every
         # real score is very negative (lse << 0), and inf * 0 = NaN in dQ: always masked.
@@ -439,11 +406,7 @@ def _chain_attention_bwd_kernel(
     stride_dob, stride_dos, stride_doh = hint_strides(stride_dob, stride_dos, stride_doh, ALIGN)
     stride_dqb, stride_dqs, stride_dqh = hint_strides(stride_dqb, stride_dqs, stride_dqh, ALIGN)
     stride_dkb, stride_dks, stride_dkh = hint_strides(stride_dkb, stride_dks, stride_dkh, ALIGN)
-    pid_bg = tl.program_id(1)
-    b = pid_bg // Hkv
-    g = pid_bg % Hkv
-    n0 = tl.program_id(0) * BLOCK_N
-    q_off, Sq, k_off, Sk = seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    b, g, n0, q_off, Sq, k_off, Sk = program_block(CU_Q, CU_K, Sq, Sk, Hkv, BLOCK_N, False, VARLEN)
     if VARLEN:
         if n0 >= Sk:  # past this sequence's keys
             return
@@ -542,11 +505,7 @@ def _chain_attention_bwd_dq_kernel(
     stride_vb, stride_vs, stride_vh = hint_strides(stride_vb, stride_vs, stride_vh, ALIGN)
     stride_dob, stride_dos, stride_doh = hint_strides(stride_dob, stride_dos, stride_doh, ALIGN)
     stride_dqb, stride_dqs, stride_dqh = hint_strides(stride_dqb, stride_dqs, stride_dqh, ALIGN)
-    pid_bg = tl.program_id(1)
-    b = pid_bg // Hkv
-    g = pid_bg % Hkv
-    start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    q_off, Sq, k_off, Sk = seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    b, g, start, q_off, Sq, k_off, Sk = program_block(CU_Q, CU_K, Sq, Sk, Hkv, BLOCK_M, True, VARLEN)
     if VARLEN:
         if start >= G * Sq:
             return
@@ -563,17 +522,11 @@ def _chain_attention_bwd_dq_kernel(
     head = tl.load(HEADS + g * G + mem)
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM_P2)
-    q = load_tile(row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d), act, offs_d,
-                  HEAD_DIM, PAD, True)
-    do = load_tile(row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d), act, offs_d,
-                   HEAD_DIM, PAD, True)
-    row = b64 * stride_lb + head.to(tl.int64) * stride_lh + pos
-    lse = tl.load(LSE + row, mask=act, other=float("inf"))
-    delta = tl.load(DELTA + row, mask=act, other=0.0)
-    k_src = key_source(K + b64 * stride_kb + g.to(tl.int64) * stride_kh, Sk, stride_ks, HEAD_DIM, HEAD_DIM_P2,
-                       BLOCK_N, USE_TMA)
-    v_src = key_source(V + b64 * stride_vb + g.to(tl.int64) * stride_vh, Sk, stride_vs, HEAD_DIM, HEAD_DIM_P2,
-                       BLOCK_N, USE_TMA)
+    q, do, lse, delta = load_grad_rows(Q, DO, LSE, DELTA, b64, pos, head, act, stride_qb, stride_qs, stride_qh,
+                                       stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, offs_d,
+                                       HEAD_DIM, PAD)
+    k_src, v_src = kv_sources(K, V, b64, g, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, Sk,
+                              HEAD_DIM, HEAD_DIM_P2, BLOCK_N, USE_TMA)
     lo, hi = visible_keys(start, n_act, A, Sq, Sk, CAUSAL, BLOCK_M)
     full = (lo // BLOCK_N) * BLOCK_N
 
@@ -585,223 +538,3 @@ def _chain_attention_bwd_dq_kernel(
     dq = tl.where(act[:, None], dq * softmax_scale, 0.0)
     tl.store(row_ptrs(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d),
              dq.to(DQ.dtype.element_ty), mask=tile_mask(valid, offs_d, HEAD_DIM, PAD))
-
-
-# ----------------------------------------------------------------------------------------------
-# Launcher helpers
-# ----------------------------------------------------------------------------------------------
-def fwd_out_shapes(q: torch.Tensor, varlen: bool = False) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Shapes of ``(out, lse)``: ``(B, Sq, Hq, D)`` and ``(B, Hq, Sq)``; varlen ``(total_q, Hq, D)``
-    and ``(Hq, total_q)`` (the fake uses this too)."""
-    if varlen:
-        total_q, Hq, _ = q.shape
-        return tuple(q.shape), (Hq, total_q)
-    B, Sq, Hq, _ = q.shape
-    return tuple(q.shape), (B, Hq, Sq)
-
-
-def group_layout(kv_head_index: Sequence[int], head_chain: Sequence[int], n_kv: int, device):
-    """``(HEADS, CHAINS, G)``: int32 ``(Hkv, G)`` tables of each kv head's query heads (sorted by
-    ``(chain, head)``) and their chains."""
-    heads, chains = group_rows(kv_head_index, head_chain, n_kv)
-    return int32_table(heads, device), int32_table(chains, device), len(heads[0])
-
-
-def _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
-                  cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0) -> bool:
-    """Shape, dtype and device checks (no host sync: the values of ``cu_seqlens_*`` are checked by
-    the public function). Returns whether the call is varlen."""
-    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    ndim = 3 if varlen else 4
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != ndim:
-            layout = "(total, H, D) with cu_seqlens" if varlen else "(B, S, H, D)"
-            raise ValueError(f"{name} must be a {ndim}-D tensor {layout}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name} has dtype {t.dtype}; expected float16/bfloat16/float32")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise TypeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device})")
-    if k.shape != v.shape or k.shape[-1] != q.shape[-1] or (not varlen and k.shape[0] != q.shape[0]):
-        raise ValueError(f"inconsistent shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    reasons = head_dim_reasons(int(q.shape[-1]))
-    if reasons:
-        raise ValueError("; ".join(reasons))
-    reasons = layout_reasons(q.shape[-2], k.shape[-2], kv_head_index, head_chain)
-    if reasons:
-        raise ValueError("; ".join(reasons))
-    n_seq = q.shape[0]
-    if varlen:
-        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-            if cu is None:
-                raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
-            if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 1:
-                raise ValueError(f"{name} must be an int32 tensor of shape (n_seq + 1,), got "
-                                 f"{cu.dtype} {tuple(cu.shape)}")
-            if cu.device != q.device:
-                raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
-        if cu_seqlens_q.shape != cu_seqlens_k.shape:
-            raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
-                             f"{tuple(cu_seqlens_k.shape)} must describe the same number of sequences")
-        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-            if not isinstance(m, int) or m < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {m!r}")
-        n_seq = cu_seqlens_q.shape[0] - 1
-    if seq_chains is not None:
-        if seq_chains.dim() != 1 or seq_chains.shape[0] != n_seq or seq_chains.is_floating_point():
-            raise ValueError(f"seq_chains must be an integer tensor of shape ({n_seq},)")
-        if seq_chains.device != q.device:
-            raise ValueError(f"seq_chains is on {seq_chains.device} but q is on {q.device}")
-    if not softmax_scale > 0 or not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
-    return varlen
-
-
-def _bsh(t: torch.Tensor, varlen: bool, align: int = 1) -> Tuple[int, int, int]:
-    """(batch, position, head) strides in units of ``align`` elements (``hint_strides``); a packed
-    varlen tensor has no batch dim (stride 0: the kernels offset by the sequence's first row)."""
-    strides = (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
-    return tuple(st // align for st in strides)
-
-
-def _geometry(q, k, varlen, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
-    """``(B, Sq, Sk, Hq, Hkv, (stride_lb, stride_lh))`` of a launch. Varlen: B is n_seq and Sq / Sk
-    the max lengths (grid bounds; the kernels read each sequence's own from cu_seqlens); lse and
-    delta are ``(Hq, total_q)``."""
-    if varlen:
-        B, Sq, Sk, Hq, Hkv = cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, q.shape[1], k.shape[1]
-        return B, Sq, Sk, Hq, Hkv, (0, q.shape[0])
-    B, Sq, Hq, _ = q.shape
-    return B, Sq, k.shape[1], Hq, k.shape[2], (Hq * Sq, Sq)
-
-
-def _common(q, k, kv_head_index, head_chain, seq_chains, cu_seqlens_q, cu_seqlens_k, B, Hkv, varlen):
-    if B * Hkv > _MAX_GRID_Y:
-        raise ValueError(f"batch * kv heads = {B * Hkv} exceeds {_MAX_GRID_Y} (grid limit)")
-    heads, chains, G = group_layout(kv_head_index, head_chain, Hkv, q.device)
-    has_sc = seq_chains is not None
-    sc = seq_chains.contiguous() if has_sc else heads  # any int tensor when unused
-    cu_q = cu_seqlens_q.contiguous() if varlen else heads
-    cu_k = cu_seqlens_k.contiguous() if varlen else heads
-    meta = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_P2=head_dim_p2(q.shape[-1]), G=G,
-                G_P2=max(2, triton.next_power_of_2(G)), HAS_SC=has_sc, VARLEN=varlen)
-    return heads, chains, sc, cu_q, cu_k, meta
-
-
-# ----------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------
-def chain_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    kv_head_index: Sequence[int], head_chain: Sequence[int], causal: bool,
-    seq_chains: Optional[torch.Tensor], softmax_scale: float,
-    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``: out ``(B, Sq, Hq, D)`` contiguous in q's dtype, lse fp32 ``(B, Hq, Sq)``
-    (log2 units; +inf for rows with no visible key and for inactive heads). Varlen (``cu_seqlens_*``
-    given): out ``(total_q, Hq, D)``, lse ``(Hq, total_q)``."""
-    varlen = _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
-                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    out_shape, lse_shape = fwd_out_shapes(q, varlen)
-    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    B, Sq, Sk, Hq, Hkv, lse_strides = _geometry(q, k, varlen, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    if out.numel() == 0 or Sq == 0:
-        return out, lse
-    heads, chains, sc, cu_q, cu_k, meta = _common(q, k, kv_head_index, head_chain, seq_chains,
-                                                  cu_seqlens_q, cu_seqlens_k, B, Hkv, varlen)
-    G = meta["G"]
-
-    def grid(m):
-        return (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)
-
-    align = stride_alignment(q, k, v, out)
-    ensure_tma_allocator(q.device)  # the autotuner may pick a TMA config (device-side descriptors)
-    with device_guard(q.device):
-        _chain_attention_fwd_kernel[grid](
-            q, k, v, out, lse, heads, chains, sc, cu_q, cu_k,
-            *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
-            *_bsh(out, varlen, align), *lse_strides,
-            Sq, Sk, Hkv, float(softmax_scale) * LOG2E,
-            CAUSAL=bool(causal), ALIGN=align, TMA_KV=strides_tma_aligned(k, v), **meta,
-        )
-    return out, lse
-
-
-def chain_attention_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor,
-    kv_head_index: Sequence[int], head_chain: Sequence[int], causal: bool,
-    seq_chains: Optional[torch.Tensor], softmax_scale: float,
-    need_dq: bool = True, need_dkv: bool = True,
-    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0, deterministic: bool = False,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(dq, dk, dv)``, contiguous, in the inputs' dtype. ``out``/``lse`` from the forward.
-    ``need_dq`` / ``need_dkv`` False: that gradient is not computed and is None.
-
-    dQ and dK/dV together: one pass over the key blocks adds dQ by fp32 atomics (5 matmuls per
-    tile; the order of the additions varies run to run on a GPU), or with ``deterministic`` a
-    separate dQ pass that recomputes S and dP (7 matmuls per tile, bitwise reproducible)."""
-    varlen = _check_inputs(q, k, v, kv_head_index, head_chain, seq_chains, softmax_scale,
-                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape "
-                         f"{tuple(q.shape)}")
-    lse_shape = fwd_out_shapes(q, varlen)[1]
-    if lse.shape != lse_shape or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 of shape {lse_shape}, got {lse.dtype} {tuple(lse.shape)}")
-    q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
-    dout = dout.to(q.dtype)
-    lse = lse.contiguous()
-    atomic_dq = need_dq and need_dkv and not deterministic
-    if atomic_dq:  # fp32 sums of every key block's share; cast once at the end
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    else:
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_dq else None
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if need_dkv else None
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if need_dkv else None
-    B, Sq, Sk, Hq, Hkv, lse_strides = _geometry(q, k, varlen, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    if q.numel() == 0 or k.numel() == 0 or not (need_dq or need_dkv):  # nothing attends: zeros
-        dq = None if dq is None else dq.zero_().to(q.dtype)
-        return tuple(None if t is None else t.zero_() for t in (dq, dk, dv))
-    heads, chains, sc, cu_q, cu_k, meta = _common(q, k, kv_head_index, head_chain, seq_chains,
-                                                  cu_seqlens_q, cu_seqlens_k, B, Hkv, varlen)
-    G = meta["G"]
-    qk_scale = float(softmax_scale) * LOG2E
-    delta = torch.empty_like(lse)
-    align = stride_alignment(q, k, v, out, dout, *(t for t in (dq, dk, dv) if t is not None))
-    pre_block = 16 if small_tiles() else 64
-    with device_guard(q.device):
-        if Sq > 0:
-            _chain_attention_bwd_preprocess_kernel[(triton.cdiv(G * Sq, pre_block), B * Hkv)](
-                out, dout, delta, heads, chains, sc, cu_q,
-                *_bsh(out, varlen, align), *_bsh(dout, varlen, align), *lse_strides,
-                Sq, Hkv, BLOCK_M=pre_block, num_warps=1 if small_tiles() else 4,
-                HEAD_DIM=meta["HEAD_DIM"], HEAD_DIM_P2=meta["HEAD_DIM_P2"], ALIGN=align, G=G,
-                G_P2=meta["G_P2"], HAS_SC=meta["HAS_SC"], VARLEN=varlen,
-            )
-        if need_dkv and Sk > 0:
-            # the autotuner zeroes DQ between its benchmark runs: None unless it is the sum
-            dq_arg = dq if atomic_dq else None
-            _chain_attention_bwd_kernel[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)](
-                q, k, v, dout, lse, delta, dq_arg, dk, dv, heads, chains, sc, cu_q, cu_k,
-                *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
-                *_bsh(dout, varlen, align), *_bsh(dq if atomic_dq else q, varlen, align), *_bsh(dk, varlen, align),
-                *lse_strides,
-                Sq, Sk, Hkv, qk_scale, float(softmax_scale),
-                CAUSAL=bool(causal), DQ_ATOMIC=atomic_dq, ALIGN=align, **meta,
-            )
-        if need_dq and not atomic_dq and Sq > 0:
-            ensure_tma_allocator(q.device)  # autograd's backward thread has its own allocator slot
-            _chain_attention_bwd_dq_kernel[lambda m: (triton.cdiv(G * Sq, m["BLOCK_M"]), B * Hkv)](
-                q, k, v, dout, lse, delta, dq, heads, chains, sc, cu_q, cu_k,
-                *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),
-                *_bsh(dout, varlen, align), *_bsh(dq, varlen, align), *lse_strides,
-                Sq, Sk, Hkv, qk_scale, float(softmax_scale),
-                CAUSAL=bool(causal), ALIGN=align, TMA_KV=strides_tma_aligned(k, v), **meta,
-            )
-    if atomic_dq and q.dtype != torch.float32:
-        dq = dq.to(q.dtype)
-    return dq, dk, dv

@@ -24,12 +24,15 @@ from typing import Callable, List
 import triton
 import triton.language as tl
 
-from colm_kernels._triton.utils import SMEM_BUDGET, small_tiles, tile_desc, tma_choices, tma_device
+from colm_kernels._triton.device import small_tiles
+from colm_kernels._triton.gemm_configs import SMEM_BUDGET
+from colm_kernels._triton.tma import tile_desc, tma_choices, tma_device
 
 __all__ = ["MIN_HEAD_DIM", "MAX_HEAD_DIM", "HEAD_DIM_STEP", "head_dim_p2", "head_dim_reasons",
            "fwd_configs", "bwd_configs", "dq_configs", "prune_fwd", "prune_bwd", "prune_dq", "AUTOTUNE_KEY",
-           "seq_bounds", "packed_rows", "row_ptrs", "tile_mask", "load_tile", "visible_keys", "stack_rows",
-           "hint_strides", "stride_alignment", "tma_kv_legal", "key_source", "load_keys"]
+           "seq_bounds", "program_block", "packed_rows", "row_ptrs", "tile_mask", "load_tile", "visible_keys", "stack_rows",
+           "hint_strides", "stride_alignment", "tma_kv_legal", "key_source", "kv_sources", "load_keys",
+           "load_grad_rows"]
 
 # Head dims of the training kernels: multiples of 8 in [8, 256] (flash-attn's rule), padded inside
 # the kernels to a power of two. (``heads.MIN_HEAD_DIM`` / ``MAX_HEAD_DIM`` are the decode
@@ -214,6 +217,23 @@ def seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def program_block(CU_Q, CU_K, Sq, Sk, Hkv, BLOCK: tl.constexpr, LATE_FIRST: tl.constexpr, VARLEN: tl.constexpr):
+    """The prologue every attention kernel shares: this program's sequence ``b`` and kv head ``g``
+    (grid axis 1 is ``b * Hkv + g``), the first row or key of its block along axis 0
+    (``LATE_FIRST``: the last block first, so long causal rows start early), and its sequence's
+    ``seq_bounds``: ``(b, g, start, q_off, Sq, k_off, Sk)``."""
+    pid_bg = tl.program_id(1)
+    b = pid_bg // Hkv
+    g = pid_bg % Hkv
+    if LATE_FIRST:
+        start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK
+    else:
+        start = tl.program_id(0) * BLOCK
+    q_off, Sq, k_off, Sk = seq_bounds(CU_Q, CU_K, b, Sq, Sk, VARLEN)
+    return b, g, start, q_off, Sq, k_off, Sk
+
+
+@triton.jit
 def packed_rows(start, Sq, n_act, A, G: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SC: tl.constexpr):
     """Packed rows [start, start + BLOCK_M) -> (position, group member, active, valid).
 
@@ -277,6 +297,33 @@ def key_source(base, Sk, row_stride, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.con
     else:
         src = base
     return src
+
+
+@triton.jit
+def kv_sources(K, V, b64, g, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, Sk,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    """``key_source``s of sequence ``b64``'s keys and values at kv head ``g`` (BLOCK_N-row tiles)."""
+    g64 = g.to(tl.int64)
+    k_src = key_source(K + b64 * stride_kb + g64 * stride_kh, Sk, stride_ks, HEAD_DIM, HEAD_DIM_P2, BLOCK_N,
+                       USE_TMA)
+    v_src = key_source(V + b64 * stride_vb + g64 * stride_vh, Sk, stride_vs, HEAD_DIM, HEAD_DIM_P2, BLOCK_N,
+                       USE_TMA)
+    return k_src, v_src
+
+
+@triton.jit
+def load_grad_rows(Q, DO, LSE, DELTA, b64, pos, head, act, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos,
+                   stride_doh, stride_lb, stride_lh, offs_d, HEAD_DIM: tl.constexpr, PAD: tl.constexpr):
+    """What the backward needs of packed rows (positions ``pos`` of heads ``head``): ``(q, dO, lse,
+    delta)``; rows not ``act`` read zeros and lse ``+inf`` (their probabilities are exactly 0)."""
+    q = load_tile(row_ptrs(Q, b64, pos, head, stride_qb, stride_qs, stride_qh, offs_d), act, offs_d, HEAD_DIM, PAD,
+                  True)
+    do = load_tile(row_ptrs(DO, b64, pos, head, stride_dob, stride_dos, stride_doh, offs_d), act, offs_d, HEAD_DIM,
+                   PAD, True)
+    row = b64 * stride_lb + head.to(tl.int64) * stride_lh + pos
+    lse = tl.load(LSE + row, mask=act, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=act, other=0.0)
+    return q, do, lse, delta
 
 
 @triton.jit

@@ -28,9 +28,9 @@ chain_attention_decode_reference = register_reference_op(
     f"{OP}_reference", reference.chain_attention_decode, lambda q, *args: q.new_empty(q.shape), SCHEMA
 )
 backends.register(OP, "reference", __name__, "chain_attention_decode_reference")
-backends.register(OP, "triton", "colm_kernels.ops.chain_attention_decode.triton",
+backends.register(OP, "triton", "colm_kernels.ops.chain_attention_decode.triton_backend",
                   "chain_attention_decode_triton", reasons_fn="not_supported_reasons")
-backends.register(OP, "cuda", "colm_kernels.ops.chain_attention_decode.cuda",
+backends.register(OP, "cuda", "colm_kernels.ops.chain_attention_decode.cuda_backend",
                   "chain_attention_decode_cuda", reasons_fn="not_supported_reasons")
 
 

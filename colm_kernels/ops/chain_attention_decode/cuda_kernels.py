@@ -15,7 +15,7 @@ output dtype). Contracts (all tensors on one CUDA device):
 - returns ``out (B, Sq, Hq, D)`` contiguous in q's dtype. ``num_splits`` forces the number of
   splits of the key axis (tests); by default the extension picks it from ``S_max`` and the SM count.
 
-The per-kv-head tables live on the device, cached on their content (``_triton.utils.int32_table``,
+The per-kv-head tables live on the device, cached on their content (``colm_kernels._tables.int32_table``,
 the Triton kernels' cache). The extension is loaded on first call; ``RuntimeError`` with the reason
 when it cannot be used.
 """
@@ -41,7 +41,7 @@ def chain_attention_decode_fwd(
     ext = require_extension()
     # Imported here, not at module level: importing this module (the backend's reasons) needs no
     # triton; the launch shares the device-table cache of the Triton kernels.
-    from ..._triton.utils import int32_table
+    from ..._tables import int32_table
 
     kv = tuple(int(i) for i in kv_head_index)
     hc = tuple(int(c) for c in head_chain)

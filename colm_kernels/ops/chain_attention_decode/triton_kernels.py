@@ -59,14 +59,9 @@ import triton.language as tl
 
 from colm_kernels._triton.attention import NOT_A_CHAIN as _NOT_A_CHAIN
 from colm_kernels._triton.attention import active_members as _active_members
-from colm_kernels._triton.utils import (
-    device_guard,
-    int32_table,
-    is_interpreter,
-    last_dim_contiguous,
-    mma,
-    small_tiles,
-)
+from colm_kernels._triton.device import device_guard, is_interpreter, last_dim_contiguous, small_tiles
+from colm_kernels._triton.tables import int32_table
+from colm_kernels._triton.tiles import mma
 from colm_kernels.ops.chain_attention.heads import LOG2E, group_rows
 from colm_kernels.ops.chain_attention.heads import layout_reasons as _layout_reasons
 from colm_kernels.ops.chain_attention_decode.limits import (

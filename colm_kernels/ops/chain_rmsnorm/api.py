@@ -18,9 +18,9 @@ chain_rmsnorm_reference = register_reference_op(
     lambda x, weight, offsets, eps, row_chains: x.new_empty(x.shape), SCHEMA,
 )
 backends.register(OP, "reference", __name__, "chain_rmsnorm_reference")
-backends.register(OP, "cuda", "colm_kernels.ops.chain_rmsnorm.cuda", "chain_rmsnorm_cuda",
+backends.register(OP, "cuda", "colm_kernels.ops.chain_rmsnorm.cuda_backend", "chain_rmsnorm_cuda",
                   reasons_fn="not_supported_reasons")
-backends.register(OP, "triton", "colm_kernels.ops.chain_rmsnorm.triton", "chain_rmsnorm_triton", reasons_fn="not_supported_reasons")
+backends.register(OP, "triton", "colm_kernels.ops.chain_rmsnorm.triton_backend", "chain_rmsnorm_triton", reasons_fn="not_supported_reasons")
 
 
 def save_for_backward(ctx, inputs, output) -> None:

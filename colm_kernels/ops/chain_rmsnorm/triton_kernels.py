@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton.utils import check_tensor, device_guard, int32_table, last_dim_contiguous, small_tiles
+from ..._triton.device import check_tensor, device_guard, last_dim_contiguous, small_tiles
+from ..._triton.tables import int32_table
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def _fake(x, w1, w3, row_chains):
 chain_swiglu_reference = register_reference_op(f"{OP}_reference", reference.chain_swiglu, _fake, SCHEMA)
 
 backends.register(OP, "reference", __name__, "chain_swiglu_reference")
-backends.register(OP, "triton", "colm_kernels.ops.chain_swiglu.triton", "chain_swiglu_triton",
+backends.register(OP, "triton", "colm_kernels.ops.chain_swiglu.triton_backend", "chain_swiglu_triton",
                   reasons_fn="not_supported_reasons")
 
 

@@ -15,7 +15,7 @@ interleaved per chain: ``[a_1 | b_1 | a_2 | b_2 | ...]``, so chain i's ``a_i`` s
 ``2 o_i`` and its ``b_i`` at ``2 o_i + d_i``. The same layout holds ``[da_1 | db_1 | ...]``. That is
 exactly the output layout of a chain linear whose "chains" are the interleaved weight list
 ``[W1_1, W3_1, W1_2, W3_2, ...]`` (prefix widths ``P_1, P_1, P_2, P_2, ...``), so the backward GEMMs are
-the chain-linear kernels, unchanged (``triton.py`` calls their registered ops):
+the chain-linear kernels, unchanged (``triton_backend.py`` calls their registered ops):
 - ``chain_linear_bwd_dx(dgates, interleaved, K)`` sums, for input segment j, every entry >= its own
   (W1_j, W3_j, W1_(j+1), ...): ``dx = da W1 + db W3`` in ONE fp32 accumulator and one output (the
   odd, zero-width segments between a chain's two entries get no tiles);
@@ -36,7 +36,7 @@ inputs), ``h`` is rounded once from fp32 (eager rounds a, b, silu(a) and the pro
 token rows are int64; per-chain widths, prefixes and weight row strides must be < 2**31. Autotune
 keys are the chain layout and alignment, never the token count M. M may be 0.
 
-This file holds kernels and launchers only; the op is registered in ``triton.py``.
+This file holds kernels and launchers only; the op is registered in ``triton_backend.py``.
 """
 from __future__ import annotations
 
@@ -46,35 +46,15 @@ import torch
 import triton
 import triton.language as tl
 
-from colm_kernels._triton.utils import (
-    autotune,
-    check_tensor,
-    device_guard,
-    ensure_tma_allocator,
-    find_segment,
-    gemm_configs,
-    int64_table,
-    load_int,
-    load_ptr,
-    make_gemm_pruner,
-    mma,
-    operands_tma_aligned,
-    pointer_row,
-    segment_tile_count,
-    small_tiles,
-    table_aligned,
-    tile_count,
-    tile_desc,
-)
+from colm_kernels._triton.autotuning import autotune
+from colm_kernels._triton.device import check_tensor, device_guard, small_tiles
+from colm_kernels._triton.gemm_configs import gemm_configs, make_gemm_pruner
+from colm_kernels._triton.tables import int64_table, pointer_row, table_aligned, tile_count
+from colm_kernels._triton.tiles import find_segment, load_int, load_ptr, mma, segment_tile_count
+from colm_kernels._triton.tma import operands_tma_aligned, tma_launch_guard, tile_desc
 from colm_kernels._triton.rows import row_plan, rows_used, sorted_rows
-from colm_kernels.ops.chain_linear.triton_kernels import (
-    _align,
-    _check_weights,
-    _offsets,
-    _row_stride,
-    fwd_layout_key,
-    fwd_tile,
-)
+from colm_kernels.ops.chain_linear.triton_kernels import fwd_tile
+from colm_kernels.ops.chain_linear.triton_launch import _align, _check_weights, _offsets, _row_stride, fwd_layout_key
 
 __all__ = [
     "chain_swiglu_fwd",
@@ -297,8 +277,7 @@ def chain_swiglu_fwd(x: torch.Tensor, w1: Sequence[torch.Tensor], w3: Sequence[t
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * tile_count(ds, meta["BLOCK_N"]),)
 
-    ensure_tma_allocator(device)
-    with device_guard(device):
+    with tma_launch_guard(device):
         _chain_swiglu_fwd_kernel[grid](
             x, h, gates if save_gates else h, tbl, order, counts,
             M, x.stride(0), h.stride(0), gates.stride(0) if save_gates else 0,

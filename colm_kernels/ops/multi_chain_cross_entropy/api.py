@@ -30,7 +30,7 @@ multi_chain_cross_entropy_reference = register_reference_op(
     f"{OP}_reference", reference.multi_chain_cross_entropy, _fake, SCHEMA
 )
 backends.register(OP, "reference", __name__, "multi_chain_cross_entropy_reference")
-backends.register(OP, "triton", "colm_kernels.ops.multi_chain_cross_entropy.triton",
+backends.register(OP, "triton", "colm_kernels.ops.multi_chain_cross_entropy.triton_backend",
                   "multi_chain_cross_entropy_triton", reasons_fn="not_supported_reasons")
 
 

@@ -11,16 +11,16 @@ import triton
 import triton.language as tl
 
 from colm_kernels._triton.rows import blocks_reached, row_plan, rows_used, sorted_rows
-from colm_kernels._triton.utils import (
-    autotune,
-    device_guard,
+from colm_kernels._triton.autotuning import autotune
+from colm_kernels._triton.device import device_guard
+from colm_kernels._triton.tables import tile_count
+from colm_kernels._triton.tiles import (
     find_segment,
     grouped_tile,
     load_int,
     masked_k_loop,
     mma,
     segment_tile_count,
-    tile_count,
 )
 
 from .triton_fwd import _lse_and_rows, _row_unit

@@ -11,7 +11,9 @@ import triton
 import triton.language as tl
 
 from colm_kernels._triton.rows import blocks_reached, row_plan, sorted_rows
-from colm_kernels._triton.utils import autotune, device_guard, mma, small_tiles
+from colm_kernels._triton.autotuning import autotune
+from colm_kernels._triton.device import device_guard, small_tiles
+from colm_kernels._triton.tiles import mma
 
 from .triton_tiles import (
     LOGIT_CONFIGS,

@@ -80,7 +80,7 @@ dots); softmax math is fp32, losses and ``lse`` fp32, gradients written once in 
 Row offsets are int64; V and D must stay below 2**31. Autotune keys: the vocabulary, the chain
 layout, the options and ``ROWS``, never N. Configs and their measured register limits: ``triton_tiles``.
 
-This module gathers the launchers; the op is registered in ``triton.py``.
+This module gathers the launchers; the op is registered in ``triton_backend.py``.
 """
 from __future__ import annotations
 

@@ -4,23 +4,17 @@ per-scale row state, tanh, and the launchers' checks and tables. The math and th
 ``triton_kernels``'s docstring."""
 from __future__ import annotations
 
-import functools
-import hashlib
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from colm_kernels._triton.utils import (
-    check_tensor,
-    gemm_configs,
-    int64_table,
-    load_int,
-    make_gemm_pruner,
-    operands_tma_aligned,
-    register_gemm_layout,
-)
+from colm_kernels._triton.device import check_tensor
+from colm_kernels._triton.gemm_configs import gemm_configs, layout_key, make_gemm_pruner, register_gemm_layout
+from colm_kernels._triton.tables import int64_table
+from colm_kernels._triton.tiles import load_int
+from colm_kernels._triton.tma import operands_tma_aligned
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -116,7 +110,7 @@ def logits_layout(kind: str, v: int, offsets, *extra) -> int:
     """Autotune key of a logit kernel (forward, dlogits): BLOCK_N tiles the vocabulary, BLOCK_K
     each chain's width; registered for the pruner."""
     widths = [b - a for a, b in zip(offsets, offsets[1:])]
-    return register_gemm_layout(_layout_key(kind, v, tuple(offsets), *extra), ("BLOCK_N", "BLOCK_K"),
+    return register_gemm_layout(layout_key(kind, v, tuple(offsets), *extra), ("BLOCK_N", "BLOCK_K"),
                                 [(v, w) for w in widths])
 
 
@@ -124,8 +118,8 @@ def grad_layouts(v: int, offsets) -> tuple:
     """Autotune keys of the dh GEMM (BLOCK_N over a chain's width, BLOCK_K over V) and the dW GEMM
     (BLOCK_M over V, BLOCK_N over a chain's width); registered for the pruner."""
     widths = [b - a for a, b in zip(offsets, offsets[1:])]
-    dh = register_gemm_layout(_layout_key("dh", v, tuple(offsets)), ("BLOCK_N", "BLOCK_K"), [(w, v) for w in widths])
-    dw = register_gemm_layout(_layout_key("dw", v, tuple(offsets)), ("BLOCK_M", "BLOCK_N"), [(v, w) for w in widths])
+    dh = register_gemm_layout(layout_key("dh", v, tuple(offsets)), ("BLOCK_N", "BLOCK_K"), [(w, v) for w in widths])
+    dw = register_gemm_layout(layout_key("dw", v, tuple(offsets)), ("BLOCK_M", "BLOCK_N"), [(v, w) for w in widths])
     return dh, dw
 
 
@@ -209,13 +203,6 @@ def _repeat(value, n: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # Host helpers
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4096)
-def _layout_key(*parts) -> int:
-    """A stable int (same in every process) for the autotune cache: vocabulary, chain layout and
-    options, never the token count."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=7).digest(), "little")
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

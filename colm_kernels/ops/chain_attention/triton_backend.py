@@ -3,7 +3,7 @@
 Ops (namespace ``colm_kernels``); the trailing ``cu_seqlens_q``, ``cu_seqlens_k`` (``Tensor?``,
 default None) and ``max_seqlen_q``, ``max_seqlen_k`` (``int``, default 0) carry variable-length
 packed batches (flash-attn convention; None: the padded ``(B, S, H, D)`` layout), and
-``deterministic`` (``bool``, default False) picks the backward (``triton_kernels.chain_attention_bwd``):
+``deterministic`` (``bool``, default False) picks the backward (``triton_launch.chain_attention_bwd``):
 dQ by fp32 atomics in the one pass over key blocks (fast; the summation order varies run to run),
 or a separate dQ pass (one more QK^T and dP recompute; bitwise reproducible):
 - ``chain_attention_triton_fwd(q, k, v, kv_head_index, head_chain, causal, seq_chains,
@@ -30,8 +30,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._triton.utils import attention_input_reasons
-from . import triton_kernels as kernels
+from ..._triton.device import attention_input_reasons
+from . import triton_launch as launch
+from .heads import layout_reasons
+from .triton_tiles import MAX_HEAD_DIM, MIN_HEAD_DIM, head_dim_reasons
 
 _NS = "colm_kernels"
 
@@ -43,14 +45,14 @@ def chain_attention_triton_fwd(
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    return kernels.chain_attention_fwd(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale,
+    return launch.chain_attention_fwd(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale,
                                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 @chain_attention_triton_fwd.register_fake
 def _(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale,
       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, deterministic=False):
-    out_shape, lse_shape = kernels.fwd_out_shapes(q, cu_seqlens_q is not None)
+    out_shape, lse_shape = launch.fwd_out_shapes(q, cu_seqlens_q is not None)
     return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
@@ -63,7 +65,7 @@ def chain_attention_triton_bwd(
     max_seqlen_q: int = 0, max_seqlen_k: int = 0, deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)``; a gradient that is not needed is an empty tensor (its kernel never runs)."""
-    dq, dk, dv = kernels.chain_attention_bwd(dout, q, k, v, out, lse, kv_head_index, head_chain, causal,
+    dq, dk, dv = launch.chain_attention_bwd(dout, q, k, v, out, lse, kv_head_index, head_chain, causal,
                                              seq_chains, softmax_scale, need_dq, need_dkv,
                                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              deterministic)
@@ -132,7 +134,7 @@ def not_supported_reasons(q, k, v, kv_head_index, head_chain, causal, seq_chains
                           cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
                           deterministic=False) -> list[str]:
     """Why the Triton kernels cannot run these inputs (device availability is checked elsewhere)."""
-    reasons = attention_input_reasons("chain_attention", q, kernels.MIN_HEAD_DIM, kernels.MAX_HEAD_DIM,
-                                      head_dim_reasons=kernels.head_dim_reasons)
-    reasons += kernels.layout_reasons(int(q.shape[-2]), int(k.shape[-2]), kv_head_index, head_chain)
+    reasons = attention_input_reasons("chain_attention", q, MIN_HEAD_DIM, MAX_HEAD_DIM,
+                                      head_dim_reasons=head_dim_reasons)
+    reasons += layout_reasons(int(q.shape[-2]), int(k.shape[-2]), kv_head_index, head_chain)
     return reasons

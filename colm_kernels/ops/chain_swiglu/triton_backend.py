@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._triton.utils import interpreter_dtype_reasons
+from ..._triton.device import interpreter_dtype_reasons
 from .._checks import dense
-from ..chain_linear.triton import chain_linear_triton_bwd_dw, chain_linear_triton_bwd_dx
+from ..chain_linear.triton_backend import chain_linear_triton_bwd_dw, chain_linear_triton_bwd_dx
 from . import triton_kernels as kernels
 from .reference import chain_swiglu_out_shape
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._triton.utils import interpreter_dtype_reasons
+from ..._triton.device import interpreter_dtype_reasons
 from . import triton_kernels as kernels
 
 _NAME = "colm_kernels::multi_chain_cross_entropy_triton"

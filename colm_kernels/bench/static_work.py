@@ -1,0 +1,170 @@
+"""``colm-bench --static`` part ``work``: tensor-core FLOPs the kernels execute over the useful FLOPs
+of the op, per op and pass, counted in Triton's interpreter at the H100 tiles
+(``colm_kernels.bench.work``), for the first config each pruner keeps and the worst kept one.
+Runs under ``TRITON_INTERPRET=1 COLM_KERNELS_TILES=gpu`` (``static`` starts it in a subprocess),
+at reduced sizes that keep the default cases' structure (chain widths multiples of 128,
+sequences of 512)."""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, Iterator, List
+
+import torch
+
+from .cases import chains_label
+
+__all__ = ["count_work"]
+
+
+def _kept_config_runs(fn: Callable[[], Dict[str, int]], max_configs: int = 12) -> List[Dict[str, int]]:
+    """``fn()``'s per-kernel FLOPs under each config the pruners keep (``force_config(i)`` until
+    the configs chosen stop changing): index 0 is what ``COLM_KERNELS_AUTOTUNE=0`` runs."""
+    from .._triton.autotuning import autotuned_kernels, force_config
+
+    runs, previous = [], None
+    for i in range(max_configs):
+        with force_config(i):
+            flops = fn()
+            chosen = tuple(sorted((k.base_fn.__name__, str(c)) for k in autotuned_kernels()
+                                  for c in k.cache.values()))
+        if chosen == previous:
+            break
+        runs.append(flops)
+        previous = chosen
+    return runs
+
+
+def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]]]:
+    """(op, label, {pass: (useful FLOPs, kernels)}, run -> per-kernel executed FLOPs)."""
+    import colm_kernels as ck
+    from colm_kernels.chains import Chains
+
+    from .work import attention_flops, chain_gemm_flops, count_mma_flops
+
+    dt = torch.float16  # the interpreter's bf16 tl.dot is wrong; the FLOP count is the same
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dt)
+
+    def counted(fn):
+        def run():
+            with count_mma_flops() as work:
+                fn()
+            return dict(work.by_kernel)
+        return run
+
+    m = 256
+    for chains in ((1, 1, 1, 1), (1,) * 8, (1, 2, 1)):
+        c = Chains(chains)
+        dim = 128 * c.total  # every chain width a multiple of 128
+        gemm = chain_gemm_flops(m, c.prefixes(dim), c.widths(dim))
+        x, w = rnd(m, dim).requires_grad_(), rnd(dim, dim).requires_grad_()
+
+        def fn(c=c, x=x, w=w):
+            ck.chain_linear(x, w, None, c).backward(torch.ones(m, dim, dtype=dt))
+        passes = {"fwd": (gemm, ["_chain_linear_fwd_kernel"]), "bwd_x": (gemm, ["_chain_linear_bwd_dx_kernel"]),
+                  "bwd_w": (gemm, ["_chain_linear_bwd_dw_kernel"])}
+        yield "chain_linear", f"M{m}-{dim}x{dim}-{chains_label(chains)}", passes, counted(fn)
+    chains, dim, hidden = (1, 1, 1, 1), 512, 1024
+    c = Chains(chains)
+    gate = chain_gemm_flops(m, c.prefixes(dim), c.widths(hidden))
+    x, w1, w3 = rnd(m, dim).requires_grad_(), rnd(hidden, dim).requires_grad_(), rnd(hidden, dim).requires_grad_()
+
+    def swiglu():
+        ck.chain_swiglu(x, w1, w3, c).backward(torch.ones(m, hidden, dtype=dt))
+    yield ("chain_swiglu", f"M{m}-D{dim}-H{hidden}-{chains_label(chains)}",
+           {"fwd": (2 * gate, ["_chain_swiglu_fwd_kernel"]),
+            "bwd": (4 * gate, ["_chain_linear_bwd_dx_kernel", "_chain_linear_bwd_dw_kernel"])}, counted(swiglu))
+    for shared in (False, True):
+        B, S, D, chains, n_kv = 1, 512, 64, (2, 2), 2
+        c = Chains(chains)
+        q, k, v = (rnd(B, S, h, D).requires_grad_() for h in (c.total, n_kv, n_kv))
+
+        def attn(q=q, k=k, v=v, shared=shared, c=c):
+            ck.chain_attention(q, k, v, c, kv_sharing=shared).backward(torch.ones(B, S, c.total, D, dtype=dt))
+        fwd = attention_flops(B, c.total, S, S, D, True, 2)
+        bwd = attention_flops(B, c.total, S, S, D, True, 5)
+        yield ("chain_attention", f"B{B}-S{S}-{chains_label(chains)}-KV{n_kv}-D{D}-{'shared' if shared else 'gqa'}",
+               {"fwd": (fwd, ["_chain_attention_fwd_kernel"]),
+                "bwd (FA2 ideal: 5 matmuls)": (bwd, None)}, counted(attn))
+    from .models import LAYOUT_1B, ModelCase, model_flops
+    for chains in ((16, 16), (8, 8, 8, 8)):
+        # the 1B layout's heads and chains at one layer, half width and a 4096-word vocabulary (the
+        # interpreter runs every program in Python): every kernel of a training step, 256 tokens
+        layout = dict(LAYOUT_1B, n_layers=1, dim=1024, ffn_hidden_dim=4096, vocab_size=4096)
+        case = ModelCase(chains, layout, 1, 256)
+
+        def train(case=case):
+            from ..models import CoLM
+
+            torch.manual_seed(0)
+            model = CoLM(case.config()).to(dt)
+            tok = torch.randint(0, case.layout["vocab_size"], (1, case.seq), generator=gen)
+            model.multi_chain_loss(tok, tok).sum().backward()
+        yield ("colm_train_step", case.label, {"fwd+bwd": (model_flops(case), None)}, counted(train))
+    from .models import SERVE_WORK, decode_flops, serving_batch, serving_runs
+    case = SERVE_WORK[0]  # a decode batch of 64 at four scales against one batch per scale
+    useful = decode_flops(case.config(), *serving_batch(case), chain_kernels_only=True)
+    runs = {}  # built on first use, shared by both rows
+
+    def serve(provider):
+        if not runs:
+            runs.update(serving_runs(case, "cpu", dt))
+        runs[provider]()
+    for provider in ("ours-mixed", "ours-per-scale"):
+        yield ("colm_serving_decode", case.label, {f"decode {provider[5:]} (chain kernels)": (useful, None)},
+               counted(functools.partial(serve, provider)))
+    chains, dim, vocab, n = (1, 1, 1, 1), 256, 512, 256
+    h, wo = rnd(n, dim).requires_grad_(), rnd(vocab, dim).requires_grad_()
+    t = torch.randint(0, vocab, (n,), generator=gen)
+
+    def ce():
+        ck.multi_chain_cross_entropy(h, wo, t, chains).sum().backward()
+    yield ("multi_chain_cross_entropy", f"N{n}-D{dim}-V{vocab}-{chains_label(chains)}",
+           {"fwd": (2 * n * vocab * dim, "forward"), "bwd (dh + dW)": (4 * n * vocab * dim, "backward")}, counted(ce))
+
+
+def _pass_flops(spec, flops: Dict[str, int], fwd_kernels: List[str]) -> int:
+    """Executed FLOPs of one pass: the named kernels, or (None) every kernel but the forward's, or
+    the kernels whose names say forward / backward."""
+    if spec is None:  # every kernel but the forward's (all of them when it names none)
+        return sum(v for k, v in flops.items() if k not in fwd_kernels)
+    if spec == "forward":
+        return sum(v for k, v in flops.items() if "fwd" in k)
+    if spec == "backward":
+        return sum(v for k, v in flops.items() if "fwd" not in k)
+    return sum(flops.get(k, 0) for k in spec)
+
+
+def count_work(ops: List[str], all_configs: bool = True) -> dict:
+    """Executed over useful MMA FLOPs per op and pass (this process must run the interpreter with
+    ``COLM_KERNELS_TILES=gpu``); with ``all_configs`` every config the pruners keep, else the
+    first (what ``COLM_KERNELS_AUTOTUNE=0`` runs)."""
+    from .._triton.device import small_tiles
+    from .._triton.tma import tma_mode
+    from .. import backends
+
+    if small_tiles():
+        raise RuntimeError("count_work needs TRITON_INTERPRET=1 and COLM_KERNELS_TILES=gpu")
+    rows, failures = [], []
+    # TMA twins run the same tiles as their pointer configs (tests/ops/test_chain_linear_tma.py
+    # holds them bit-equal): counting the pointer configs counts both, in half the time.
+    with backends.use_backend("triton"), tma_mode("off"):
+        for op, label, passes, run in _work_cases():
+            if op not in ops:
+                continue
+            try:
+                runs = _kept_config_runs(run) if all_configs else [run()]
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"{op} {label}: {type(e).__name__}: {e}")
+                continue
+            fwd_spec = passes.get("fwd", (0, None))[1]
+            fwd_kernels = fwd_spec if isinstance(fwd_spec, list) else []
+            for pass_name, (useful, spec) in passes.items():
+                ratios = [_pass_flops(spec, flops, fwd_kernels) / useful for flops in runs]
+                rows.append({"op": op, "shape": label, "pass": pass_name, "useful_flops": useful,
+                             "executed_flops": _pass_flops(spec, runs[0], fwd_kernels),
+                             "ratio_first_config": ratios[0], "ratio_worst_config": max(ratios),
+                             "configs": len(runs)})
+    return {"work": rows, "failures": failures}
