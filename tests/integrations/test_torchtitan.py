@@ -86,8 +86,8 @@ def test_update_from_config_rejects_what_colm_does_not_support():
 
     cfg = config_registry.colm_debugmodel()
     cfg.model_spec.model.update_from_config(config=cfg)
-    cfg.parallelism = ParallelismConfig(spmd_backend="partial_dtensor", tensor_parallel_degree=2)
-    with pytest.raises(ValueError, match="tensor_parallel_degree=2"):
+    cfg.parallelism = ParallelismConfig(spmd_backend="partial_dtensor", context_parallel_degree=2)
+    with pytest.raises(ValueError, match="context_parallel_degree=2"):
         cfg.model_spec.model.update_from_config(config=cfg)
     cfg.parallelism = ParallelismConfig()  # TorchTitan's default spmd_backend
     with pytest.raises(ValueError, match="spmd_backend='spmd_types'"):
