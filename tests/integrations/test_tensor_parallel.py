@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree  # noqa: E402
 import colm_kernels as ck  # noqa: E402
 from colm_kernels.integrations.torchtitan import MultiChainLoss, model_registry  # noqa: E402
 from colm_kernels.integrations.torchtitan.tensor_parallel import RowChainLinear, TensorParallelLayout  # noqa: E402
+from colm_kernels.integrations.torchtitan.tuning import apply_chain_tuning  # noqa: E402
 from colm_kernels.models import CoLM, CoLMConfig  # noqa: E402
 from utils import offsets, randomize  # noqa: E402
 
@@ -80,6 +81,20 @@ def test_tensor_parallel_layout_row_columns_and_kv_plans():
 def test_tensor_parallel_layout_rejects_configs_that_do_not_split(fields, world, match):
     with pytest.raises(ValueError, match=match):
         TensorParallelLayout.build(_config(**fields), world)
+
+
+def test_tensor_parallel_command_line_and_hf_checkpoint_config(monkeypatch, tmp_path):
+    from torchtitan.config import ConfigManager
+
+    from colm_kernels.integrations.torchtitan import CoLMCheckpointManager
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ConfigManager().parse_args([
+        "--module", "colm_kernels.integrations.torchtitan", "--config", "colm_air_1b_c8x4",
+        "--parallelism.tensor_parallel_degree", "2", "--checkpoint.enable", "--checkpoint.last_save_in_hf"])
+    assert cfg.parallelism.tensor_parallel_degree == 2 and cfg.parallelism.enable_sequence_parallel
+    assert isinstance(cfg.checkpoint, CoLMCheckpointManager.Config) and cfg.checkpoint.last_save_in_hf
+    cfg.model_spec.model.update_from_config(config=cfg)
 
 
 def test_tensor_parallel_degree_is_checked_by_the_trainer_config():
@@ -275,17 +290,45 @@ def _check_no_weight_collectives(sharded):
     assert not moved, moved
 
 
-def _train(model, loss_fn, batches, rows, steps_lr=0.05):
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=steps_lr, momentum=0.9,
-                                weight_decay=0.1)
+def _optimizer(model, dims=None):
+    """SGD over the trainable parameters, named as TorchTitan names them (its flat optimizer state dicts
+    are keyed by those names); with ``dims``, set up by TorchTitan's ``post_optimizer_build`` hook."""
+    from torchtitan.components.checkpointer.utils import canonical_fqn
+
+    from colm_kernels.integrations.torchtitan.parallelize import post_optimizer_build
+
+    named = [(canonical_fqn(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(named, lr=0.05, momentum=0.9, weight_decay=0.1)
+    frozen = getattr(model, "frozen_columns", None)
+    if dims is not None:
+        post_optimizer_build(optimizer, [model], dims)
+    elif frozen is not None:
+        frozen.attach(optimizer)
+    return optimizer
+
+
+def _train(model, optimizer, loss_fn, batches, rows):
+    """SGD steps as ``CoLMTrainer`` takes them (chain tuning's frozen columns kept, when it is on)."""
+    frozen = getattr(model, "frozen_columns", None)
     losses = []
     for tokens, labels in batches:
         loss, _ = loss_fn(model(tokens[rows], labels=labels[rows]), labels[rows], (labels != -100).sum())
         loss.backward()
+        if frozen is not None:
+            frozen.zero_grads()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.detach())
     return torch.stack(losses)
+
+
+def _check_optimizer_state(sharded_optimizer, plain_optimizer):
+    """The TP optimizer's state dict holds every state tensor in the unsharded layout (the row-parallel
+    parameters' momentum in the paper's column order)."""
+    got, want = sharded_optimizer.state_dict()["state"], plain_optimizer.state_dict()["state"]
+    assert got.keys() == want.keys() and want
+    for index, state in want.items():
+        _close(got[index]["momentum_buffer"].full_tensor(), state["momentum_buffer"], f"momentum {index}")
 
 
 def _check_meta_init(fields, out):
@@ -319,6 +362,8 @@ def _check_meta_init(fields, out):
 
 def _tp_worker(rank: int, out: str) -> None:
     import torch.distributed.checkpoint as dcp
+    from torchtitan.components.optimizer.utils import (get_flat_optim_state_dict, init_optim_state,
+                                                        load_flat_optim_state_dict)
 
     for name, fields, sp in (("gqa", GQA, True), ("air_split", AIR_SPLIT, True), ("air_tile", AIR_TILE, False),
                              ("air_one", AIR_ONE, True)):
@@ -333,27 +378,52 @@ def _tp_worker(rank: int, out: str) -> None:
     plain, compiled, _ = _build(dict(AIR_SPLIT, n_layers=1), compile=True, dump=out)
     _check_losses_and_grads(plain, compiled, None)
 
-    # training, then checkpoints across TP degrees
-    plain, sharded, _ = _build(GQA, dump=out)
+    # training with chain tuning (chain 1 frozen), then checkpoints across TP degrees
+    plain, sharded, dims = _build(dict(GQA, freeze_chains=1), dump=out)
+    apply_chain_tuning(plain, 1)  # parallelize_colm did it for the sharded copy
+    start = copy.deepcopy(plain.state_dict())
     batches = [_batch(seed=s, batch=4) for s in (3, 4)]
     loss_fn = MultiChainLoss(MultiChainLoss.Config(weights=WEIGHTS))
-    got = _train(sharded, loss_fn, batches, slice(None))
-    want = _train(plain, loss_fn, batches, slice(None))
+    sharded_optimizer, plain_optimizer = _optimizer(sharded, dims), _optimizer(plain)
+    got = _train(sharded, sharded_optimizer, loss_fn, batches, slice(None))
+    want = _train(plain, plain_optimizer, loss_fn, batches, slice(None))
     _close(got, want, "training losses")
+    _check_optimizer_state(sharded_optimizer, plain_optimizer)
     full = _full_state(sharded)
+    width = offsets(64, GQA["chains"])[1]
     for name, p in plain.state_dict().items():
         _close(full[name], p, name)
+        if ".mlps.0." in name:  # chain 1's blocks and columns: bit-identical
+            assert torch.equal(full[name], start[name]), name
+        elif name.endswith("norm.weight"):
+            assert torch.equal(full[name][:width], start[name][:width]), name
+        elif name in ("tok_embeddings.weight", "output.weight"):
+            assert torch.equal(full[name][:, :width], start[name][:, :width]), name
+        if ".mlps.0." not in name:
+            assert not torch.equal(full[name], start[name]), name  # everything else trained
     dcp.save(sharded.state_dict(), checkpoint_id=os.path.join(out, "dcp_tp2"))  # read at tp=1 by the test
+    if rank == 0:
+        torch.save(plain.state_dict(), os.path.join(out, "plain.pt"))
     dcp.save(plain.state_dict(), checkpoint_id=os.path.join(out, "dcp_tp1"))
-    _, fresh, _ = _build(GQA, seed=7, dump=out)
+    _, fresh, fresh_dims = _build(dict(GQA, freeze_chains=1), seed=7, dump=out)
     state = fresh.state_dict()
     dcp.load(state, checkpoint_id=os.path.join(out, "dcp_tp1"))
     fresh.load_state_dict(state)
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in _full_state(fresh).items())
-    tokens, labels = _batch(seed=5)
-    _close(fresh(tokens, labels=labels), plain(tokens, labels=labels), "tp=1 checkpoint loaded at tp=2")
-    if rank == 0:
-        torch.save(plain.state_dict(), os.path.join(out, "plain.pt"))
+    # the unsharded optimizer's state through DCP (TorchTitan's flat optimizer state dicts) at tp=2:
+    # one more step lands where the unsharded model's does
+    dcp.save(get_flat_optim_state_dict(plain_optimizer), checkpoint_id=os.path.join(out, "optimizer_tp1"))
+    fresh_optimizer = _optimizer(fresh, fresh_dims)
+    init_optim_state(fresh_optimizer)
+    flat = get_flat_optim_state_dict(fresh_optimizer)
+    dcp.load(flat, checkpoint_id=os.path.join(out, "optimizer_tp1"))
+    load_flat_optim_state_dict(fresh_optimizer, flat)
+    _check_optimizer_state(fresh_optimizer, plain_optimizer)
+    more = [_batch(seed=8, batch=4)]
+    _close(_train(fresh, fresh_optimizer, loss_fn, more, slice(None)),
+           _train(plain, plain_optimizer, loss_fn, more, slice(None)), "resumed step")
+    for name, value in _full_state(fresh).items():
+        _close(value, plain.state_dict()[name], f"resumed {name}")
 
 
 def _plain_model(fields, state_path: str) -> CoLM:
@@ -387,10 +457,12 @@ def _fsdp_tp_worker(rank: int, out: str) -> None:
     batches = [_batch(seed=s, batch=4) for s in (3, 4)]
     loss_fn = MultiChainLoss(MultiChainLoss.Config(weights=WEIGHTS))
     mine = slice(dp_mesh.get_local_rank() * 2, dp_mesh.get_local_rank() * 2 + 2)
-    got = _train(sharded, loss_fn, batches, mine)
+    sharded_optimizer, plain_optimizer = _optimizer(sharded, dims), _optimizer(plain)
+    got = _train(sharded, sharded_optimizer, loss_fn, batches, mine)
     dist.all_reduce(got, group=dp_mesh.get_group())  # the TP ranks of one dp rank hold the same loss
-    want = _train(plain, loss_fn, batches, slice(None))
+    want = _train(plain, plain_optimizer, loss_fn, batches, slice(None))
     _close(got, want, "training losses")
+    _check_optimizer_state(sharded_optimizer, plain_optimizer)
     full = _full_state(sharded)
     for name, p in plain.state_dict().items():
         _close(full[name], p, name)

@@ -19,6 +19,7 @@ from torchtitan.distributed.fsdp import disable_fsdp_gradient_division, get_fsdp
 
 from .model import check_parallelism
 from .tensor_parallel import apply_tensor_parallel
+from .tensor_parallel.optimizer import attach_canonical_state
 from .tuning import apply_chain_tuning
 
 
@@ -56,7 +57,12 @@ def parallelize_colm(model, *, parallel_dims, training, parallelism, compile_con
 
 
 def post_optimizer_build(optimizers, model_parts, parallel_dims) -> None:
-    """Chain tuning: keep the frozen columns of the shared tensors fixed through every step."""
+    """Chain tuning: keep the frozen columns of the shared tensors fixed through every step. Tensor
+    parallelism: optimizer state dicts in the canonical column order (``tensor_parallel.optimizer``).
+    ``optimizers``: TorchTitan's ``OptimizersContainer`` or one ``torch.optim.Optimizer``."""
+    if parallel_dims.tp_enabled:
+        for optimizer in getattr(optimizers, "optimizers", [optimizers]):
+            attach_canonical_state(optimizer, model_parts)
     for part in model_parts:
         frozen = getattr(part, "frozen_columns", None)
         if frozen is not None:
