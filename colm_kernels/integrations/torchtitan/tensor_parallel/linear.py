@@ -43,7 +43,7 @@ def _local_weights(module: ChainLinear) -> list[Tensor]:
     return [m.weight.to_local() for m in module.mlps]
 
 
-def _check_training_call(module: nn.Module, seq_chains) -> None:
+def check_training_call(module: nn.Module, seq_chains) -> None:
     if seq_chains is not None:
         raise ValueError(f"{type(module).__name__}: seq_chains (per-row scales) is not supported under tensor "
                          "parallelism; pass one chain for the whole batch")
@@ -70,7 +70,7 @@ class ColumnChainLinear(ChainLinear):
         return _local_weights(self)
 
     def forward(self, x: Tensor, chain=None, *, seq_chains=None, check_values: bool = True) -> Tensor:
-        _check_training_call(self, seq_chains)
+        check_training_call(self, seq_chains)
         return chain_linear(x, self.local_weights(), None, self.chains, chain)
 
 
@@ -97,7 +97,7 @@ class RowChainLinear(ChainLinear):
         return module
 
     def forward(self, x: Tensor, chain=None, *, seq_chains=None, check_values: bool = True) -> Tensor:
-        _check_training_call(self, seq_chains)
+        check_training_call(self, seq_chains)
         return chain_linear(x, _local_weights(self), None, self.chains, chain)
 
     def _tp_dim(self, mesh: DeviceMesh) -> int:

@@ -18,13 +18,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from ....chains import Chains
 from ....nn import ChainAttention, ChainFeedForward, ChainRMSNorm
 from ....nn.rope import apply_rotary, rope_angles
 from ....ops.chain_attention.api import chain_attention
 from ....ops.chain_rmsnorm.api import chain_rmsnorm
 from ....ops.chain_swiglu.api import chain_swiglu
 from .layout import TensorParallelLayout
-from .linear import ColumnChainLinear, RowChainLinear, _check_training_call, distribute_parameter
+from .linear import ColumnChainLinear, RowChainLinear, check_training_call, distribute_parameter
 from .loss import vocab_parallel_loss_sums
 from .regions import like, reduce_partial, replicated_local, rowwise_local
 
@@ -54,7 +55,7 @@ class TPChainRMSNorm(ChainRMSNorm):
         return module
 
     def forward(self, x: DTensor, chain=None, *, seq_chains=None, check_values: bool = True) -> DTensor:
-        _check_training_call(self, seq_chains)
+        check_training_call(self, seq_chains)
         gain = replicated_local(self.weight) if self.sequence_parallel else self.weight.to_local()
         y = like(chain_rmsnorm(rowwise_local(x), gain, self.chains, self.eps, chain), x)
         if list(y.placements) != self.out_placements:
@@ -67,8 +68,9 @@ class TPChainAttention(ChainAttention):
     / ``wv`` column-parallel, ``wo`` row-parallel. CoLM-Air's shared ``wk`` / ``wv``: split or
     replicated (``layout``); a replicated one computes only the kv heads this rank reads."""
 
-    local_heads: object
-    kv_rows: tuple[int, int]  # CoLM-Air: the rows of wk / wv (kv heads * head_dim) this rank uses
+    local_heads: Chains  # query heads of each chain on this rank
+    kv_split: bool
+    kv_rows: tuple[int, int]  # CoLM-Air, replicated wk / wv: the rows (kv heads * head_dim) this rank uses
 
     @classmethod
     def convert(cls, module: ChainAttention, mesh: DeviceMesh, layout: TensorParallelLayout) -> "TPChainAttention":
@@ -77,10 +79,9 @@ class TPChainAttention(ChainAttention):
         rows = (0, 0)
         if module.kv_sharing:
             start, stop = layout.shared_kv_heads(mesh.get_local_rank())
+            rows = (start * module.head_dim, stop * module.head_dim)
             for proj in (module.wk, module.wv):
                 distribute_parameter(proj, "weight", mesh, [Shard(0)] if layout.kv_split else [Replicate()])
-            rows = (0, (stop - start) * module.head_dim) if layout.kv_split else \
-                (start * module.head_dim, stop * module.head_dim)
         else:
             ColumnChainLinear.convert(module.wk, mesh)
             ColumnChainLinear.convert(module.wv, mesh)
@@ -92,8 +93,8 @@ class TPChainAttention(ChainAttention):
 
     def _shared_weight(self, proj: nn.Linear) -> Tensor:
         if self.kv_split:
-            return proj.weight.to_local()
-        start, stop = self.kv_rows  # replicated: every rank's use is a partial gradient
+            return proj.weight.to_local()  # exactly this rank's kv heads
+        start, stop = self.kv_rows  # replicated: each rank's use of it is a partial gradient
         return replicated_local(proj.weight)[start:stop]
 
     def _local_kv(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -106,7 +107,7 @@ class TPChainAttention(ChainAttention):
                 check_values: bool = True) -> DTensor:
         if cache is not None:
             raise ValueError("TPChainAttention: a KV cache (decoding) is not supported under tensor parallelism")
-        _check_training_call(self, seq_chains)
+        check_training_call(self, seq_chains)
         k = self.chains.check_chain(chain)
         xl = replicated_local(x)
         angles = rope_angles(self.head_dim, 0, xl.shape[1], self.rope_theta, xl.device)
@@ -120,7 +121,7 @@ class TPChainAttention(ChainAttention):
 
 
 class TPChainFeedForward(ChainFeedForward):
-    """``w1`` / ``w3`` column-parallel (one fused ``chain_swiglu`` on the local rows of every
+    """``w1`` / ``w3`` column-parallel (one fused ``chain_swiglu`` over this rank's hidden features of every
     chain), ``w2`` row-parallel."""
 
     @classmethod
@@ -132,7 +133,7 @@ class TPChainFeedForward(ChainFeedForward):
         return module
 
     def forward(self, x: DTensor, chain=None, *, seq_chains=None, check_values: bool = True) -> DTensor:
-        _check_training_call(self, seq_chains)
+        check_training_call(self, seq_chains)
         xl = replicated_local(x)
         h = chain_swiglu(xl, self.w1.local_weights(), self.w3.local_weights(), self.chains, chain)
         return reduce_partial(self.w2(h, chain), x.device_mesh, x.placements)
