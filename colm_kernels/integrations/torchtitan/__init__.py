@@ -3,8 +3,9 @@
 ``model_registry(flavor)`` returns the ``ModelSpec`` (model config, ``parallelize_colm``: FSDP2 and
 tensor parallelism, chain tuning hook, ``CoLMStateDictAdapter``); ``config_registry`` holds the
 trainer configs ``torchrun ... -m torchtitan.train --module colm_kernels.integrations.torchtitan
---config <name>`` selects. Flavours: ``debugmodel`` / ``debugmodel_air`` (tiny), and the paper's LLaMA-3.2-1B layout
-(16 layers, dim 2048, 32 heads, 8 kv heads) with chains 2 x 16 or 4 x 8, as CoLM or CoLM-Air.
+--config <name>`` selects. Flavours: ``debugmodel`` / ``debugmodel_air`` (tiny), and the paper's
+LLaMA-3.2-1B layout (16 layers, dim 2048, 32 heads, 8 kv heads) with chains 2 x 16 or 4 x 8, as
+CoLM or CoLM-Air.
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ Every config trains with ``CoLMTrainer`` and ``MultiChainLoss`` (the sum of ever
 ``loss.weights`` per scale), FSDP2 (``parallelism.data_parallel_shard_degree``, default: every rank),
 full activation checkpointing, ``spmd_backend='partial_dtensor'``; tensor parallelism with
 ``--parallelism.tensor_parallel_degree``. Checkpoints go through ``CoLMCheckpointManager``
-(``--checkpoint.last_save_in_hf`` writes a folder ``AutoModelForCausalLM`` loads). ``hf_assets_path`` must hold a
-tokenizer whose vocabulary matches the flavour (TorchTitan's ``scripts/download_hf_assets.py``).
+(``--checkpoint.last_save_in_hf`` writes a folder ``AutoModelForCausalLM`` loads).
+``hf_assets_path`` must hold a tokenizer whose vocabulary matches the flavour (TorchTitan's
+``scripts/download_hf_assets.py``).
 """
 from __future__ import annotations
 

@@ -120,5 +120,5 @@ def check_parallelism(parallelism) -> None:
     if backend != "partial_dtensor":
         asked.append(f"spmd_backend={backend!r}")
     if asked:
-        raise ValueError(f"CoLM on TorchTitan supports data parallelism (FSDP2 / HSDP) and tensor parallelism, with "
-                         f"spmd_backend='partial_dtensor'; the config asks for {', '.join(asked)}")
+        raise ValueError(f"CoLM on TorchTitan supports data parallelism (FSDP2 / HSDP) and tensor parallelism, "
+                         f"with spmd_backend='partial_dtensor'; the config asks for {', '.join(asked)}")
