@@ -11,7 +11,6 @@ FSDP2 x TP run trains equal to the unsharded model and TorchTitan's HF-format sa
 """
 import copy
 import os
-import socket
 
 import pytest
 
@@ -28,7 +27,7 @@ from colm_kernels.integrations.torchtitan import MultiChainLoss, model_registry 
 from colm_kernels.integrations.torchtitan.tensor_parallel import RowChainLinear, TensorParallelLayout  # noqa: E402
 from colm_kernels.integrations.torchtitan.tuning import apply_chain_tuning  # noqa: E402
 from colm_kernels.models import CoLM, CoLMConfig  # noqa: E402
-from utils import offsets, randomize  # noqa: E402
+from utils import free_port, offsets, randomize  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -111,12 +110,6 @@ def test_tensor_parallel_degree_is_checked_by_the_trainer_config():
 
 
 # -- ranks --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world: int, port: int, fn, args) -> None:
     import torchtitan.distributed.parallel_dims as parallel_dims_module
     from torchtitan.distributed import utils as dist_utils
@@ -135,7 +128,7 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 
 def _run(world: int, fn, *args) -> None:
-    mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True, start_method="fork")
+    mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True, start_method="fork")
 
 
 def _parallelize(model, *, tp=2, dp=1, sp=True, compile=False, dump="/tmp"):
