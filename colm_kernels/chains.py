@@ -124,6 +124,34 @@ class Chains:
         """``(P_1, ..., P_n)``."""
         return self.offsets(dim, name=name)[1:]
 
+    # -- sharding (tensor parallelism) -----------------------------------------------------
+    def shard_widths(self, dim: int, world: int, *, name: str = "dim",
+                     world_name: str = "world") -> tuple[int, ...]:
+        """``d_i / world``: the width of one of ``world`` equal shards of every chain's segment
+        (each rank holds one shard of every chain); raises when a chain width does not split."""
+        if not _is_int(world) or world <= 0:
+            raise ValueError(f"{world_name} must be a positive int, got {world!r}")
+        widths = self.widths(dim, name=name)
+        bad = [w for w in widths if w % world]
+        if bad:
+            raise ValueError(
+                f"{world_name}={world} must divide every chain's width of {name}={dim} split by "
+                f"chains={self.sizes} (each chain is split evenly across the {world_name} ranks): "
+                f"widths {widths}, not divisible: {bad}"
+            )
+        return tuple(w // world for w in widths)
+
+    def shard_ranges(self, dim: int, world: int, rank: int, *, name: str = "dim",
+                     world_name: str = "world") -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` of rank ``rank``'s shard of every chain's segment of ``dim``: the
+        ``rank``-th of ``world`` equal pieces of each chain, so a rank's features are again split
+        by ``chains``, with widths ``d_i / world``."""
+        widths = self.shard_widths(dim, world, name=name, world_name=world_name)
+        if not _is_int(rank) or not 0 <= rank < world:
+            raise ValueError(f"rank must be an int in [0, {world - 1}], got {rank!r}")
+        starts = self.offsets(dim, name=name)[:-1]
+        return tuple((s + rank * w, s + (rank + 1) * w) for s, w in zip(starts, widths))
+
     def active_width(self, dim: int, chain=None, *, name: str = "dim") -> int:
         """``P_(k+1)``: the width of the sub-model at ``chain=k``."""
         return self.offsets(dim, name=name)[self.check_chain(chain) + 1]

@@ -32,7 +32,21 @@ def test_head_chain_and_kv_head_maps():
     assert c.kv_head_map(2, kv_sharing=True, kv_mapping="chain_group", chain=0) == (0, 0, 1, 1)
 
 
+def test_shards_split_every_chain_evenly():
+    # tensor parallelism: rank r holds the r-th of `world` equal pieces of every chain's segment
+    c = Chains((2, 2, 4))
+    assert c.shard_widths(32, 2) == (4, 4, 8)
+    assert c.shard_ranges(32, 2, 0) == ((0, 4), (8, 12), (16, 24))
+    assert c.shard_ranges(32, 2, 1) == ((4, 8), (12, 16), (24, 32))
+    assert c.shard_widths(8, 2, name="n_heads") == (1, 1, 2)
+    assert Chains((3,)).shard_ranges(9, 3, 2) == ((6, 9),)
+
+
 @pytest.mark.parametrize("call, match", [
+    (lambda: Chains((1, 1, 2)).shard_widths(4, 2, name="n_heads", world_name="tensor_parallel_degree"),
+     r"tensor_parallel_degree=2 must divide every chain's width of n_heads=4 .* not divisible: \[1, 1\]"),
+    (lambda: Chains((1, 1)).shard_widths(8, 0), r"world must be a positive int"),
+    (lambda: Chains((1, 1)).shard_ranges(8, 2, 2), r"rank must be an int in \[0, 1\]"),
     (lambda: Chains(()), r"chains must be a non-empty tuple"),
     (lambda: Chains((1, 0)), r"positive"),
     (lambda: Chains((1, -2)), r"positive"),

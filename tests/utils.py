@@ -200,6 +200,15 @@ def randomize(model, seed=0):
     return model
 
 
+def free_port() -> int:
+    """A free localhost TCP port for a test's process group (``MASTER_PORT``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # compile-only checks (sm_90a without a GPU)
 def require_sm90_ptxas() -> str:

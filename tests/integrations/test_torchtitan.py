@@ -8,7 +8,6 @@ mesh (FSDP2 + activation checkpointing): optimizer steps equal to the unsharded 
 without chain tuning."""
 import copy
 import os
-import socket
 
 import pytest
 
@@ -24,7 +23,7 @@ from colm_kernels import models  # noqa: E402
 from colm_kernels.integrations.torchtitan import (  # noqa: E402
     CoLMStateDictAdapter, CoLMTitanModel, CoLMTrainer, MultiChainLoss, colm_configs, config_registry,
     model_registry)
-from utils import F64, randomize  # noqa: E402
+from utils import F64, free_port, randomize  # noqa: E402
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=37, chains=(1, 1, 2), ffn_hidden_dim=32,
             rope_theta=10000.0)
@@ -86,8 +85,8 @@ def test_update_from_config_rejects_what_colm_does_not_support():
 
     cfg = config_registry.colm_debugmodel()
     cfg.model_spec.model.update_from_config(config=cfg)
-    cfg.parallelism = ParallelismConfig(spmd_backend="partial_dtensor", tensor_parallel_degree=2)
-    with pytest.raises(ValueError, match="tensor_parallel_degree=2"):
+    cfg.parallelism = ParallelismConfig(spmd_backend="partial_dtensor", context_parallel_degree=2)
+    with pytest.raises(ValueError, match="context_parallel_degree=2"):
         cfg.model_spec.model.update_from_config(config=cfg)
     cfg.parallelism = ParallelismConfig()  # TorchTitan's default spmd_backend
     with pytest.raises(ValueError, match="spmd_backend='spmd_types'"):
@@ -158,12 +157,6 @@ def test_state_dict_adapter_round_trip_and_hf_model():
 
 # -- FSDP2 on two gloo ranks ---------------------------------------------------------------------
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(model, optimizer, loss_fn, batches, rows, frozen):
@@ -249,4 +242,4 @@ def _worker(rank: int, port: int, dump: str) -> None:
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")
 def test_parallelize_colm_fsdp2_steps_equal_unsharded_model(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")

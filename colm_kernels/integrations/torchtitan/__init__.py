@@ -1,15 +1,17 @@
 """CoLM on TorchTitan (``pip install -e ".[torchtitan]"``; TorchTitan 0.3.0's model API).
 
-``model_registry(flavor)`` returns the ``ModelSpec`` (model config, ``parallelize_colm``, chain
-tuning hook, ``CoLMStateDictAdapter``); ``config_registry`` holds the trainer configs
-``torchrun ... -m torchtitan.train --module colm_kernels.integrations.torchtitan --config <name>``
-selects. Flavours: ``debugmodel`` / ``debugmodel_air`` (tiny), and the paper's LLaMA-3.2-1B layout
-(16 layers, dim 2048, 32 heads, 8 kv heads) with chains 2 x 16 or 4 x 8, as CoLM or CoLM-Air.
+``model_registry(flavor)`` returns the ``ModelSpec`` (model config, ``parallelize_colm``: FSDP2 and
+tensor parallelism, chain tuning hook, ``CoLMStateDictAdapter``); ``config_registry`` holds the
+trainer configs ``torchrun ... -m torchtitan.train --module colm_kernels.integrations.torchtitan
+--config <name>`` selects. Flavours: ``debugmodel`` / ``debugmodel_air`` (tiny), and the paper's
+LLaMA-3.2-1B layout (16 layers, dim 2048, 32 heads, 8 kv heads) with chains 2 x 16 or 4 x 8, as
+CoLM or CoLM-Air.
 """
 from __future__ import annotations
 
 from torchtitan.protocols.model_spec import ModelSpec
 
+from .checkpoint import CoLMCheckpointManager
 from .loss import MultiChainLoss
 from .model import CoLMTitanModel
 from .parallelize import parallelize_colm, post_optimizer_build
@@ -42,5 +44,5 @@ def model_registry(flavor: str, **overrides) -> ModelSpec:
                      state_dict_adapter=CoLMStateDictAdapter)
 
 
-__all__ = ["CoLMStateDictAdapter", "CoLMTitanModel", "CoLMTrainer", "MultiChainLoss", "colm_configs",
-           "model_registry", "parallelize_colm", "post_optimizer_build"]
+__all__ = ["CoLMCheckpointManager", "CoLMStateDictAdapter", "CoLMTitanModel", "CoLMTrainer", "MultiChainLoss",
+           "colm_configs", "model_registry", "parallelize_colm", "post_optimizer_build"]

@@ -2,12 +2,14 @@
 
 Every config trains with ``CoLMTrainer`` and ``MultiChainLoss`` (the sum of every scale's loss;
 ``loss.weights`` per scale), FSDP2 (``parallelism.data_parallel_shard_degree``, default: every rank),
-full activation checkpointing, ``spmd_backend='partial_dtensor'``. ``hf_assets_path`` must hold a
-tokenizer whose vocabulary matches the flavour (TorchTitan's ``scripts/download_hf_assets.py``).
+full activation checkpointing, ``spmd_backend='partial_dtensor'``; tensor parallelism with
+``--parallelism.tensor_parallel_degree``. Checkpoints go through ``CoLMCheckpointManager``
+(``--checkpoint.last_save_in_hf`` writes a folder ``AutoModelForCausalLM`` loads).
+``hf_assets_path`` must hold a tokenizer whose vocabulary matches the flavour (TorchTitan's
+``scripts/download_hf_assets.py``).
 """
 from __future__ import annotations
 
-from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import ParallelismConfig, TrainingConfig
@@ -15,6 +17,7 @@ from torchtitan.distributed.activation_checkpoint import FullAC
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 
 from . import model_registry
+from .checkpoint import CoLMCheckpointManager
 from .loss import MultiChainLoss
 from .trainer import CoLMTrainer
 
@@ -32,7 +35,7 @@ def _config(flavor: str, *, hf_assets_path: str, dataset: str, lr: float, batch:
         dataloader=HuggingFaceTextDataLoader.Config(dataset=dataset),
         metrics=MetricsProcessor.Config(log_freq=1 if steps <= 100 else 10),
         parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
-        checkpoint=CheckpointManager.Config(interval=max(steps // 2, 1)),
+        checkpoint=CoLMCheckpointManager.Config(interval=max(steps // 2, 1)),
         activation_checkpoint=FullAC.Config(),
     )
 

@@ -7,6 +7,8 @@ through the state-dict adapter. ``forward(tokens)`` returns full-scale logits (w
 validator and generic losses expect); ``forward(tokens, labels=labels)`` returns the summed
 next-token cross-entropy at every scale ``(n_chains,)`` from one pass, through
 ``multi_chain_cross_entropy`` (no logit tensor per scale), which ``MultiChainLoss`` weights.
+Under tensor parallelism (``tensor_parallel``) the logits are a ``Shard(-1)`` DTensor over the
+vocabulary and the per-scale loss comes from the vocabulary-parallel head.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torchtitan.protocols.model import BaseModel
 
 from ...models import CoLM, CoLMConfig
 from ...ops.multi_chain_cross_entropy.api import multi_chain_cross_entropy
+from .tensor_parallel import TensorParallelLayout, VocabParallelHead, init_on_shards
 
 IGNORE_INDEX = -100
 
@@ -61,6 +64,9 @@ class CoLMTitanModel(BaseModel, CoLM):
             parallelism = getattr(config, "parallelism", None)
             if parallelism is not None:
                 check_parallelism(parallelism)
+                tp = getattr(parallelism, "tensor_parallel_degree", 1)
+                if tp > 1:
+                    TensorParallelLayout.build(self.colm_config(), tp)
 
         def get_nparams_and_flops(self, model, seq_len: int) -> tuple[int, int]:
             # Chain linears hold only their lower-triangular blocks, so the 6 * params term counts
@@ -74,9 +80,15 @@ class CoLMTitanModel(BaseModel, CoLM):
 
     def init_states(self, *, buffer_device: Optional[torch.device] = None) -> None:
         """``models.CoLM``'s initialisation (normal(0, init_std) linears and embedding, unit gains);
-        runs on DTensor shards after FSDP too."""
+        runs on DTensor shards after FSDP too, and under tensor parallelism through
+        ``init_on_shards`` (independent shards, replicated parameters equal on every rank)."""
         titan = self.__dict__.get("titan_config")
-        CoLM.init_weights(self, std=titan.init_std if titan is not None else 0.02)
+        std = titan.init_std if titan is not None else 0.02
+        tp_mesh = self.__dict__.get("tp_mesh")
+        if tp_mesh is None:
+            CoLM.init_weights(self, std=std)
+        else:
+            init_on_shards(self, tp_mesh, lambda: CoLM.init_weights(self, std=std))
 
     def verify_module_protocol(self) -> None:
         """The blocks are ``colm_kernels.nn`` modules, not TorchTitan ``Module`` s: TorchTitan's
@@ -90,6 +102,8 @@ class CoLMTitanModel(BaseModel, CoLM):
         if labels is None:
             return CoLM.forward(self, tokens, chain)
         hidden = self.hidden(tokens, chain)
+        if isinstance(self.output, VocabParallelHead):
+            return self.output.loss_sums(hidden, labels, self.chains, IGNORE_INDEX)
         means = multi_chain_cross_entropy(hidden, self.output.weight, labels, self.chains, IGNORE_INDEX)
         count = (labels != IGNORE_INDEX).sum()
         # sums (what TorchTitan divides by the global token count); a row of ignored labels adds 0
@@ -97,13 +111,14 @@ class CoLMTitanModel(BaseModel, CoLM):
 
 
 def check_parallelism(parallelism) -> None:
-    """CoLM composes with data parallelism only (FSDP2 / HSDP / DDP-style replicate)."""
+    """CoLM composes with data parallelism (FSDP2 / HSDP) and tensor parallelism (``parallelize_colm``
+    checks the chains against the TP degree), not with context, pipeline or expert parallelism."""
     asked = [f"{name}={getattr(parallelism, name)}" for name in (
-        "tensor_parallel_degree", "context_parallel_degree", "pipeline_parallel_degree",
+        "context_parallel_degree", "pipeline_parallel_degree",
         "expert_parallel_degree") if getattr(parallelism, name, 1) not in (1, None)]
     backend = getattr(parallelism, "spmd_backend", "partial_dtensor")
     if backend != "partial_dtensor":
         asked.append(f"spmd_backend={backend!r}")
     if asked:
-        raise ValueError(f"CoLM on TorchTitan supports data parallelism (FSDP2 / HSDP) only, with "
-                         f"spmd_backend='partial_dtensor'; the config asks for {', '.join(asked)}")
+        raise ValueError(f"CoLM on TorchTitan supports data parallelism (FSDP2 / HSDP) and tensor parallelism, "
+                         f"with spmd_backend='partial_dtensor'; the config asks for {', '.join(asked)}")

@@ -1,10 +1,13 @@
 """``parallelize_colm``: TorchTitan's ``parallelize_fn`` for CoLM.
 
-In order: chain tuning (``requires_grad`` flags must exist before FSDP copies them), activation
+In order: tensor parallelism when ``parallel_dims.tp > 1`` (``tensor_parallel``: every parameter
+becomes a DTensor on the TP mesh; sequence parallel unless ``parallelism.enable_sequence_parallel``
+is off), chain tuning (``requires_grad`` flags must exist before FSDP copies them), activation
 checkpointing of every block (TorchTitan's own ``FullAC`` / ``SelectiveAC``), per-block
 ``torch.compile`` (TorchTitan's ``apply_compile``), then FSDP2: ``fully_shard`` on every block and on
 the root (embedding, final norm and output head), mixed precision from ``training``, gradients
-summed across ranks (TorchTitan divides by the global token count itself).
+summed across ranks (TorchTitan divides by the global token count itself). With TP, FSDP2 shards
+the TP shards over the data-parallel ranks (2-D: dp_shard x tp).
 """
 from __future__ import annotations
 
@@ -15,11 +18,16 @@ from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.fsdp import disable_fsdp_gradient_division, get_fsdp_reshard_after_forward_policy
 
 from .model import check_parallelism
+from .tensor_parallel import apply_tensor_parallel
+from .tensor_parallel.optimizer import attach_canonical_state
 from .tuning import apply_chain_tuning
 
 
 def parallelize_colm(model, *, parallel_dims, training, parallelism, compile_config, ac_config, dump_folder):
     check_parallelism(parallelism)
+    if parallel_dims.tp_enabled:
+        apply_tensor_parallel(model, parallel_dims.get_mesh("tp"),
+                              sequence_parallel=parallelism.enable_sequence_parallel)
     apply_chain_tuning(model, model.titan_config.freeze_chains)
     if ac_config is not None:
         ac_config.build(dump_folder=dump_folder).apply(model)
@@ -49,7 +57,12 @@ def parallelize_colm(model, *, parallel_dims, training, parallelism, compile_con
 
 
 def post_optimizer_build(optimizers, model_parts, parallel_dims) -> None:
-    """Chain tuning: keep the frozen columns of the shared tensors fixed through every step."""
+    """Chain tuning: keep the frozen columns of the shared tensors fixed through every step. Tensor
+    parallelism: optimizer state dicts in the canonical column order (``tensor_parallel.optimizer``).
+    ``optimizers``: TorchTitan's ``OptimizersContainer`` or one ``torch.optim.Optimizer``."""
+    if parallel_dims.tp_enabled:
+        for optimizer in getattr(optimizers, "optimizers", [optimizers]):
+            attach_canonical_state(optimizer, model_parts)
     for part in model_parts:
         frozen = getattr(part, "frozen_columns", None)
         if frozen is not None:
