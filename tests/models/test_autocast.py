@@ -1,7 +1,7 @@
 """``models.CoLM`` under ``torch.autocast`` with float32 weights (mixed-precision training): the
 per-scale losses (float32), elastic logits (the autocast dtype, as ``F.linear`` gives) and every
 parameter gradient (float32) against the float32 run; bf16 on the reference backend, fp16 on the
-Triton kernels (interpreter). Generation under autocast keeps its KV cache in the autocast dtype
+Triton kernels (interpreter), CUDA bf16 on a GPU (skipped without one). Generation under autocast keeps its KV cache in the autocast dtype
 and picks the float32 model's tokens up to that dtype's rounding; ``torch.compile`` gives eager's
 losses and gradients."""
 import pytest
@@ -43,18 +43,26 @@ def step(model, tokens):
     return losses, logits, grads
 
 
+RUNS = {"reference-bf16": ("cpu", "reference", BF16), "triton-fp16": ("cpu", "triton", FP16),
+        "cuda-bf16": ("cuda", "auto", BF16)}
+
+
 # The interpreter takes ~10 s a config: Triton runs the per-chain KV config, whose kernels' head
-# layouts differ most from the reference's.
-@pytest.mark.parametrize("name,run", [("gqa", "reference-bf16"), ("air", "reference-bf16"), ("gqa", "triton-fp16")])
+# layouts differ most from the reference's. On a GPU (skipped without one) every config runs on the
+# backends ``auto`` picks there (cuda, then triton).
+@pytest.mark.parametrize("name,run", [("gqa", "reference-bf16"), ("air", "reference-bf16"), ("gqa", "triton-fp16"),
+                                      ("gqa", "cuda-bf16"), ("air", "cuda-bf16")])
 def test_training_step_under_autocast_matches_float32(name, run):
-    backend, dtype = {"reference-bf16": ("reference", BF16), "triton-fp16": ("triton", FP16)}[run]
+    device, backend, dtype = RUNS[run]
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA autocast needs a CUDA GPU")
     if backend_unavailable_reason(backend):
         pytest.skip(backend_unavailable_reason(backend))
-    model = colm(name, n_layers=1 if backend == "triton" else 2)
-    tokens = torch.randint(0, 37, (2, 9))
+    model = colm(name, n_layers=1 if backend == "triton" else 2).to(device)
+    tokens = torch.randint(0, 37, (2, 9), device=device)
     with ck.use_backend(backend):
         losses32, logits32, grads32 = step(model, tokens)
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(device, dtype=dtype):
             losses, logits, grads = step(model, tokens)
     assert losses.dtype == torch.float32 and logits.dtype == dtype
     assert_rel_close(losses, losses32, REL_TOL[dtype], "losses")
