@@ -21,6 +21,10 @@ from .scales import resolve_chain
 
 
 class CoLM(nn.Module):
+    # The block every layer is built from; integrations subclass it (the Hugging Face model adds
+    # transformers' activation checkpointing) without changing a parameter or key.
+    block_class = ChainTransformerBlock
+
     def __init__(self, config: CoLMConfig):
         super().__init__()
         if not isinstance(config, CoLMConfig):
@@ -28,7 +32,7 @@ class CoLM(nn.Module):
         self.config = config
         self.chains = config.chain_config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(ChainTransformerBlock(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(self.block_class(config) for _ in range(config.n_layers))
         self.norm = ChainRMSNorm(config.dim, self.chains, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.init_weights()
