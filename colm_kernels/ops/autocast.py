@@ -15,6 +15,9 @@ float64 tensors are never cast (PyTorch's autocast leaves them alone too). The o
 autocast off, so nothing inside it casts again. The casts are ordinary autograd ops, so an fp32
 parameter used in a bf16 op receives an fp32 gradient. It is plain Python over
 ``torch.is_autocast_enabled`` and ``Tensor.to``: ``torch.compile`` traces it (``fullgraph=True``).
+Unlike PyTorch's autocast, which caches the cast of a leaf parameter for the whole region, a
+parameter is cast at every call (a training step uses each once; a decode loop under autocast casts
+the weights at every step).
 
 Autocast is decided on the public function, not by ``torch.library.register_autocast`` on the
 registered ops: the public functions check that inputs share a dtype before any op is reached, and
