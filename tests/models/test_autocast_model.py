@@ -1,9 +1,9 @@
 """``models.CoLM`` under ``torch.autocast`` with float32 weights (mixed-precision training): the
 per-scale losses (float32), elastic logits (the autocast dtype, as ``F.linear`` gives) and every
 parameter gradient (float32) against the float32 run; bf16 on the reference backend, fp16 on the
-Triton kernels (interpreter), CUDA bf16 on a GPU (skipped without one). Generation under autocast keeps its KV cache in the autocast dtype
-and picks the float32 model's tokens up to that dtype's rounding; ``torch.compile`` gives eager's
-losses and gradients."""
+Triton kernels (interpreter), CUDA bf16 on a GPU (skipped without one). Generation under autocast
+keeps its KV cache in the autocast dtype and picks the float32 model's tokens up to that dtype's
+rounding; ``torch.compile`` gives eager's losses and gradients."""
 import pytest
 import torch
 

@@ -51,7 +51,8 @@ def _linear_blocks_elastic(device):
 def _swiglu(device):
     chains = (2, 2)
     x, w1, w3 = _rand(2, 5, 32), _rand(48, 32, scale=32 ** -0.5), _rand(48, 32, scale=32 ** -0.5)
-    return (lambda x, w1, w3: ck.chain_swiglu(x, w1, w3, chains)), (lambda x, w1, w3: F.linear(x, w1)), [x, w1, w3], True
+    op = lambda x, w1, w3: ck.chain_swiglu(x, w1, w3, chains)  # noqa: E731
+    return op, (lambda x, w1, w3: F.linear(x, w1)), [x, w1, w3], True
 
 
 def _attention(device):
