@@ -259,7 +259,8 @@ setup(
         "bench": ["matplotlib", "tqdm"],
         # Pinned: the integrations follow these releases' APIs (transformers 5's `cache` argument,
         # TorchTitan 0.3's Configurable model/trainer API); both install beside torch 2.13.
-        "hf": ["transformers==5.24.0", "safetensors==0.8.0"],
+        # accelerate: transformers' Trainer and device_map; peft: LoRA (integrations/peft.py).
+        "hf": ["transformers==5.24.0", "safetensors==0.8.0", "accelerate==1.16.0", "peft==0.22.0"],
         "torchtitan": ["torchtitan==0.3.0"],
     },
     entry_points={"console_scripts": ["colm-bench = colm_kernels.bench.cli:main"]},

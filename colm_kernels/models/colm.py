@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import ChainRMSNorm, ChainTransformerBlock, KVCache
+from ..ops.autocast import autocast_dtype
 from ..ops.multi_chain_cross_entropy.api import multi_chain_cross_entropy
 from .config import CoLMConfig
 from .decoding import check_tokens
@@ -20,6 +21,10 @@ from .scales import resolve_chain
 
 
 class CoLM(nn.Module):
+    # The block every layer is built from; integrations subclass it (the Hugging Face model adds
+    # transformers' activation checkpointing) without changing a parameter or key.
+    block_class = ChainTransformerBlock
+
     def __init__(self, config: CoLMConfig):
         super().__init__()
         if not isinstance(config, CoLMConfig):
@@ -27,7 +32,7 @@ class CoLM(nn.Module):
         self.config = config
         self.chains = config.chain_config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(ChainTransformerBlock(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(self.block_class(config) for _ in range(config.n_layers))
         self.norm = ChainRMSNorm(config.dim, self.chains, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.init_weights()
@@ -89,11 +94,14 @@ class CoLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, *, page_size: Optional[int] = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions, contiguous or
-        (``page_size``) paged in flash-attn's ``block_table`` layout."""
+        (``page_size``) paged in flash-attn's ``block_table`` layout. Its dtype is the weights', or
+        under ``torch.autocast`` the autocast dtype the keys and values are computed in (so no
+        decode step casts the cache)."""
         cfg = self.config
         w = self.tok_embeddings.weight
+        dtype = autocast_dtype(w.device.type) if w.dtype != torch.float64 else None
         return KVCache(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim,
-                       kv_sharing=cfg.kv_sharing, dtype=w.dtype, device=w.device, page_size=page_size)
+                       kv_sharing=cfg.kv_sharing, dtype=dtype or w.dtype, device=w.device, page_size=page_size)
 
     @torch.no_grad()
     def generate(

@@ -6,6 +6,7 @@ Parameters and state-dict keys are the paper's: ``w1.mlps.{i}.weight``, ``w2...`
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..chains import ChainsLike, as_chains
@@ -24,9 +25,14 @@ class ChainFeedForward(nn.Module):
 
     def forward(self, x: Tensor, chain=None, *, seq_chains=None, check_values: bool = True) -> Tensor:
         """``seq_chains``: optional per-row scales (hidden and output features beyond a row's
-        scale are exact zeros)."""
-        w1 = [m.weight for m in self.w1.mlps]
-        w3 = [m.weight for m in self.w3.mlps]
-        h = chain_swiglu(x, w1, w3, self.chains, chain, seq_chains=seq_chains, check_values=check_values)
+        scale are exact zeros). With LoRA adapters on ``w1`` or ``w3`` the gate runs unfused, on
+        their ``ChainLinear`` forwards (base GEMMs still one ``chain_linear`` each)."""
+        if self.w1.adapted() or self.w3.adapted():
+            gate = self.w1(x, chain, seq_chains=seq_chains, check_values=check_values)
+            h = F.silu(gate) * self.w3(x, chain, seq_chains=seq_chains, check_values=False)
+        else:
+            w1 = [m.weight for m in self.w1.mlps]
+            w3 = [m.weight for m in self.w3.mlps]
+            h = chain_swiglu(x, w1, w3, self.chains, chain, seq_chains=seq_chains, check_values=check_values)
         # the gate already checked seq_chains' values against this chain
         return self.w2(h, chain, seq_chains=seq_chains, check_values=False)

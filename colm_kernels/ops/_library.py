@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .autocast import autocast_off
+
 NAMESPACE = "colm_kernels"
 
 # Argument kinds, read off the schema: a tensor (or optional tensor), a tensor list, anything else.
@@ -91,14 +93,15 @@ def register_reference_op(name: str, fn: Callable, fake: Callable, schema: str):
     args_schema = schema.split("->")[0].strip()
 
     def forward_impl(*args):
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off(flat_tensors(args, kinds)):  # inputs were cast by ops/autocast.py
             return fn(*args).contiguous()
 
     forward = torch.library.custom_op(qualname, forward_impl, mutates_args=(), schema=schema)
     forward.register_fake(fake)
 
     def backward_impl(grad, *args):
-        return vjp(fn, args, kinds, grad)
+        with autocast_off([grad]):  # a backward run inside an autocast region must not recast
+            return vjp(fn, args, kinds, grad)
 
     backward = torch.library.custom_op(
         qualname + "_backward",

@@ -1,14 +1,34 @@
 """``CoLMHFConfig``: a ``transformers`` config (``model_type = "colm"``) over ``models.CoLMConfig``.
 
-Field names follow transformers' LLaMA config (``hidden_size``, ``num_attention_heads``, ...) so
-generic tooling reads them; ``chains``, ``kv_sharing`` and ``kv_mapping`` are CoLM's own. Every
-check is ``CoLMConfig``'s: an impossible layout raises ``ValueError`` naming the field.
+Field names follow transformers' LLaMA config (``hidden_size``, ``num_attention_heads``,
+``max_position_embeddings``, ...) so generic tooling reads them; ``chains``, ``kv_sharing`` and
+``kv_mapping`` are CoLM's own. Every check is ``CoLMConfig``'s: an impossible layout raises
+``ValueError`` naming the field.
+
+``save_pretrained`` (of the config, so of the model too) writes ``colm_auto.py`` beside
+``config.json`` and an ``auto_map`` naming it: ``AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`` then loads the folder in a process that never imported colm_kernels (the
+file imports the installed package's classes; it holds no model code of its own).
 """
 from __future__ import annotations
+
+import os
 
 from transformers import PreTrainedConfig
 
 from ...models import CoLMConfig
+
+AUTO_MODULE = "colm_auto"
+AUTO_MAP = {
+    "AutoConfig": f"{AUTO_MODULE}.CoLMHFConfig",
+    "AutoModel": f"{AUTO_MODULE}.CoLMModel",
+    "AutoModelForCausalLM": f"{AUTO_MODULE}.CoLMForCausalLM",
+}
+AUTO_SOURCE = '''"""Loads this checkpoint with the installed colm_kernels package (pip install "colm-kernels[hf]"):
+AutoModelForCausalLM.from_pretrained(<this folder>, trust_remote_code=True) imports its classes from
+here. Written by CoLMHFConfig.save_pretrained; the model code lives in colm_kernels.integrations.hf."""
+from colm_kernels.integrations.hf import CoLMForCausalLM, CoLMHFConfig, CoLMModel  # noqa: F401
+'''
 
 
 class CoLMHFConfig(PreTrainedConfig):
@@ -28,6 +48,9 @@ class CoLMHFConfig(PreTrainedConfig):
     kv_mapping: str = "tile"
     initializer_range: float = 0.02
     use_cache: bool = True
+    # The longest sequence the checkpoint is meant for, which tools (eval harnesses, serving engines)
+    # read; RoPE itself has no limit and the model does not enforce it. LlamaConfig's default.
+    max_position_embeddings: int = 2048
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -45,6 +68,16 @@ class CoLMHFConfig(PreTrainedConfig):
                              "its own weights (the new chains' head columns start at zero)")
         super().__post_init__(**kwargs)
         self.to_colm_config()  # every layout check, at construction
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """``PreTrainedConfig.save_pretrained``, plus ``colm_auto.py`` and the ``auto_map`` naming it."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory must be a directory, got the file {save_directory!r}")
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, f"{AUTO_MODULE}.py"), "w", encoding="utf-8") as f:
+            f.write(AUTO_SOURCE)  # before the upload a push_to_hub makes
+        self.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def head_dim(self) -> int:

@@ -97,7 +97,8 @@ def _llama_fields(config) -> dict:
                 n_kv_heads=get("num_key_value_heads") or n_heads, vocab_size=get("vocab_size"),
                 ffn_hidden_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps"), rope_theta=float(theta),
                 tie=bool(get("tie_word_embeddings", False)),
-                tokens={k: get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+                hf_fields={k: get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                               "max_position_embeddings")})
 
 
 def _llama_state_to_colm(state: Mapping[str, Tensor], f: dict, kv_sharing: bool) -> dict:
@@ -172,7 +173,7 @@ def from_llama(llama, chains, *, config=None, kv_sharing: bool = False, kv_mappi
             raise ValueError(f"chains={chains.sizes} cannot grow this LLaMA: {e}") from None
     else:
         new_config = base
-    hf_config = CoLMHFConfig.from_colm_config(new_config, **{k: v for k, v in f["tokens"].items() if v is not None})
+    hf_config = CoLMHFConfig.from_colm_config(new_config, **{k: v for k, v in f["hf_fields"].items() if v is not None})
     like = colm_state["tok_embeddings.weight"]
     model = CoLMForCausalLM(hf_config).to(dtype=like.dtype, device=like.device)
     model.model.load_state_dict(colm_state, strict=True)

@@ -22,6 +22,7 @@ from ... import backends
 from ...chains import KV_MAPPINGS, ChainsLike, as_chains
 from .._checks import check_like, check_seq_chains, check_tensor, softmax_scale_or_default
 from .._library import register_reference_op
+from ..autocast import LOWER, autocast_op
 from . import reference
 
 OP = "chain_attention"
@@ -142,6 +143,7 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     return True
 
 
+@autocast_op(LOWER, ("q", "k", "v"))
 def chain_attention(
     q: Tensor,
     k: Tensor,

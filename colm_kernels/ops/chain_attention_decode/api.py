@@ -14,6 +14,7 @@ from ...chains import ChainsLike, as_chains
 from .._checks import (check_int_values, check_like, check_seq_chains, check_tensor,
                        softmax_scale_or_default)
 from .._library import register_reference_op
+from ..autocast import LOWER, autocast_op
 from ..chain_attention.api import head_maps
 from . import reference
 from .limits import MAX_DECODE_TOKENS
@@ -104,6 +105,7 @@ def _check_cache_values(cache_seqlens: Tensor, k_cache: Tensor, block_table, cap
                      torch.where(used, block_table, 0), 0, n_blocks - 1)
 
 
+@autocast_op(LOWER, ("q", "k_cache", "v_cache"))
 def chain_attention_decode(
     q: Tensor,
     k_cache: Tensor,

@@ -14,6 +14,7 @@ from ...chains import ChainsLike, as_chains
 from .._checks import check_like, check_tensor, unit_last_dim
 from .._library import register_reference_op
 from .._rows import row_chains as _row_chains
+from ..autocast import LOWER, autocast_op
 from . import reference
 
 OP = "chain_linear"
@@ -143,6 +144,7 @@ def unit_stride(tensors: list[Tensor]) -> list[Tensor]:
     return [unit_last_dim(t) for t in tensors]
 
 
+@autocast_op(LOWER, ("x", "weight", "bias"))
 def chain_linear(x: Tensor, weight, bias, chains: ChainsLike, chain=None, *, seq_chains=None,
                  check_values: bool = True) -> Tensor:
     """Chain-of-Linear: ``y_i = x[..., :P_i_in] @ W_i^T + b_i`` for the active chains ``0..chain``.

@@ -8,6 +8,7 @@ from ...chains import ChainsLike, as_chains
 from .._checks import check_like, check_tensor, unit_last_dim
 from .._library import register_reference_op
 from .._rows import row_chains as _row_chains
+from ..autocast import FP32, autocast_op
 from . import reference
 
 OP = "chain_rmsnorm"
@@ -33,6 +34,7 @@ def save_for_backward(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
 
 
+@autocast_op(FP32, ("x", "weight"), output_like="x")
 def chain_rmsnorm(x: Tensor, weight: Tensor, chains: ChainsLike, eps: float = 1e-5, chain=None, *,
                   seq_chains=None, check_values: bool = True) -> Tensor:
     """Per-chain RMSNorm of ``x`` (``(..., W)``) with gain ``weight`` (``(D,)``).

@@ -17,6 +17,7 @@ from ...chains import ChainsLike, as_chains
 from .._checks import check_like, check_tensor
 from .._library import register_reference_op
 from .._rows import row_chains as _row_chains
+from ..autocast import LOWER, autocast_op
 from ..chain_linear.api import as_rows, split_weight, unit_stride
 from . import reference
 
@@ -35,6 +36,7 @@ backends.register(OP, "triton", "colm_kernels.ops.chain_swiglu.triton_backend", 
                   reasons_fn="not_supported_reasons")
 
 
+@autocast_op(LOWER, ("x", "w1", "w3"))
 def chain_swiglu(x: Tensor, w1, w3, chains: ChainsLike, chain=None, *, seq_chains=None,
                  check_values: bool = True) -> Tensor:
     """``h_i = silu(x[..., :P_i] @ W1_i^T) * (x[..., :P_i] @ W3_i^T)`` for the active chains ``0..chain``.

@@ -12,6 +12,7 @@ from ...chains import ChainsLike, as_chains
 from .._checks import check_like, check_tensor, unit_last_dim
 from .._library import register_reference_op
 from .._rows import row_chains as _row_chains
+from ..autocast import FP32, autocast_op
 from . import reference
 
 OP = "multi_chain_cross_entropy"
@@ -44,6 +45,7 @@ def _real(name: str, value, *, lo: float, hi: float = math.inf, lo_open: bool = 
     return value
 
 
+@autocast_op(FP32, ("hidden", "weight"))
 def multi_chain_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, chains: ChainsLike, ignore_index: int = -100,
     *, reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
