@@ -34,6 +34,10 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, backend: str, dtype: torch.dtype, config: dict, tol: float) -> None:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    if os.environ.get("TRITON_INTERPRET") == "1":  # a spawned rank does not run conftest.py
+        from colm_kernels._triton.interpreter import skip_repatching
+
+        skip_repatching()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
