@@ -56,13 +56,14 @@ def _run(fn: Callable, inputs: Sequence[torch.Tensor], grads: Sequence[bool], ba
 
 def first_call_then_in_order(name: str, fn: Callable, inputs: Sequence[torch.Tensor], dtype, *,
                              grads: Optional[Sequence[bool]] = None, atomic: Sequence[int] = (),
-                             several: Sequence[str] = (), slack: float = 1.0):
+                             several: Sequence[str] = (), slack: Optional[float] = None):
     """Steps 1-3 of the module docstring for ``fn(*inputs)`` (``inputs`` float64 CPU tensors, or
     integer ones passed through; ``grads``: which inputs get a gradient, default every floating
     one). ``atomic``: indices of results (0 the output, then the gradients in input order) that
     float atomics sum; ``several``: kernels that must have benchmarked at least two distinct
     configs (every autotuned kernel must have been benchmarked: the GPU's Triton 3.6 benchmarks
-    even a single kept config). ``slack`` scales the rule's absolute floor (one ulp of ``dtype``)."""
+    even a single kept config). ``slack``: the rule's absolute floor in ulps of ``dtype`` at each
+    result's magnitude."""
     grads = [t.is_floating_point() for t in inputs] if grads is None else list(grads)
     with ck.use_backend("reference"):
         shape = fn(*inputs).shape
@@ -74,15 +75,20 @@ def first_call_then_in_order(name: str, fn: Callable, inputs: Sequence[torch.Ten
     first = _run(fn, inputs, grads, "triton", dtype, cot)
     launches = gs.launch_log()
     labels = ["output"] + [f"grad {i}" for i, g in enumerate(grads) if g]
-    atol = slack * dtype_slack(dtype)
-    for label, o, e, r in zip(labels, first, eager, ref):
+    # The rule's floor: ``slack`` ulps of ``dtype`` at each result's own magnitude. In fp32 eager
+    # PyTorch is itself within an ulp or two, so the floor, not 2x its error, bounds a kernel whose
+    # H100 tiles add in another order and whose softmax runs in exp2 with a rescaled running sum:
+    # 8 ulps (the rounding of a few-dozen-term fp32 reduction); in fp16 one ulp.
+    slack = (8.0 if dtype == torch.float32 else 1.0) if slack is None else slack
+    atols = [slack * dtype_slack(dtype) * max(1.0, float(r.abs().max())) if r.numel() else 0.0 for r in ref]
+    for label, o, e, r, atol in zip(labels, first, eager, ref, atols):
         assert_within_eager_error(o, e, r, atol=atol, name=f"{name} {dtype} first call {label}")
 
     with gs.emulate(gs.seed() or 0, shuffle=False):
         in_order = _run(fn, inputs, grads, "triton", dtype, cot)
     for i, (label, a, b) in enumerate(zip(labels, first, in_order)):
         if i in atomic:
-            assert_within_eager_error(b, eager[i], ref[i], atol=atol, name=f"{name} in order {label}")
+            assert_within_eager_error(b, eager[i], ref[i], atol=atols[i], name=f"{name} in order {label}")
         else:
             assert torch.equal(a, b), f"{name} {dtype} {label}: shuffled and in-order programs differ"
 
