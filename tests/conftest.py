@@ -136,6 +136,12 @@ def pytest_report_header(config):
     return None
 
 
+def pytest_terminal_summary(terminalreporter):
+    if GPU_SEMANTICS:  # printed after the results too: -q hides the header
+        terminalreporter.write_line(f"GPU-semantics mode: COLM_KERNELS_GPU_SEMANTICS_SEED={GPU_SEMANTICS_SEED} "
+                                    "(set it to replay this run's program orders and config choices)")
+
+
 def pytest_collection_modifyitems(config, items):
     if GPU_SEMANTICS:
         return
