@@ -270,3 +270,22 @@ def run_reporting(args, marker: str, env: dict, timeout: int = 900):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker + " ")]
     assert proc.returncode == 0 and lines, f"exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
     return json.loads(lines[-1][len(marker) + 1:])
+
+
+def sgd_steps(model, optimizer, loss_fn, batches, rows, frozen=None):
+    """Training steps as TorchTitan's trainer (and ``CoLMTrainer``) takes them: the loss over the
+    batch's counted tokens, backward, chain tuning's frozen columns zeroed (``frozen``), a step.
+    ``rows`` selects this rank's rows of each ``(inputs, labels)`` batch. Returns the losses."""
+    import torch as _torch
+
+    losses = []
+    for inputs, labels in batches:
+        loss, _ = loss_fn(model(inputs[rows], labels=labels[rows]), labels[rows], (labels != -100).sum())
+        loss.backward()
+        if frozen is not None:
+            frozen.zero_grads()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return _torch.stack(losses)
+

@@ -27,7 +27,7 @@ from colm_kernels.integrations.torchtitan import MultiChainLoss, model_registry 
 from colm_kernels.integrations.torchtitan.tensor_parallel import RowChainLinear, TensorParallelLayout  # noqa: E402
 from colm_kernels.integrations.torchtitan.tuning import apply_chain_tuning  # noqa: E402
 from colm_kernels.models import CoLM, CoLMConfig  # noqa: E402
-from utils import free_port, offsets, randomize  # noqa: E402
+from utils import free_port, offsets, randomize, sgd_steps  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -301,18 +301,8 @@ def _optimizer(model, dims=None):
 
 
 def _train(model, optimizer, loss_fn, batches, rows):
-    """SGD steps as ``CoLMTrainer`` takes them (chain tuning's frozen columns kept, when it is on)."""
-    frozen = getattr(model, "frozen_columns", None)
-    losses = []
-    for tokens, labels in batches:
-        loss, _ = loss_fn(model(tokens[rows], labels=labels[rows]), labels[rows], (labels != -100).sum())
-        loss.backward()
-        if frozen is not None:
-            frozen.zero_grads()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-    return torch.stack(losses)
+    """``sgd_steps`` with the model's own chain-tuning columns (when chain tuning is on)."""
+    return sgd_steps(model, optimizer, loss_fn, batches, rows, getattr(model, "frozen_columns", None))
 
 
 def _check_optimizer_state(sharded_optimizer, plain_optimizer):

@@ -23,7 +23,7 @@ from colm_kernels import models  # noqa: E402
 from colm_kernels.integrations.torchtitan import (  # noqa: E402
     CoLMStateDictAdapter, CoLMTitanModel, CoLMTrainer, MultiChainLoss, colm_configs, config_registry,
     model_registry)
-from utils import F64, free_port, randomize  # noqa: E402
+from utils import F64, free_port, randomize, sgd_steps  # noqa: E402
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=37, chains=(1, 1, 2), ffn_hidden_dim=32,
             rope_theta=10000.0)
@@ -159,20 +159,6 @@ def test_state_dict_adapter_round_trip_and_hf_model():
 WORLD = 2
 
 
-def _train(model, optimizer, loss_fn, batches, rows, frozen):
-    losses = []
-    for inputs, labels in batches:
-        gvt = (labels != -100).sum()
-        loss, _ = loss_fn(model(inputs[rows], labels=labels[rows]), labels[rows], gvt)
-        loss.backward()
-        if frozen is not None:
-            frozen.zero_grads()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-    return torch.stack(losses)
-
-
 def _worker(rank: int, port: int, dump: str) -> None:
     import torchtitan.distributed.parallel_dims as parallel_dims_module
     from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
@@ -218,9 +204,9 @@ def _worker(rank: int, port: int, dump: str) -> None:
                 post_optimizer_build(opt_sharded, [sharded], dims)
 
                 mine = slice(rank * 2, rank * 2 + 2)
-                got = _train(sharded, opt_sharded, loss_fn, batches, mine, getattr(sharded, "frozen_columns", None))
+                got = sgd_steps(sharded, opt_sharded, loss_fn, batches, mine, getattr(sharded, "frozen_columns", None))
                 dist.all_reduce(got)
-                want = _train(plain, opt_plain, loss_fn, batches, slice(None), frozen_plain)
+                want = sgd_steps(plain, opt_plain, loss_fn, batches, slice(None), frozen_plain)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             shards = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in sharded.named_parameters()}
             width = plain.chains.prefixes(plain.config.dim)[0]
