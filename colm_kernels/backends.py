@@ -109,6 +109,12 @@ def cuda_unavailable_reason() -> str | None:
     return _cuda.unavailable_reason()
 
 
+def cuda_device_unavailable_reason() -> str | None:
+    """For ``cuda`` kernels that come from PyTorch itself (fused SDPA, cuDNN) rather than from the
+    compiled extension: only a CUDA device is needed."""
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
 _BACKEND_AVAILABILITY: dict[str, Callable[[], str | None]] = {
     "reference": lambda: None,
     "triton": triton_unavailable_reason,
@@ -154,6 +160,9 @@ class Implementation:
     fn: str
     # Name in ``module`` of ``f(**inputs) -> list[str]``: op-specific reasons it cannot run.
     reasons_fn: str | None = None
+    # Why this implementation cannot run on this machine at all; the backend's check by default
+    # (a ``cuda`` implementation built on PyTorch's own kernels needs no compiled extension).
+    availability: Callable[[], str | None] | None = None
     _module: object = dataclasses.field(default=None, repr=False)
 
     def load(self):
@@ -165,8 +174,11 @@ class Implementation:
     def function(self) -> Callable:
         return getattr(self.load(), self.fn)
 
+    def unavailable_reason(self) -> str | None:
+        return (self.availability or _BACKEND_AVAILABILITY[self.backend])()
+
     def not_supported_reasons(self, tensors: Sequence[torch.Tensor], **inputs) -> list[str]:
-        reason = _BACKEND_AVAILABILITY[self.backend]()
+        reason = self.unavailable_reason()
         if reason:
             return [reason]
         reasons = device_reasons(self.backend, tensors)
@@ -178,10 +190,12 @@ class Implementation:
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
 
 
-def register(op: str, backend: str, module: str, fn: str, reasons_fn: str | None = None) -> None:
-    """Declare that ``module`` (imported lazily; absolute, or relative to this package) implements ``op``."""
+def register(op: str, backend: str, module: str, fn: str, reasons_fn: str | None = None,
+             availability: Callable[[], str | None] | None = None) -> None:
+    """Declare that ``module`` (imported lazily; absolute, or relative to this package) implements
+    ``op``; ``availability`` replaces the backend's own machine check (see ``Implementation``)."""
     _check_name(backend)
-    _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, module, fn, reasons_fn)
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, module, fn, reasons_fn, availability)
 
 
 def registered(op: str) -> dict[str, Implementation]:
@@ -197,7 +211,7 @@ def preload_available() -> None:
     (``torch.compile``) never meets an import; unavailable backends are never imported."""
     for impls in _REGISTRY.values():
         for impl in impls.values():
-            if _BACKEND_AVAILABILITY[impl.backend]() is None:
+            if impl.unavailable_reason() is None:
                 impl.load()
 
 
