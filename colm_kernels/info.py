@@ -47,8 +47,8 @@ def report() -> str:
         for name in ("cuda", "triton", "reference"):
             if name not in impls:
                 cells.append(f"{name}: no kernel yet")
-            else:
-                reason = backends.backend_unavailable_reason(name)
+            else:  # an implementation may carry its own check (cuda attention needs no extension)
+                reason = impls[name].unavailable_reason()
                 cells.append(f"{name}: {'yes' if reason is None else 'unavailable'}")
         lines.append(f"  {op:<27} " + " | ".join(cells))
     lines.append("")
