@@ -1,9 +1,11 @@
 """Backend registry and selection.
 
 Every op has implementations keyed by backend name (``reference``, ``triton``, ``cuda``). Each
-implementation can say why it cannot run given inputs (``not_supported_reasons``); ``auto`` picks the
-first that can, in a fixed order of preference, and an explicitly named backend that cannot run the
-inputs raises ``BackendError`` listing the reasons: never a silent fallback.
+implementation can say why it cannot run given inputs (``not_supported_reasons``). ``auto`` keeps the
+backends that can, and among several picks by evidence: the lowest H100 roofline bound of what each
+would execute (``auto_bounds``; an op's ``bounds`` module), or measured GPU timings where a table
+has them; ties keep a fixed order. An explicitly named backend that cannot run the inputs raises
+``BackendError`` listing the reasons: never a silent fallback. ``explain`` says why ``auto`` chose.
 
 The active backend comes from ``set_backend``, the ``use_backend`` context manager, or the
 environment variable ``COLM_KERNELS_BACKEND`` (read at import), in that order of precedence.
@@ -20,8 +22,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
-# ``auto`` on CUDA tensors tries these in order; on CPU tensors only ``reference`` is fast enough to
-# be worth picking (the Triton interpreter is a test tool, asked for explicitly).
+# ``auto`` on CUDA tensors considers these (the order breaks ties between bounds); on CPU tensors
+# only ``reference`` is fast enough to be worth picking (the Triton interpreter is a test tool,
+# asked for explicitly).
 _AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
 _AUTO_ORDER_CPU = ("reference",)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -188,6 +191,21 @@ class Implementation:
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
+# op -> its bounds module: ``bounds(**inputs) -> {backend: auto_bounds.Bound}`` and
+# ``shape_class(**inputs) -> str`` (the key of measured timings)
+_BOUNDS: dict[str, "_LazyModule"] = {}
+
+
+@dataclasses.dataclass
+class _LazyModule:
+    name: str
+    _module: object = dataclasses.field(default=None, repr=False)
+
+    def load(self):
+        # Cached, as Implementation.load: a torch.compile trace only reads an attribute.
+        if self._module is None:
+            self._module = importlib.import_module(self.name)
+        return self._module
 
 
 def register(op: str, backend: str, module: str, fn: str, reasons_fn: str | None = None,
@@ -196,6 +214,17 @@ def register(op: str, backend: str, module: str, fn: str, reasons_fn: str | None
     ``op``; ``availability`` replaces the backend's own machine check (see ``Implementation``)."""
     _check_name(backend)
     _REGISTRY.setdefault(op, {})[backend] = Implementation(op, backend, module, fn, reasons_fn, availability)
+
+
+def register_bounds(op: str, module: str) -> None:
+    """Declare ``module`` (imported on first use) as ``op``'s bounds: its ``bounds(**inputs)`` gives
+    each backend's ``auto_bounds.Bound`` and ``shape_class(**inputs)`` the timing-table key."""
+    _BOUNDS[op] = _LazyModule(module)
+
+
+def bounds_module(op: str):
+    """``op``'s bounds module (see ``register_bounds``); ``KeyError`` for an op without one."""
+    return _BOUNDS[op].load()
 
 
 def registered(op: str) -> dict[str, Implementation]:
@@ -213,6 +242,8 @@ def preload_available() -> None:
         for impl in impls.values():
             if impl.unavailable_reason() is None:
                 impl.load()
+    for bounds in _BOUNDS.values():
+        bounds.load()
 
 
 def select(op: str, tensors: Sequence[torch.Tensor], **inputs) -> str:
@@ -230,17 +261,37 @@ def select(op: str, tensors: Sequence[torch.Tensor], **inputs) -> str:
         if reasons:
             raise BackendError(f"{op}: backend {name!r} cannot run these inputs: " + "; ".join(reasons))
         return name
+    return explain(op, tensors, **inputs).backend
+
+
+def explain(op: str, tensors: Sequence[torch.Tensor], **inputs):
+    """``auto``'s choice for these inputs and why (an ``auto_bounds.Choice``), whatever backend is
+    selected; ``BackendError`` with every reason when no backend can run them."""
+    from . import auto_bounds
+
+    impls = _REGISTRY[op]
     on_cuda = any(t.is_cuda for t in tensors)
-    tried = []
+    candidates, tried = [], []
     for candidate in _AUTO_ORDER_CUDA if on_cuda else _AUTO_ORDER_CPU:
         impl = impls.get(candidate)
         if impl is None:
             continue
         reasons = impl.not_supported_reasons(tensors, **inputs)
-        if not reasons:
-            return candidate
-        tried.append(f"{candidate}: " + "; ".join(reasons))
-    raise BackendError(f"{op}: no backend can run these inputs. " + " | ".join(tried))
+        if reasons:
+            tried.append(f"{candidate}: " + "; ".join(reasons))
+        else:
+            candidates.append(candidate)
+    if not candidates:
+        raise BackendError(f"{op}: no backend can run these inputs. " + " | ".join(tried))
+    if len(candidates) > 1 and candidates[-1] == "reference":
+        candidates.pop()  # the eager reference is the last resort, never a rival of a kernel
+    bounds, timings = {}, None
+    if len(candidates) > 1 and op in _BOUNDS:
+        module = _BOUNDS[op].load()
+        bounds = module.bounds(**inputs)
+        if auto_bounds.timings_path():
+            timings = auto_bounds.load_timings(op, module.shape_class(**inputs))
+    return auto_bounds.choose(candidates, bounds, timings)
 
 
 def dispatch(op: str, tensors: Sequence[torch.Tensor], **inputs) -> Callable:

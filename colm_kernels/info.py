@@ -47,10 +47,20 @@ def report() -> str:
         for name in ("cuda", "triton", "reference"):
             if name not in impls:
                 cells.append(f"{name}: no kernel yet")
-            else:
-                reason = backends.backend_unavailable_reason(name)
+            else:  # an implementation may carry its own check (cuda attention needs no extension)
+                reason = impls[name].unavailable_reason()
                 cells.append(f"{name}: {'yes' if reason is None else 'unavailable'}")
         lines.append(f"  {op:<27} " + " | ".join(cells))
+    lines.append("")
+    lines.append("auto on CUDA tensors, an H100 with every backend built (lowest roofline bound; "
+                 "COLM_KERNELS_AUTO_TIMINGS: measured):")
+    from .auto_cases import auto_choices
+
+    for row in auto_choices():
+        lines.append(f"  {row['op']:<23} {row['shape']}")
+        lines.append(f"  {'':<23}   -> {row['backend']}: {row['why']}")
+    if not torch.cuda.is_available():
+        lines.append("  (this machine has no CUDA device: auto runs the reference backend here)")
     return "\n".join(lines)
 
 

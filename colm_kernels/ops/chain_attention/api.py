@@ -40,6 +40,7 @@ chain_attention_reference = register_reference_op(
 )
 backends.register(OP, "reference", __name__, "chain_attention_reference")
 backends.register(OP, "triton", "colm_kernels.ops.chain_attention.triton_backend", "chain_attention_triton", reasons_fn="not_supported_reasons")
+backends.register_bounds(OP, "colm_kernels.ops.chain_attention.bounds")
 
 
 def head_maps(chains, n_q: int, n_kv: int, kv_sharing: bool, kv_mapping: str, *,

@@ -33,6 +33,7 @@ backends.register(OP, "triton", "colm_kernels.ops.chain_attention_decode.triton_
                   "chain_attention_decode_triton", reasons_fn="not_supported_reasons")
 backends.register(OP, "cuda", "colm_kernels.ops.chain_attention_decode.cuda_backend",
                   "chain_attention_decode_cuda", reasons_fn="not_supported_reasons")
+backends.register_bounds(OP, "colm_kernels.ops.chain_attention_decode.bounds")
 
 
 def decode_head_maps(chains, n_q: int, n_kv_cache: int, kv_sharing: bool, kv_mapping: str):

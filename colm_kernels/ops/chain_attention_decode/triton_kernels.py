@@ -340,14 +340,20 @@ _TILES_FP32 = {16: (16, 32, 4, 2), 32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: 
                256: (16, 32, 8, 1)}
 
 
+def gpu_row_block(head_dim: int, rows: int, fp32: bool) -> int:
+    """BLOCK_M at the GPU tiles: the packed rows each program computes (and reads K/V for)."""
+    cap = (_TILES_FP32 if fp32 else _TILES_16BIT)[head_dim][0]
+    return min(max(16, triton.next_power_of_2(rows)), cap)
+
+
 def _blocks(head_dim: int, rows: int, fp32: bool) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the padded ``head_dim``. BLOCK_M: the packed
     rows ``G * Sq`` rounded up to a power of two (tl.dot needs 16), capped so that the fp32
     accumulator stays in registers (more rows: more row blocks)."""
     if small_tiles():
         return 16, 16, 1, 1
-    cap, block_n, warps, stages = (_TILES_FP32 if fp32 else _TILES_16BIT)[head_dim]
-    return min(max(16, triton.next_power_of_2(rows)), cap), block_n, warps, stages
+    _, block_n, warps, stages = (_TILES_FP32 if fp32 else _TILES_16BIT)[head_dim]
+    return gpu_row_block(head_dim, rows, fp32), block_n, warps, stages
 
 
 def decode_plan(batch: int, n_kv: int, rows: int, s_max: int, head_dim: int, device,

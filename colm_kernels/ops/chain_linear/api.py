@@ -33,6 +33,7 @@ backends.register(OP, "reference", __name__, "chain_linear_reference")
 backends.register(OP, "triton", "colm_kernels.ops.chain_linear.triton_backend", "chain_linear_triton",
                   reasons_fn="not_supported_reasons")
 backends.register(OP, "cuda", "colm_kernels.ops.chain_linear.cuda_backend", "chain_linear_cuda", reasons_fn="not_supported_reasons")
+backends.register_bounds(OP, "colm_kernels.ops.chain_linear.bounds")
 
 
 def split_weight(weight, bias, chains: ChainsLike, chain=None, *, name: str = "weight"):

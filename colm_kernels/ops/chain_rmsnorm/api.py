@@ -22,6 +22,7 @@ backends.register(OP, "reference", __name__, "chain_rmsnorm_reference")
 backends.register(OP, "cuda", "colm_kernels.ops.chain_rmsnorm.cuda_backend", "chain_rmsnorm_cuda",
                   reasons_fn="not_supported_reasons")
 backends.register(OP, "triton", "colm_kernels.ops.chain_rmsnorm.triton_backend", "chain_rmsnorm_triton", reasons_fn="not_supported_reasons")
+backends.register_bounds(OP, "colm_kernels.ops.chain_rmsnorm.bounds")
 
 
 def save_for_backward(ctx, inputs, output) -> None:

@@ -34,6 +34,10 @@ import triton.language as tl
 from ..._triton.device import check_tensor, device_guard, last_dim_contiguous, small_tiles
 from ..._triton.tables import int32_table
 
+# Passes over each row of x (and dy) from global memory: one for the statistics, one for the
+# output (``bounds.py`` tells ``auto``).
+X_READS_PER_ROW = 2
+
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
