@@ -280,6 +280,16 @@ def test_opcheck_and_compile(cuda_on_cpu):
     torch.testing.assert_close(grads, torch.autograd.grad(eager, (q, k, v), torch.ones_like(out)))
 
 
+def test_bench_lists_ours_cuda(cuda_on_cpu):
+    """colm-bench's chain_attention rows get an ``ours-cuda`` provider wherever the backend runs."""
+    from colm_kernels.bench.ops import chain_attention_cases
+
+    cases = [c for c in chain_attention_cases("tiny", "cpu", F64, passes=("fwd+bwd",))
+             if c.provider == "ours-cuda"]
+    assert {c.op for c in cases} == {"chain_attention", "chain_attention_elastic"}
+    cases[0].run()
+
+
 # -- GPU: the real fused kernels ----------------------------------------------------------------
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused SDPA kernels need a CUDA device")
 GPU_DTYPES = [torch.float16, torch.bfloat16]
