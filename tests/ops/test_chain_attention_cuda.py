@@ -308,8 +308,9 @@ def _gpu_compare(tensors64, chains, dtype, **kw):
 
     def run(backend, dt, device):
         leaves = [t.to(device, dt).requires_grad_() for t in tensors64]
+        kw_dev = {n: a.to(device) if torch.is_tensor(a) else a for n, a in kw.items()}  # cu_seqlens
         with ck.use_backend(backend):
-            out = ck.chain_attention(*leaves, chains, **kw)
+            out = ck.chain_attention(*leaves, chains, **kw_dev)
         return (out, *torch.autograd.grad(out, leaves, cot.to(device, dt)))
     ref, eager, ours = run("reference", F64, "cpu"), run("reference", dtype, "cuda"), run("cuda", dtype, "cuda")
     for i, name in enumerate(("out", "dq", "dk", "dv")):
@@ -333,7 +334,6 @@ def test_gpu_fused_kernels_match_float64(case, dtype):
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_gpu_varlen_matches_float64(dtype):
     tensors, _, kw = _packed([100, 0, 37, 64], [100, 0, 90, 30], 6, 2, 64)
-    kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
     _gpu_compare(tensors, (2, 4), dtype, kv_sharing=True, **kw)
 
 

@@ -29,8 +29,8 @@ Fused paths (on CUDA; the same code runs SDPA's math kernel on CPU tensors for t
 
 Declined (``not_supported_reasons``, so ``auto`` falls through to Triton): ``seq_chains`` (SDPA
 cannot skip inactive heads per sequence), ``deterministic=True`` with gradients outside
-flash-attn's varlen path (the fused SDPA backwards are not run-to-run reproducible), head dims
-above 256 (no fused SDPA kernel), and oversized varlen masks.
+flash-attn's varlen path (the fused SDPA backwards are not guaranteed run-to-run reproducible),
+head dims above 256 (no fused SDPA kernel), and oversized varlen masks.
 
 Op (namespace ``colm_kernels``): ``chain_attention_cuda`` with the reference op's schema,
 ``CompositeImplicitAutograd`` over aten (and flash-attn) ops, so autograd and ``torch.compile``
@@ -232,6 +232,7 @@ def not_supported_reasons(q, k, v, kv_head_index, head_chain, causal, seq_chains
                        f"total_q * total_k = {q.shape[0] * k.shape[0]} > {MAX_MASK_ELEMENTS} elements")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if deterministic and needs_grad and not flash_varlen:
-        reasons.append("deterministic=True: PyTorch's fused SDPA backwards are not run-to-run "
-                       "reproducible (only flash-attn's varlen kernel, fp16/bf16, takes deterministic)")
+        reasons.append("deterministic=True: PyTorch's fused SDPA backwards are not guaranteed run-to-run "
+                       "reproducible (only flash-attn's varlen kernel, fp16/bf16, takes deterministic; "
+                       "the triton backend has a deterministic backward)")
     return reasons
