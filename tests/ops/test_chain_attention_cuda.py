@@ -195,13 +195,18 @@ def test_varlen_flash_attn_call(deterministic, monkeypatch, cuda_on_cpu):
     the lengths, scale, causal and deterministic passed through, the output un-permuted."""
     calls = []
     monkeypatch.setattr(cb, "flash_attn_varlen_func", _fake_flash_varlen(calls))
+    monkeypatch.setattr(cb, "_FLASH_DETERMINISTIC", True)
     monkeypatch.setattr(cb, "_HALF", (F64,))  # flash-attn takes fp16/bf16; the fake takes float64
     tensors, _, kw = _packed([4, 2, 6], [1, 0, 9], 6, 2, 16)
     assert not cb.not_supported_reasons(*_leaves(*tensors), [0, 1] * 3, [0, 0, 1, 1, 1, 1], True, None, 0.25,
                                         deterministic=deterministic, **kw)
     _assert_matches(tensors, (2, 4), kv_sharing=True, softmax_scale=0.25, deterministic=deterministic, **kw)
     assert calls and all(c["max"] == (6, 9) and c["dropout_p"] == 0.0 and c["deterministic"] == deterministic
-                         for c in calls)
+                         and not c["extra"] for c in calls)
+    monkeypatch.setattr(cb, "_FLASH_DETERMINISTIC", False)  # a flash-attn without the argument
+    reasons = cb.not_supported_reasons(*_leaves(*tensors), [0, 1] * 3, [0, 0, 1, 1, 1, 1], True, None, 0.25,
+                                       deterministic=True, **kw)
+    assert ("deterministic=True" in " ".join(reasons)) == deterministic or not deterministic
 
 
 def test_bottom_right_flash_op_call(monkeypatch, cuda_on_cpu):
@@ -222,6 +227,13 @@ def test_bottom_right_flash_op_call(monkeypatch, cuda_on_cpu):
     tensors = [torch.randn(2, s, h, 12, dtype=F64) for s, h in ((5, 6), (11, 2), (11, 2))]
     _assert_matches(tensors, (2, 4), kv_sharing=True, kv_mapping="chain_group", softmax_scale=0.4)
     assert calls == [((2, 6, 5, 16), (2, 2, 11, 16), True, 0.4)]
+
+
+def test_sdpa_flash_check_builds_its_params():
+    """SDPA's own flash check, called as the bottom-right path calls it (False on CPU tensors)."""
+    q, k = torch.randn(1, 3, 4, 8, dtype=torch.float16), torch.randn(1, 7, 2, 8, dtype=torch.float16)
+    assert cb._sdpa_flash_check(q, k, k) is False
+    assert cb._flash_bottom_right_ok(q, k, k) is False
 
 
 def _inputs(**over):

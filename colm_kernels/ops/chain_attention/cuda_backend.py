@@ -39,7 +39,9 @@ trace through it.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -53,9 +55,16 @@ from .heads import group_rows
 from .reference import _packed_positions, causal_mask
 
 try:  # optional: the varlen fast path
+    import flash_attn
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the environment
-    flash_attn_varlen_func = None
+    flash_attn = flash_attn_varlen_func = None
+# flash-attn aligns the causal mask bottom-right since 2.1 (top-left before): older ones are not used.
+if flash_attn is not None and tuple(int(p) for p in re.findall(r"\d+", flash_attn.__version__)[:2]) < (2, 1):
+    flash_attn_varlen_func = None  # pragma: no cover
+# ``deterministic`` (its backward without atomics) is a later argument than the varlen function.
+_FLASH_DETERMINISTIC = (flash_attn_varlen_func is not None
+                        and "deterministic" in inspect.signature(flash_attn_varlen_func).parameters)
 
 # PyTorch's flash op: ``is_causal`` is bottom-right there (a module attribute so tests can fake it).
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention.default
@@ -111,9 +120,13 @@ def _flash_bottom_right_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether PyTorch's flash kernel takes these ``(B, S, H, D)`` inputs (SDPA's own check)."""
     if not (q.is_cuda and q.dtype in _HALF and torch.backends.cuda.flash_sdp_enabled()):
         return False
+    return _sdpa_flash_check(q, k, v)
+
+
+def _sdpa_flash_check(q: Tensor, k: Tensor, v: Tensor) -> bool:
     try:
         params = SDPAParams(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0, False,
-                            q.shape[2] != k.shape[2])
+                            bool(q.shape[2] != k.shape[2]))
         return bool(torch.backends.cuda.can_use_flash_attention(params))
     except (RuntimeError, TypeError):  # e.g. symbolic shapes while compiling: the masked path
         return False
@@ -171,9 +184,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, kv_head_index: Sequence[in
     # flash-attn takes GQA; the masked SDPA call runs memory-efficient (no GQA): repeated K/V.
     qp, kp, vp, out_perm, _ = _permuted(q, k, v, kv_head_index, head_chain, 1, not flash)
     if flash:
+        extra = {"deterministic": deterministic} if deterministic else {}  # declined where unsupported
         out = flash_attn_varlen_func(qp, kp, vp, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                     dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
-                                     deterministic=deterministic)
+                                     dropout_p=0.0, softmax_scale=softmax_scale, causal=causal, **extra)
         return _select(out, out_perm, 1)
     seq_q, pos_q, len_q = _packed_positions(cu_seqlens_q, q.shape[0])
     seq_k, pos_k, len_k = _packed_positions(cu_seqlens_k, k.shape[0])
@@ -231,7 +244,7 @@ def not_supported_reasons(q, k, v, kv_head_index, head_chain, causal, seq_chains
         reasons.append(f"varlen without flash-attn ({why}) runs SDPA under a block-diagonal mask of "
                        f"total_q * total_k = {q.shape[0] * k.shape[0]} > {MAX_MASK_ELEMENTS} elements")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if deterministic and needs_grad and not flash_varlen:
+    if deterministic and needs_grad and not (flash_varlen and _FLASH_DETERMINISTIC):
         reasons.append("deterministic=True: PyTorch's fused SDPA backwards are not guaranteed run-to-run "
                        "reproducible (only flash-attn's varlen kernel, fp16/bf16, takes deterministic; "
                        "the triton backend has a deterministic backward)")
