@@ -222,3 +222,19 @@ def test_info_lists_every_choice_with_its_reason():
 
     text = report()
     assert "auto on CUDA tensors" in text and "lowest H100 roofline bound" in text
+
+
+def test_varlen_attention_without_flash_attn_counts_the_masked_call():
+    from colm_kernels.ops.chain_attention import cuda_backend
+
+    kw = dict(device="meta", dtype=torch.bfloat16)
+    q, k = torch.empty(4096, 8, 64, **kw), torch.empty(4096, 2, 64, **kw)
+    b = backends.bounds_module("chain_attention").bounds(
+        q=q, k=k, v=k, kv_head_index=[h // 4 for h in range(8)], head_chain=[0] * 8, causal=True,
+        seq_chains=None, softmax_scale=0.125, cu_seqlens_q=torch.empty(9, dtype=torch.int32, device="meta"),
+        cu_seqlens_k=None, max_seqlen_q=512, max_seqlen_k=512)
+    if cuda_backend.flash_attn_varlen_func is None:  # one call over all 4096 x 4096 packed pairs
+        assert b["cuda"].flops["mma_sync"] == 4 * 4096 * 4096 * 8 * 64
+        assert "masked call" in b["cuda"].note
+    assert b["triton"].flops["wgmma"] == 4 * (4096 * 512 // 2) * 8 * 64
+    assert choose(["cuda", "triton"], b).backend == "triton"

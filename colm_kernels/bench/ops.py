@@ -213,7 +213,8 @@ def _flex(seq: int, device):
 def chain_attention_cases(size: str, device, dtype, passes=("fwd", "bwd_x", "fwd+bwd")) -> Iterator[Case]:
     """Causal attention against SDPA (flash, cuDNN), FlexAttention and the paper's repeat + SDPA;
     ``bwd_x`` times the gradients of q, k and v together. Then every elastic scale against a dense
-    SDPA-flash run with only the active heads."""
+    SDPA-flash run with only the active heads. ``ours-cuda`` is SDPA over permuted query heads
+    (``ops/chain_attention/cuda_backend.py``), ``ours-triton`` our FlashAttention-2 kernels."""
     on_gpu = torch.device(device).type == "cuda"
     for chains, n_kv, sharing, seq, hd in ATTN_SIZES[size]:
         c = Chains(chains)

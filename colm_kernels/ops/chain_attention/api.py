@@ -40,6 +40,9 @@ chain_attention_reference = register_reference_op(
 )
 backends.register(OP, "reference", __name__, "chain_attention_reference")
 backends.register(OP, "triton", "colm_kernels.ops.chain_attention.triton_backend", "chain_attention_triton", reasons_fn="not_supported_reasons")
+# PyTorch's fused attention: needs a CUDA device, not the compiled extension.
+backends.register(OP, "cuda", "colm_kernels.ops.chain_attention.cuda_backend", "chain_attention_cuda",
+                  reasons_fn="not_supported_reasons", availability=backends.cuda_device_unavailable_reason)
 backends.register_bounds(OP, "colm_kernels.ops.chain_attention.bounds")
 
 

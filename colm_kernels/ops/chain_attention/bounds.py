@@ -8,10 +8,13 @@ FlashAttention-2 backward's ``10 * pairs * H * D``. The unit differs:
   FlashAttention-2 code, warp-level ``mma.sync`` on Hopper; fp32 runs the memory-efficient kernel
   on CUDA cores.
 Bytes: q, k, v read and the output written once (forward), q, k, v, out, dout read and dq, dk, dv
-written once (backward); the ``cuda`` path also gathers the query heads into kv-head order and
-scatters the output back (and the gradients, in the backward) when the heads are not already in
-that order. Varlen: the pairs of a packed batch are bounded by ``tokens * max_seqlen_k`` (the
-sequence lengths live on the device).
+written once (backward). The ``cuda`` path (``cuda_backend.py``) also moves:
+- the query heads gathered into kv-head order and the output scattered back (and dout, dq in the
+  backward) when the heads are not already in that order;
+- K/V repeated per query head in fp32 (no fused GQA kernel there) and for varlen without flash-attn;
+- varlen without flash-attn: one call over every (query, key) pair of the packed batch under a
+  block-diagonal mask (``T_q * T_k`` pairs, and the mask's bytes).
+Varlen pairs are otherwise bounded by ``tokens * max_seqlen_k`` (the lengths live on the device).
 """
 from __future__ import annotations
 
@@ -40,18 +43,31 @@ def bounds(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale
     work = _work(q, k, causal, cu_seqlens_q, max_seqlen_k)
     if work is None:
         return {}
+    from .cuda_backend import flash_attn_varlen_func
+
     pairs, heads, d = work
-    es = q.element_size()
+    es, fp32 = q.element_size(), q.element_size() == 4
     q_bytes, kv_bytes = q.numel() * es, 2 * k.numel() * es
     train = needs_grad(q, k, v)
-    flops = (4 + (10 if train else 0)) * pairs * heads * d
+    matmuls = 4 + (10 if train else 0)
     nbytes = (2 * q_bytes + kv_bytes) + ((3 * q_bytes + 2 * kv_bytes) if train else 0)
-    grouped = list(kv_head_index) == sorted(kv_head_index)
-    moves = 0 if grouped else (2 if not train else 4) * 2 * q_bytes  # gather q / scatter out (+ dout, dq)
-    fp32 = es == 4
-    note = "query heads permuted into kv-head order" if moves else ""
-    return {"triton": Bound({"fp32_fma" if fp32 else "wgmma": flops}, nbytes),
-            "cuda": Bound({"fp32_fma" if fp32 else "mma_sync": flops}, nbytes + moves, note)}
+    triton = Bound({"fp32_fma" if fp32 else "wgmma": matmuls * pairs * heads * d}, nbytes)
+
+    notes, extra, cuda_pairs = [], 0, pairs
+    if list(kv_head_index) != sorted(kv_head_index):  # gather q / scatter out (+ dout, dq)
+        extra += (4 if train else 2) * 2 * q_bytes
+        notes.append("query heads permuted into kv-head order")
+    masked_varlen = cu_seqlens_q is not None and (flash_attn_varlen_func is None or fp32)
+    if fp32 or masked_varlen:  # K/V written per query head, then read
+        extra += 2 * kv_bytes * max(1, heads // (max(kv_head_index) + 1))
+        notes.append("K/V repeated per query head")
+    if masked_varlen:
+        cuda_pairs = q.shape[0] * k.shape[0]
+        extra += cuda_pairs  # the boolean mask
+        notes.append("varlen as one masked call over every packed pair")
+    cuda = Bound({"fp32_fma" if fp32 else "mma_sync": matmuls * cuda_pairs * heads * d}, nbytes + extra,
+                 "; ".join(notes))
+    return {"triton": triton, "cuda": cuda}
 
 
 def shape_class(q, k, v, kv_head_index, head_chain, causal, seq_chains, softmax_scale, deterministic=False,
