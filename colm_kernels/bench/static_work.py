@@ -1,5 +1,6 @@
 """``colm-bench --static`` part ``work``: tensor-core FLOPs the kernels execute over the useful FLOPs
-of the op, per op and pass, counted in Triton's interpreter at the H100 tiles
+of the op, and global-memory bytes they move over the op's minimum (each input read once, each
+output written once), per op and pass, counted in Triton's interpreter at the H100 tiles
 (``colm_kernels.bench.work``), for the first config each pruner keeps and the worst kept one.
 Runs under ``TRITON_INTERPRET=1 COLM_KERNELS_TILES=gpu`` (``static`` starts it in a subprocess),
 at reduced sizes that keep the default cases' structure (chain widths multiples of 128,
@@ -16,8 +17,8 @@ from .cases import chains_label
 __all__ = ["count_work"]
 
 
-def _kept_config_runs(fn: Callable[[], Dict[str, int]], max_configs: int = 12) -> List[Dict[str, int]]:
-    """``fn()``'s per-kernel FLOPs under each config the pruners keep (``force_config(i)`` until
+def _kept_config_runs(fn: Callable[[], dict], max_configs: int = 12) -> List[dict]:
+    """``fn()``'s per-kernel counts under each config the pruners keep (``force_config(i)`` until
     the configs chosen stop changing): index 0 is what ``COLM_KERNELS_AUTOTUNE=0`` runs."""
     from .._triton.autotuning import autotuned_kernels, force_config
 
@@ -34,12 +35,13 @@ def _kept_config_runs(fn: Callable[[], Dict[str, int]], max_configs: int = 12) -
     return runs
 
 
-def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]]]:
-    """(op, label, {pass: (useful FLOPs, kernels)}, run -> per-kernel executed FLOPs)."""
+def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], dict]]]:
+    """(op, label, {pass: (useful FLOPs, kernels[, minimum bytes])}, run -> {"flops": per-kernel
+    executed FLOPs, "bytes": per-kernel bytes moved})."""
     import colm_kernels as ck
     from colm_kernels.chains import Chains
 
-    from .work import attention_flops, chain_gemm_flops, count_mma_flops
+    from .work import attention_flops, chain_gemm_flops, count_memory_traffic, count_mma_flops
 
     dt = torch.float16  # the interpreter's bf16 tl.dot is wrong; the FLOP count is the same
     gen = torch.Generator().manual_seed(0)
@@ -49,9 +51,9 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]
 
     def counted(fn):
         def run():
-            with count_mma_flops() as work:
+            with count_mma_flops() as work, count_memory_traffic() as traffic:
                 fn()
-            return dict(work.by_kernel)
+            return {"flops": dict(work.by_kernel), "bytes": traffic.by_kernel}
         return run
 
     m = 256
@@ -88,6 +90,7 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]
         yield ("chain_attention", f"B{B}-S{S}-{chains_label(chains)}-KV{n_kv}-D{D}-{'shared' if shared else 'gqa'}",
                {"fwd": (fwd, ["_chain_attention_fwd_kernel"]),
                 "bwd (FA2 ideal: 5 matmuls)": (bwd, None)}, counted(attn))
+    yield from _traffic_cases(rnd, counted)
     from .models import LAYOUT_1B, ModelCase, model_flops
     for chains in ((16, 16), (8, 8, 8, 8)):
         # the 1B layout's heads and chains at one layer, half width and a 4096-word vocabulary (the
@@ -125,8 +128,51 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]
            {"fwd": (2 * n * vocab * dim, "forward"), "bwd (dh + dW)": (4 * n * vocab * dim, "backward")}, counted(ce))
 
 
+def _traffic_cases(rnd, counted):
+    """The memory-bound ops (no or few tensor-core FLOPs), whose rows are about bytes: RMSNorm at
+    the bench's chains and width, 512 tokens; a decode step at the bench's head layout (CoLM-Air,
+    4 kv heads of 128) over 2 sequences of 2048 cached keys, contiguous and paged (pages of 16
+    keys, shuffled), 1 and 16 new tokens."""
+    import colm_kernels as ck
+    from colm_kernels.chains import Chains
+
+    from .work import attention_flops, decode_min_bytes, rmsnorm_min_bytes
+
+    dt, es = torch.float16, 2
+    chains, rows, dim = (4, 4, 4, 4), 512, 2048
+    x, g = rnd(rows, dim).requires_grad_(), (rnd(dim).abs() + 0.5).requires_grad_()
+
+    def norm():
+        ck.chain_rmsnorm(x, g, chains).backward(rnd(rows, dim))
+    yield ("chain_rmsnorm", f"M{rows}-D{dim}-{chains_label(chains)}",
+           {"fwd": (0, ["_chain_rmsnorm_fwd_kernel"], rmsnorm_min_bytes(rows, dim, es)),
+            "bwd (dx + dgain)": (0, ["_chain_rmsnorm_bwd_kernel"], rmsnorm_min_bytes(rows, dim, es, True))},
+           counted(norm))
+    c, batch, length, n_kv, hd, page = Chains(chains), 2, 2048, 4, 128, 16
+    kv_read = max(c.kv_head_map(n_kv, kv_sharing=True)) + 1
+    k, v = rnd(batch, length, n_kv, hd), rnd(batch, length, n_kv, hd)
+    lengths = torch.full((batch,), length, dtype=torch.int32)
+    perm = torch.randperm(batch * length // page, generator=torch.Generator().manual_seed(1))
+    table = perm.view(batch, -1).to(torch.int32)
+    kp, vp = (torch.empty_like(t).view(-1, page, n_kv, hd) for t in (k, v))
+    kp[perm], vp[perm] = k.reshape(-1, page, n_kv, hd), v.reshape(-1, page, n_kv, hd)
+    for paged in (False, True):
+        for new in (1, 16):
+            q = rnd(batch, new, c.total, hd)
+
+            def decode(q=q, paged=paged):
+                ck.chain_attention_decode(q, kp if paged else k, vp if paged else v, lengths, chains,
+                                          kv_sharing=True, block_table=table if paged else None)
+            flops = attention_flops(batch, c.total, new, length, hd, True, 2)
+            yield ("chain_attention_decode",
+                   f"B{batch}-L{length}-Sq{new}-{chains_label(chains)}-KV{n_kv}-D{hd}-shared-"
+                   + (f"paged{page}" if paged else "contiguous"),
+                   {"decode": (flops, None, decode_min_bytes(batch, new, c.total, kv_read, [length] * batch, hd, es))},
+                   counted(decode))
+
+
 def _pass_flops(spec, flops: Dict[str, int], fwd_kernels: List[str]) -> int:
-    """Executed FLOPs of one pass: the named kernels, or (None) every kernel but the forward's, or
+    """Executed FLOPs (or bytes) of one pass: the named kernels, or (None) every kernel but the forward's, or
     the kernels whose names say forward / backward."""
     if spec is None:  # every kernel but the forward's (all of them when it names none)
         return sum(v for k, v in flops.items() if k not in fwd_kernels)
@@ -161,10 +207,19 @@ def count_work(ops: List[str], all_configs: bool = True) -> dict:
                 continue
             fwd_spec = passes.get("fwd", (0, None))[1]
             fwd_kernels = fwd_spec if isinstance(fwd_spec, list) else []
-            for pass_name, (useful, spec) in passes.items():
-                ratios = [_pass_flops(spec, flops, fwd_kernels) / useful for flops in runs]
+            for pass_name, (useful, spec, *least) in passes.items():
+                def ratios(key, least):  # per kept config; None without a denominator
+                    return [_pass_flops(spec, r[key], fwd_kernels) / least if least else None for r in runs]
+                flops, moved = ratios("flops", useful), ratios("bytes", least[0] if least else None)
                 rows.append({"op": op, "shape": label, "pass": pass_name, "useful_flops": useful,
-                             "executed_flops": _pass_flops(spec, runs[0], fwd_kernels),
-                             "ratio_first_config": ratios[0], "ratio_worst_config": max(ratios),
+                             "executed_flops": _pass_flops(spec, runs[0]["flops"], fwd_kernels),
+                             "ratio_first_config": flops[0], "ratio_worst_config": _worst(flops),
+                             "min_bytes": least[0] if least else None,
+                             "executed_bytes": _pass_flops(spec, runs[0]["bytes"], fwd_kernels),
+                             "bytes_ratio_first_config": moved[0], "bytes_ratio_worst_config": _worst(moved),
                              "configs": len(runs)})
     return {"work": rows, "failures": failures}
+
+
+def _worst(ratios: List):
+    return None if ratios[0] is None else max(ratios)
