@@ -34,6 +34,9 @@ order, bf16 dots, which the interpreter computes wrongly), warp-level and shared
 inside one program, memory-model effects between programs that do synchronise, and anything of
 the CUDA (``csrc/``) kernels.
 
+The same hooks, outside the emulation too, feed ``observe_accesses`` and ``track_launches``: the
+byte and FLOP counters of ``colm_kernels.bench.work``.
+
 The H100 tiles and config lists themselves are chosen at import (``COLM_KERNELS_TILES=gpu``) and
 autotuning must be on; ``tests/conftest.py`` sets both in the GPU-semantics test mode.
 """

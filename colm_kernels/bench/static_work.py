@@ -128,47 +128,68 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], dict]]]:
            {"fwd": (2 * n * vocab * dim, "forward"), "bwd (dh + dW)": (4 * n * vocab * dim, "backward")}, counted(ce))
 
 
-def _traffic_cases(rnd, counted):
-    """The memory-bound ops (no or few tensor-core FLOPs), whose rows are about bytes: RMSNorm at
-    the bench's chains and width, 512 tokens; a decode step at the bench's head layout (CoLM-Air,
-    4 kv heads of 128) over 2 sequences of 2048 cached keys, contiguous and paged (pages of 16
-    keys, shuffled), 1 and 16 new tokens."""
+def rmsnorm_traffic_case(rnd, rows: int = 512, dim: int = 2048, chains=(4, 4, 4, 4)) -> dict:
+    """RMSNorm at the bench's chains and width (``NORM_SIZES``), 512 tokens: ``run`` (forward and
+    backward), its inputs and the minimum bytes of each pass. ``rnd(*shape)``: fp16 tensors."""
+    import colm_kernels as ck
+
+    from .work import rmsnorm_min_bytes
+
+    x, g, dy = rnd(rows, dim).requires_grad_(), (rnd(dim).abs() + 0.5).requires_grad_(), rnd(rows, dim)
+    es = x.element_size()
+
+    def run():
+        ck.chain_rmsnorm(x, g, chains).backward(dy)
+    return {"label": f"M{rows}-D{dim}-{chains_label(chains)}", "run": run, "x": x, "weight": g, "dy": dy,
+            "chains": chains, "fwd": rmsnorm_min_bytes(rows, dim, es), "bwd": rmsnorm_min_bytes(rows, dim, es, True)}
+
+
+def decode_traffic_case(rnd, paged: bool, new_tokens: int, batch: int = 2, length: int = 2048,
+                        chains=(4, 4, 4, 4), n_kv: int = 4, head_dim: int = 128, page: int = 16) -> dict:
+    """A decode step at the bench's head layout (CoLM-Air, 4 kv heads of 128) over ``batch``
+    sequences of ``length`` cached keys, contiguous or paged (pages of ``page`` keys, shuffled):
+    ``run``, the caches, the useful FLOPs and the minimum bytes."""
     import colm_kernels as ck
     from colm_kernels.chains import Chains
 
-    from .work import attention_flops, decode_min_bytes, rmsnorm_min_bytes
+    from .work import attention_flops, decode_min_bytes
 
-    dt, es = torch.float16, 2
-    chains, rows, dim = (4, 4, 4, 4), 512, 2048
-    x, g = rnd(rows, dim).requires_grad_(), (rnd(dim).abs() + 0.5).requires_grad_()
-
-    def norm():
-        ck.chain_rmsnorm(x, g, chains).backward(rnd(rows, dim))
-    yield ("chain_rmsnorm", f"M{rows}-D{dim}-{chains_label(chains)}",
-           {"fwd": (0, ["_chain_rmsnorm_fwd_kernel"], rmsnorm_min_bytes(rows, dim, es)),
-            "bwd (dx + dgain)": (0, ["_chain_rmsnorm_bwd_kernel"], rmsnorm_min_bytes(rows, dim, es, True))},
-           counted(norm))
-    c, batch, length, n_kv, hd, page = Chains(chains), 2, 2048, 4, 128, 16
+    c = Chains(chains)
     kv_read = max(c.kv_head_map(n_kv, kv_sharing=True)) + 1
-    k, v = rnd(batch, length, n_kv, hd), rnd(batch, length, n_kv, hd)
+    q, k, v = rnd(batch, new_tokens, c.total, head_dim), rnd(batch, length, n_kv, head_dim), rnd(batch, length, n_kv, head_dim)
     lengths = torch.full((batch,), length, dtype=torch.int32)
-    perm = torch.randperm(batch * length // page, generator=torch.Generator().manual_seed(1))
-    table = perm.view(batch, -1).to(torch.int32)
-    kp, vp = (torch.empty_like(t).view(-1, page, n_kv, hd) for t in (k, v))
-    kp[perm], vp[perm] = k.reshape(-1, page, n_kv, hd), v.reshape(-1, page, n_kv, hd)
+    table = None
+    if paged:
+        perm = torch.randperm(batch * length // page, generator=torch.Generator().manual_seed(1))
+        table = perm.view(batch, -1).to(torch.int32)
+        pages = [torch.empty_like(t).view(-1, page, n_kv, head_dim) for t in (k, v)]
+        for dst, src in zip(pages, (k, v)):
+            dst[perm] = src.reshape(-1, page, n_kv, head_dim)
+        k, v = pages
+
+    def run():
+        return ck.chain_attention_decode(q, k, v, lengths, chains, kv_sharing=True, block_table=table)
+    label = (f"B{batch}-L{length}-Sq{new_tokens}-{chains_label(chains)}-KV{n_kv}-D{head_dim}-shared-"
+             + (f"paged{page}" if paged else "contiguous"))
+    return {"label": label, "run": run, "q": q, "k": k, "v": v, "lengths": lengths, "table": table,
+            "kv_bytes": 2 * batch * length * kv_read * head_dim * q.element_size(),
+            "flops": attention_flops(batch, c.total, new_tokens, length, head_dim, True, 2),
+            "min_bytes": decode_min_bytes(batch, new_tokens, c.total, kv_read, [length] * batch, head_dim,
+                                          q.element_size())}
+
+
+def _traffic_cases(rnd, counted):
+    """The memory-bound ops, whose rows are about bytes: RMSNorm; a decode step, contiguous and
+    paged, 1 and 16 new tokens."""
+    norm = rmsnorm_traffic_case(rnd)
+    yield ("chain_rmsnorm", norm["label"],
+           {"fwd": (0, ["_chain_rmsnorm_fwd_kernel"], norm["fwd"]),
+            "bwd (dx + dgain)": (0, ["_chain_rmsnorm_bwd_kernel"], norm["bwd"])}, counted(norm["run"]))
     for paged in (False, True):
         for new in (1, 16):
-            q = rnd(batch, new, c.total, hd)
-
-            def decode(q=q, paged=paged):
-                ck.chain_attention_decode(q, kp if paged else k, vp if paged else v, lengths, chains,
-                                          kv_sharing=True, block_table=table if paged else None)
-            flops = attention_flops(batch, c.total, new, length, hd, True, 2)
-            yield ("chain_attention_decode",
-                   f"B{batch}-L{length}-Sq{new}-{chains_label(chains)}-KV{n_kv}-D{hd}-shared-"
-                   + (f"paged{page}" if paged else "contiguous"),
-                   {"decode": (flops, None, decode_min_bytes(batch, new, c.total, kv_read, [length] * batch, hd, es))},
-                   counted(decode))
+            case = decode_traffic_case(rnd, paged, new)
+            yield ("chain_attention_decode", case["label"], {"decode": (case["flops"], None, case["min_bytes"])},
+                   counted(case["run"]))
 
 
 def _pass_flops(spec, flops: Dict[str, int], fwd_kernels: List[str]) -> int:
