@@ -90,7 +90,8 @@ WORK_COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("pass", "pass", ""),
                 ("bytes_ratio_worst_config", "worst kept cfg", ".3f"), ("configs", "cfgs", "d")]
 ROOFLINE_COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("pass", "pass", ""),
                     ("flops", "FLOPs", ".3g"), ("bytes", "bytes", ".3g"), ("flops_per_byte", "FLOP/B", ".0f"),
-                    ("flops_ms", "FLOP ms", ".4f"), ("hbm_ms", "HBM ms", ".4f"), ("bound_ms", "H100 bound ms", ".4f"), ("bound_by", "bound by", ""), ("note", "note", "")]
+                    ("flops_ms", "FLOP ms", ".4f"), ("hbm_ms", "HBM ms", ".4f"), ("bound_ms", "H100 bound ms", ".4f"),
+                    ("bound_by", "bound by", ""), ("note", "note", "")]
 
 
 def format_report(report: dict) -> str:

@@ -156,7 +156,8 @@ def decode_traffic_case(rnd, paged: bool, new_tokens: int, batch: int = 2, lengt
 
     c = Chains(chains)
     kv_read = max(c.kv_head_map(n_kv, kv_sharing=True)) + 1
-    q, k, v = rnd(batch, new_tokens, c.total, head_dim), rnd(batch, length, n_kv, head_dim), rnd(batch, length, n_kv, head_dim)
+    q = rnd(batch, new_tokens, c.total, head_dim)
+    k, v = rnd(batch, length, n_kv, head_dim), rnd(batch, length, n_kv, head_dim)
     lengths = torch.full((batch,), length, dtype=torch.int32)
     table = None
     if paged:
@@ -193,8 +194,8 @@ def _traffic_cases(rnd, counted):
 
 
 def _pass_flops(spec, flops: Dict[str, int], fwd_kernels: List[str]) -> int:
-    """Executed FLOPs (or bytes) of one pass: the named kernels, or (None) every kernel but the forward's, or
-    the kernels whose names say forward / backward."""
+    """Executed FLOPs (or bytes) of one pass: the named kernels, or (None) every kernel but the
+    forward's, or the kernels whose names say forward / backward."""
     if spec is None:  # every kernel but the forward's (all of them when it names none)
         return sum(v for k, v in flops.items() if k not in fwd_kernels)
     if spec == "forward":
@@ -229,8 +230,9 @@ def count_work(ops: List[str], all_configs: bool = True) -> dict:
             fwd_spec = passes.get("fwd", (0, None))[1]
             fwd_kernels = fwd_spec if isinstance(fwd_spec, list) else []
             for pass_name, (useful, spec, *least) in passes.items():
-                def ratios(key, least):  # per kept config; None without a denominator
-                    return [_pass_flops(spec, r[key], fwd_kernels) / least if least else None for r in runs]
+                def ratios(key, denominator):  # per kept config; None without a denominator
+                    return [_pass_flops(spec, r[key], fwd_kernels) / denominator if denominator else None
+                            for r in runs]
                 flops, moved = ratios("flops", useful), ratios("bytes", least[0] if least else None)
                 rows.append({"op": op, "shape": label, "pass": pass_name, "useful_flops": useful,
                              "executed_flops": _pass_flops(spec, runs[0]["flops"], fwd_kernels),

@@ -312,8 +312,8 @@ def chain_rmsnorm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
     block_m, block_n, warps, one_pass = _blocks(offs, backward=True)
     programs = _bwd_programs(triton.cdiv(M, block_m), M, x2d.device)
     # one pass: every program stores its whole row; the fallback (and no launch at all) needs zeros
-    dw_part = (torch.empty if one_pass and M > 0 else torch.zeros)((programs if needs_weight else 0, W), dtype=torch.float32,
-                                                          device=x2d.device)
+    alloc = torch.empty if one_pass and M > 0 else torch.zeros
+    dw_part = alloc((programs if needs_weight else 0, W), dtype=torch.float32, device=x2d.device)
     if M > 0 and (needs_x or needs_weight):
         table = int32_table([offs], x2d.device)
         has_rows, rows = _row_chains_arg(row_chains, M, x2d.device)
