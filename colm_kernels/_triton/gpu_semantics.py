@@ -34,6 +34,9 @@ order, bf16 dots, which the interpreter computes wrongly), warp-level and shared
 inside one program, memory-model effects between programs that do synchronise, and anything of
 the CUDA (``csrc/``) kernels.
 
+The same hooks, outside the emulation too, feed ``observe_accesses`` and ``track_launches``: the
+byte and FLOP counters of ``colm_kernels.bench.work``.
+
 The H100 tiles and config lists themselves are chosen at import (``COLM_KERNELS_TILES=gpu``) and
 autotuning must be on; ``tests/conftest.py`` sets both in the GPU-semantics test mode.
 """
@@ -65,6 +68,9 @@ __all__ = [
     "LaunchRecord",
     "launch_log",
     "clear_launch_log",
+    "observe_accesses",
+    "track_launches",
+    "current_kernel",
 ]
 
 RERUNS = 3  # kernel calls per benchmarked config (a real do_bench makes hundreds)
@@ -98,6 +104,11 @@ _settings: Optional[_Settings] = None
 _launch: Optional["_Launch"] = None
 _declared: List[weakref.ref] = []  # tensors whose data_ptr() went into a pointer table
 _atomic_sync: set = set()  # kernels (function names) that synchronise programs through atomics
+# callbacks ``(kernel, kind, addresses, element size)`` for every access the interpreter executes,
+# emulation or not (``bench.work.count_memory_traffic``): one hooking layer for both
+_observers: list = []
+_launch_observers: list = []  # callbacks ``(kernel, grid, scalar keyword arguments)`` after each launch
+_trackers = 0  # open ``track_launches`` blocks (the FLOP counter's: it needs the running kernel only)
 
 
 class LaunchRecord(NamedTuple):
@@ -203,6 +214,44 @@ def clear_launch_log() -> None:
     _log.clear()
 
 
+@contextlib.contextmanager
+def observe_accesses(callback, on_launch=None):
+    """Call ``callback(kernel, kind, addrs, size)`` inside the block for every global-memory access
+    the interpreter executes: ``kind`` is ``"load"``, ``"store"`` or ``"atomic"`` (atomic loads and
+    stores too), ``addrs`` the uint64 start addresses of the lanes that access memory (masked-off
+    lanes, the zero fill of TMA boxes and, under the emulation, out-of-bounds lanes excluded),
+    ``size`` the element size in bytes; and ``on_launch(kernel, grid, meta)`` after each launch
+    (``meta``: its scalar keyword arguments, the autotuner's config among them)."""
+    _install()
+    _observers.append(callback)
+    if on_launch is not None:
+        _launch_observers.append(on_launch)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+        if on_launch is not None:
+            _launch_observers.remove(on_launch)
+
+
+@contextlib.contextmanager
+def track_launches():
+    """Inside the block ``current_kernel()`` names the kernel whose programs the interpreter runs
+    (``bench.work.count_mma_flops`` attributes its dots with it)."""
+    global _trackers
+    _install()
+    _trackers += 1
+    try:
+        yield
+    finally:
+        _trackers -= 1
+
+
+def current_kernel() -> str:
+    """The running kernel's function name ("?" outside a launch seen by these hooks)."""
+    return "?" if _launch is None else _launch.name
+
+
 def _kernel_name(fn) -> str:
     while not callable(getattr(fn, "__code__", None)) and hasattr(fn, "fn"):
         fn = fn.fn
@@ -238,7 +287,9 @@ def _storage_ranges(named: Sequence[Tuple[str, object]]) -> List[Tuple[int, int,
 
 
 class _Launch:
-    def __init__(self, name: str, ranges: List[Tuple[int, int, str]], settings: _Settings):
+    """One launch: ``settings`` None when only observers watch it (no checks, no log)."""
+
+    def __init__(self, name: str, ranges: List[Tuple[int, int, str]], settings: Optional[_Settings]):
         self.name = name
         self.ranges = ranges
         self.settings = settings
@@ -409,16 +460,23 @@ def _install() -> None:
 
     def launch(self, *args_dev, **kwargs):
         global _launch
-        if _settings is None or _launch is not None:
+        if _launch is not None or (_settings is None and not _observers and not _trackers):
             return original_call(self, *args_dev, **kwargs)
-        named = list(zip(self.arg_names, args_dev)) + list(kwargs.items())
-        meta = tuple(sorted((k, v) for k, v in kwargs.items() if v is None or isinstance(v, (bool, int, float))))
-        record = _Launch(_kernel_name(self.fn), _storage_ranges(named), _settings)
+        if _settings is None:  # observed or tracked only
+            record = _Launch(_kernel_name(self.fn), [], None)
+        else:
+            named = list(zip(self.arg_names, args_dev)) + list(kwargs.items())
+            record = _Launch(_kernel_name(self.fn), _storage_ranges(named), _settings)
         _launch = record
         try:
             out = original_call(self, *args_dev, **kwargs)
         finally:
             _launch = None
+        meta = tuple(sorted((k, v) for k, v in kwargs.items() if v is None or isinstance(v, (bool, int, float))))
+        for observe in _launch_observers:
+            observe(record.name, record.dims, dict(meta))
+        if record.settings is None:
+            return out
         _log.append(LaunchRecord(record.name, record.dims, record.perm is not None, _benchmarking > 0, meta))
         del _log[:-_LOG_SIZE]
         record.check()
@@ -432,7 +490,7 @@ def _install() -> None:
         if _launch is not None:
             _launch.dims = (nx, ny, nz)
             n = nx * ny * nz
-            if _launch.settings.shuffle and n > 1:
+            if _launch.settings is not None and _launch.settings.shuffle and n > 1:
                 _launch.perm = _launch.settings.rng.permutation(n)
         return set_grid_dim(nx, ny, nz)
 
@@ -449,14 +507,14 @@ def _install() -> None:
 
     builder.set_grid_dim, builder.set_grid_idx = grid_dim, grid_idx
 
-    def checked(ptrs, mask, table_of):
+    def checked(ptrs, mask, table_of, kind):
         """The lanes of ``mask`` (broadcast to ``ptrs``) that stay in bounds, recording them and
-        any that do not. Returns the mask to run with."""
-        rec = _launch
+        any that do not, and passing them to the observers. Returns the mask to run with."""
+        rec, settings = _launch, _launch.settings
         m = np.broadcast_to(np.asarray(mask.data, dtype=bool), ptrs.data.shape)
         addrs = np.asarray(ptrs.data, dtype=np.uint64)[m]
         size = np.dtype(np_dtype(ptrs.get_element_ty())).itemsize
-        if rec.settings.bounds:
+        if settings is not None and settings.bounds:
             ok = rec.in_bounds(addrs, size)
             if not ok.all():
                 bad = addrs[~ok]
@@ -466,23 +524,28 @@ def _install() -> None:
                 m = m.copy()
                 m[m] = ok  # the lanes outside are not accessed: no garbage read, no corruption
                 addrs = addrs[ok]
-        if rec.settings.races:
+        if settings is not None and settings.races:
             rec.record(table_of(rec), addrs, size)
+        for observe in _observers:
+            observe(rec.name, "atomic" if rec.atomic_depth else kind, addrs, size)
         return TensorHandle(m, mask.dtype)
+
+    def _unwatched():  # no launch recorded, or one only tracked: the original runs
+        return _launch is None or (_launch.settings is None and not _observers)
 
     masked_load, masked_store = builder.create_masked_load, builder.create_masked_store
 
     def load(ptrs, mask, other, cache_policy, is_volatile):
-        if _launch is None:
+        if _unwatched():
             return masked_load(ptrs, mask, other, cache_policy, is_volatile)
         # an atomic load is how programs synchronise: bounds-checked, never a racy read
-        mask = checked(ptrs, mask, lambda r: r.atomic_reads if r.atomic_depth else r.reads)
+        mask = checked(ptrs, mask, lambda r: r.atomic_reads if r.atomic_depth else r.reads, "load")
         return masked_load(ptrs, mask, other, cache_policy, is_volatile)
 
     def store(ptrs, value, mask, cache_policy):
-        if _launch is None:
+        if _unwatched():
             return masked_store(ptrs, value, mask, cache_policy)
-        mask = checked(ptrs, mask, lambda r: r.atomics if r.atomic_depth else r.writes)
+        mask = checked(ptrs, mask, lambda r: r.atomics if r.atomic_depth else r.writes, "store")
         return masked_store(ptrs, value, mask, cache_policy)
 
     builder.create_masked_load, builder.create_masked_store = load, store
@@ -490,15 +553,15 @@ def _install() -> None:
     atomic_rmw, atomic_cas = builder.create_atomic_rmw, builder.create_atomic_cas
 
     def rmw(op, ptr, val, mask, sem, scope):
-        if _launch is None:
+        if _unwatched():
             return atomic_rmw(op, ptr, val, mask, sem, scope)
-        mask = checked(ptr, mask, lambda r: r.atomics)
+        mask = checked(ptr, mask, lambda r: r.atomics, "atomic")
         return atomic_rmw(op, ptr, val, mask, sem, scope)
 
     def cas(ptr, cmp, val, sem, scope):
-        if _launch is not None:
+        if not _unwatched():
             ones = TensorHandle(np.ones(np.shape(ptr.data), dtype=bool), None)
-            kept = checked(ptr, ones, lambda r: r.atomics)
+            kept = checked(ptr, ones, lambda r: r.atomics, "atomic")
             if not np.all(kept.data):
                 raise OutOfBoundsError(f"{_launch.name}: atomic_cas out of bounds: "
                                        + "; ".join(_launch.out_of_bounds[:_MAX_REPORTED]))

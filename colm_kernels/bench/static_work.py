@@ -1,5 +1,6 @@
 """``colm-bench --static`` part ``work``: tensor-core FLOPs the kernels execute over the useful FLOPs
-of the op, per op and pass, counted in Triton's interpreter at the H100 tiles
+of the op, and global-memory bytes they move over the op's minimum (each input read once, each
+output written once), per op and pass, counted in Triton's interpreter at the H100 tiles
 (``colm_kernels.bench.work``), for the first config each pruner keeps and the worst kept one.
 Runs under ``TRITON_INTERPRET=1 COLM_KERNELS_TILES=gpu`` (``static`` starts it in a subprocess),
 at reduced sizes that keep the default cases' structure (chain widths multiples of 128,
@@ -16,8 +17,8 @@ from .cases import chains_label
 __all__ = ["count_work"]
 
 
-def _kept_config_runs(fn: Callable[[], Dict[str, int]], max_configs: int = 12) -> List[Dict[str, int]]:
-    """``fn()``'s per-kernel FLOPs under each config the pruners keep (``force_config(i)`` until
+def _kept_config_runs(fn: Callable[[], dict], max_configs: int = 12) -> List[dict]:
+    """``fn()``'s per-kernel counts under each config the pruners keep (``force_config(i)`` until
     the configs chosen stop changing): index 0 is what ``COLM_KERNELS_AUTOTUNE=0`` runs."""
     from .._triton.autotuning import autotuned_kernels, force_config
 
@@ -34,12 +35,13 @@ def _kept_config_runs(fn: Callable[[], Dict[str, int]], max_configs: int = 12) -
     return runs
 
 
-def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]]]:
-    """(op, label, {pass: (useful FLOPs, kernels)}, run -> per-kernel executed FLOPs)."""
+def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], dict]]]:
+    """(op, label, {pass: (useful FLOPs, kernels[, minimum bytes])}, run -> {"flops": per-kernel
+    executed FLOPs, "bytes": per-kernel bytes moved})."""
     import colm_kernels as ck
     from colm_kernels.chains import Chains
 
-    from .work import attention_flops, chain_gemm_flops, count_mma_flops
+    from .work import attention_flops, chain_gemm_flops, count_memory_traffic, count_mma_flops
 
     dt = torch.float16  # the interpreter's bf16 tl.dot is wrong; the FLOP count is the same
     gen = torch.Generator().manual_seed(0)
@@ -49,9 +51,9 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]
 
     def counted(fn):
         def run():
-            with count_mma_flops() as work:
+            with count_mma_flops() as work, count_memory_traffic() as traffic:
                 fn()
-            return dict(work.by_kernel)
+            return {"flops": dict(work.by_kernel), "bytes": traffic.by_kernel}
         return run
 
     m = 256
@@ -88,6 +90,7 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]
         yield ("chain_attention", f"B{B}-S{S}-{chains_label(chains)}-KV{n_kv}-D{D}-{'shared' if shared else 'gqa'}",
                {"fwd": (fwd, ["_chain_attention_fwd_kernel"]),
                 "bwd (FA2 ideal: 5 matmuls)": (bwd, None)}, counted(attn))
+    yield from _traffic_cases(rnd, counted)
     from .models import LAYOUT_1B, ModelCase, model_flops
     for chains in ((16, 16), (8, 8, 8, 8)):
         # the 1B layout's heads and chains at one layer, half width and a 4096-word vocabulary (the
@@ -125,9 +128,74 @@ def _work_cases() -> Iterator[tuple[str, str, dict, Callable[[], Dict[str, int]]
            {"fwd": (2 * n * vocab * dim, "forward"), "bwd (dh + dW)": (4 * n * vocab * dim, "backward")}, counted(ce))
 
 
+def rmsnorm_traffic_case(rnd, rows: int = 512, dim: int = 2048, chains=(4, 4, 4, 4)) -> dict:
+    """RMSNorm at the bench's chains and width (``NORM_SIZES``), 512 tokens: ``run`` (forward and
+    backward), its inputs and the minimum bytes of each pass. ``rnd(*shape)``: fp16 tensors."""
+    import colm_kernels as ck
+
+    from .work import rmsnorm_min_bytes
+
+    x, g, dy = rnd(rows, dim).requires_grad_(), (rnd(dim).abs() + 0.5).requires_grad_(), rnd(rows, dim)
+    es = x.element_size()
+
+    def run():
+        ck.chain_rmsnorm(x, g, chains).backward(dy)
+    return {"label": f"M{rows}-D{dim}-{chains_label(chains)}", "run": run, "x": x, "weight": g, "dy": dy,
+            "chains": chains, "fwd": rmsnorm_min_bytes(rows, dim, es), "bwd": rmsnorm_min_bytes(rows, dim, es, True)}
+
+
+def decode_traffic_case(rnd, paged: bool, new_tokens: int, batch: int = 2, length: int = 2048,
+                        chains=(4, 4, 4, 4), n_kv: int = 4, head_dim: int = 128, page: int = 16) -> dict:
+    """A decode step at the bench's head layout (CoLM-Air, 4 kv heads of 128) over ``batch``
+    sequences of ``length`` cached keys, contiguous or paged (pages of ``page`` keys, shuffled):
+    ``run``, the caches, the useful FLOPs and the minimum bytes."""
+    import colm_kernels as ck
+    from colm_kernels.chains import Chains
+
+    from .work import attention_flops, decode_min_bytes
+
+    c = Chains(chains)
+    kv_read = max(c.kv_head_map(n_kv, kv_sharing=True)) + 1
+    q = rnd(batch, new_tokens, c.total, head_dim)
+    k, v = rnd(batch, length, n_kv, head_dim), rnd(batch, length, n_kv, head_dim)
+    lengths = torch.full((batch,), length, dtype=torch.int32)
+    table = None
+    if paged:
+        perm = torch.randperm(batch * length // page, generator=torch.Generator().manual_seed(1))
+        table = perm.view(batch, -1).to(torch.int32)
+        pages = [torch.empty_like(t).view(-1, page, n_kv, head_dim) for t in (k, v)]
+        for dst, src in zip(pages, (k, v)):
+            dst[perm] = src.reshape(-1, page, n_kv, head_dim)
+        k, v = pages
+
+    def run():
+        return ck.chain_attention_decode(q, k, v, lengths, chains, kv_sharing=True, block_table=table)
+    label = (f"B{batch}-L{length}-Sq{new_tokens}-{chains_label(chains)}-KV{n_kv}-D{head_dim}-shared-"
+             + (f"paged{page}" if paged else "contiguous"))
+    return {"label": label, "run": run, "q": q, "k": k, "v": v, "lengths": lengths, "table": table,
+            "kv_bytes": 2 * batch * length * kv_read * head_dim * q.element_size(),
+            "flops": attention_flops(batch, c.total, new_tokens, length, head_dim, True, 2),
+            "min_bytes": decode_min_bytes(batch, new_tokens, c.total, kv_read, [length] * batch, head_dim,
+                                          q.element_size())}
+
+
+def _traffic_cases(rnd, counted):
+    """The memory-bound ops, whose rows are about bytes: RMSNorm; a decode step, contiguous and
+    paged, 1 and 16 new tokens."""
+    norm = rmsnorm_traffic_case(rnd)
+    yield ("chain_rmsnorm", norm["label"],
+           {"fwd": (0, ["_chain_rmsnorm_fwd_kernel"], norm["fwd"]),
+            "bwd (dx + dgain)": (0, ["_chain_rmsnorm_bwd_kernel"], norm["bwd"])}, counted(norm["run"]))
+    for paged in (False, True):
+        for new in (1, 16):
+            case = decode_traffic_case(rnd, paged, new)
+            yield ("chain_attention_decode", case["label"], {"decode": (case["flops"], None, case["min_bytes"])},
+                   counted(case["run"]))
+
+
 def _pass_flops(spec, flops: Dict[str, int], fwd_kernels: List[str]) -> int:
-    """Executed FLOPs of one pass: the named kernels, or (None) every kernel but the forward's, or
-    the kernels whose names say forward / backward."""
+    """Executed FLOPs (or bytes) of one pass: the named kernels, or (None) every kernel but the
+    forward's, or the kernels whose names say forward / backward."""
     if spec is None:  # every kernel but the forward's (all of them when it names none)
         return sum(v for k, v in flops.items() if k not in fwd_kernels)
     if spec == "forward":
@@ -161,10 +229,20 @@ def count_work(ops: List[str], all_configs: bool = True) -> dict:
                 continue
             fwd_spec = passes.get("fwd", (0, None))[1]
             fwd_kernels = fwd_spec if isinstance(fwd_spec, list) else []
-            for pass_name, (useful, spec) in passes.items():
-                ratios = [_pass_flops(spec, flops, fwd_kernels) / useful for flops in runs]
+            for pass_name, (useful, spec, *least) in passes.items():
+                def ratios(key, denominator):  # per kept config; None without a denominator
+                    return [_pass_flops(spec, r[key], fwd_kernels) / denominator if denominator else None
+                            for r in runs]
+                flops, moved = ratios("flops", useful), ratios("bytes", least[0] if least else None)
                 rows.append({"op": op, "shape": label, "pass": pass_name, "useful_flops": useful,
-                             "executed_flops": _pass_flops(spec, runs[0], fwd_kernels),
-                             "ratio_first_config": ratios[0], "ratio_worst_config": max(ratios),
+                             "executed_flops": _pass_flops(spec, runs[0]["flops"], fwd_kernels),
+                             "ratio_first_config": flops[0], "ratio_worst_config": _worst(flops),
+                             "min_bytes": least[0] if least else None,
+                             "executed_bytes": _pass_flops(spec, runs[0]["bytes"], fwd_kernels),
+                             "bytes_ratio_first_config": moved[0], "bytes_ratio_worst_config": _worst(moved),
                              "configs": len(runs)})
     return {"work": rows, "failures": failures}
+
+
+def _worst(ratios: List):
+    return None if ratios[0] is None else max(ratios)

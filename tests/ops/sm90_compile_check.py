@@ -132,6 +132,10 @@ def run_chain_rmsnorm(dtype, aligned):
     weight = _t(offsets[-1], dtype=dtype)
     y, rstd = K.chain_rmsnorm_fwd(x, weight, offsets, 1e-5)
     K.chain_rmsnorm_bwd(torch.randn_like(y), x, weight, rstd, offsets, True, True)
+    if aligned:  # a chain wider than the one-pass limit: the chunked fallback (x read twice)
+        x, weight = _t(4, 8192, dtype=dtype), _t(8192, dtype=dtype)
+        y, rstd = K.chain_rmsnorm_fwd(x, weight, (0, 8192), 1e-5)
+        K.chain_rmsnorm_bwd(torch.randn_like(y), x, weight, rstd, (0, 8192), True, True)
 
 
 def cases():

@@ -10,12 +10,20 @@ Math (COLM_SPEC.md section 3), per row ``r`` and chain segment ``s = [o_s, o_{s+
 
 Dimensions: ``M`` rows (tokens), ``W`` active width, ``NC`` chains (any number).
 
-- Forward: one program per ``BLOCK_M`` rows; per segment a pass over ``BLOCK_N`` column chunks
-  for the sum of squares, then a pass that writes ``y``; ``rstd (M, NC)`` fp32 is saved.
-- Backward: a fixed grid of programs, each looping over blocks of rows; ``dx`` per row and
-  segment (skipped when not needed); ``dweight`` as fp32 partial sums, one row per program in a
-  zero-initialised ``(n_programs, W)`` buffer (each program owns its row: no atomics), reduced by
+- Forward: one program per ``BLOCK_M`` rows. When the widest chain fits one ``BLOCK_N`` chunk
+  (``ONE_PASS``: up to ``_ONE_PASS_WIDTH`` columns) each row segment is loaded once and stays in
+  registers from its sum of squares to ``y``: x is read once. Wider chains (the fallback) take a
+  pass over ``BLOCK_N`` column chunks for the sum of squares, then a pass that reads x again and
+  writes ``y``. ``rstd (M, NC)`` fp32 is saved.
+- Backward: a fixed grid of programs, each owning every ``n_programs``-th block of rows; ``dx``
+  per row and segment (skipped when not needed); ``dweight`` as fp32 partial sums, one row per
+  program of a ``(n_programs, W)`` buffer (each program owns its row: no atomics), reduced by
   ``torch.sum`` and cast once: run-to-run deterministic. Skipped when not needed (frozen gain).
+  ``ONE_PASS``: per segment, the gain is read once and the partial sums stay in registers over
+  the program's row blocks (one store each); x and dy are read once. The fallback reads x and dy
+  twice per segment (statistics, then dx) and adds its partial sums into the zeroed buffer per
+  row block. Each program takes at least ``_MIN_BWD_ROWS`` rows, so that the gain reads and
+  partial-sum writes (``W * (es + 4)`` bytes a program) stay a few percent of the traffic.
 
 Chain offsets live in a small cached int32 device table (``int32_table``) read by a runtime loop
 over chains, so neither the chain count nor the token count is a compile-time key; block sizes
@@ -56,10 +64,17 @@ def _active_rows(ROW_CHAINS, rows, row_mask, s, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _write_y(Y, y_rows, xv, rstd, WEIGHT, cols, col_mask, row_mask):
+    wv = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
+    yv = xv * rstd[:, None] * wv[None, :]
+    tl.store(y_rows + cols[None, :], yv.to(Y.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
 def _chain_rmsnorm_fwd_kernel(
     X, WEIGHT, Y, RSTD, OFFS, ROW_CHAINS,
     M, stride_x, stride_y, NC, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -71,21 +86,33 @@ def _chain_rmsnorm_fwd_kernel(
         lo = tl.load(OFFS + s)
         hi = tl.load(OFFS + s + 1)
         act = _active_rows(ROW_CHAINS, rows, row_mask, s, ROWS)
-        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for c in range(lo, hi, BLOCK_N):
-            cols = c + cols0
-            mask = act[:, None] & (cols < hi)[None, :]
-            xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            acc += tl.sum(xv * xv, axis=1)
-        rstd = tl.rsqrt(acc / (hi - lo).to(tl.float32) + eps)
-        tl.store(RSTD + rows * NC + s, rstd, mask=row_mask)
-        for c in range(lo, hi, BLOCK_N):
-            cols = c + cols0
+        if ONE_PASS:  # the segment is one chunk: x stays in registers from statistics to y
+            cols = lo + cols0
             col_mask = cols < hi
             xv = tl.load(x_rows + cols[None, :], mask=act[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-            wv = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
-            yv = xv * rstd[:, None] * wv[None, :]
-            tl.store(y_rows + cols[None, :], yv.to(Y.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+            rstd = tl.rsqrt(tl.sum(xv * xv, axis=1) / (hi - lo).to(tl.float32) + eps)
+            tl.store(RSTD + rows * NC + s, rstd, mask=row_mask)
+            _write_y(Y, y_rows, xv, rstd, WEIGHT, cols, col_mask, row_mask)
+        else:  # wider than a chunk: a pass for the statistics, a second one (x read again) for y
+            acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c in range(lo, hi, BLOCK_N):
+                cols = c + cols0
+                mask = act[:, None] & (cols < hi)[None, :]
+                xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                acc += tl.sum(xv * xv, axis=1)
+            rstd = tl.rsqrt(acc / (hi - lo).to(tl.float32) + eps)
+            tl.store(RSTD + rows * NC + s, rstd, mask=row_mask)
+            for c in range(lo, hi, BLOCK_N):
+                cols = c + cols0
+                col_mask = cols < hi
+                xv = tl.load(x_rows + cols[None, :], mask=act[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+                _write_y(Y, y_rows, xv, rstd, WEIGHT, cols, col_mask, row_mask)
+
+
+@triton.jit
+def _dx_tile(DX, dx_rows, xhat, dyv, wv, rstd, mean, cols, col_mask, row_mask):
+    dxv = rstd[:, None] * (dyv * wv[None, :] - xhat * mean[:, None])
+    tl.store(dx_rows + cols[None, :], dxv.to(DX.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -93,50 +120,74 @@ def _chain_rmsnorm_bwd_kernel(
     DY, X, WEIGHT, RSTD, DX, DW_PART, OFFS, ROW_CHAINS,
     M, width, stride_dy, stride_x, stride_dx, NC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NEEDS_X: tl.constexpr, NEEDS_W: tl.constexpr, ROWS: tl.constexpr,
+    NEEDS_X: tl.constexpr, NEEDS_W: tl.constexpr, ROWS: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     n_prog = tl.num_programs(0).to(tl.int64)
     n_iters = tl.cdiv(tl.cdiv(M, BLOCK_M) - pid, n_prog)  # row blocks pid, pid + n_prog, ...
     cols0 = tl.arange(0, BLOCK_N)
     dw_row = DW_PART + pid * width  # this program's own partial-sum row
-    for it in range(n_iters):
-        rows = (pid + it * n_prog) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_mask = rows < M
-        x_rows = X + rows[:, None] * stride_x
-        dy_rows = DY + rows[:, None] * stride_dy
-        dx_rows = DX + rows[:, None] * stride_dx
+    if ONE_PASS:
+        # segments outer: the gain segment and its partial sums stay in registers over the rows
         for s in range(NC):
             lo = tl.load(OFFS + s)
             hi = tl.load(OFFS + s + 1)
-            act = _active_rows(ROW_CHAINS, rows, row_mask, s, ROWS)
-            rstd = tl.load(RSTD + rows * NC + s, mask=row_mask, other=0.0)
-            if NEEDS_X:
-                acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+            cols = lo + cols0
+            col_mask = cols < hi
+            wv = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
+            dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for it in range(n_iters):
+                rows = (pid + it * n_prog) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+                row_mask = rows < M
+                act = _active_rows(ROW_CHAINS, rows, row_mask, s, ROWS)
+                rstd = tl.load(RSTD + rows * NC + s, mask=row_mask, other=0.0)
+                mask = act[:, None] & col_mask[None, :]
+                xv = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dyv = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                xhat = xv * rstd[:, None]
+                if NEEDS_X:
+                    mean = tl.sum(dyv * wv[None, :] * xhat, axis=1) / (hi - lo).to(tl.float32)
+                    _dx_tile(DX, DX + rows[:, None] * stride_dx, xhat, dyv, wv, rstd, mean, cols, col_mask, row_mask)
+                if NEEDS_W:
+                    dw += tl.sum(dyv * xhat, axis=0)
+            if NEEDS_W:
+                tl.store(dw_row + cols, dw, mask=col_mask)
+    else:
+        for it in range(n_iters):
+            rows = (pid + it * n_prog) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+            row_mask = rows < M
+            x_rows = X + rows[:, None] * stride_x
+            dy_rows = DY + rows[:, None] * stride_dy
+            dx_rows = DX + rows[:, None] * stride_dx
+            for s in range(NC):
+                lo = tl.load(OFFS + s)
+                hi = tl.load(OFFS + s + 1)
+                act = _active_rows(ROW_CHAINS, rows, row_mask, s, ROWS)
+                rstd = tl.load(RSTD + rows * NC + s, mask=row_mask, other=0.0)
+                if NEEDS_X:
+                    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+                    for c in range(lo, hi, BLOCK_N):
+                        cols = c + cols0
+                        col_mask = cols < hi
+                        mask = act[:, None] & col_mask[None, :]
+                        xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                        dyv = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                        wv = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
+                        acc += tl.sum(dyv * wv[None, :] * (xv * rstd[:, None]), axis=1)
+                    mean = acc / (hi - lo).to(tl.float32)
                 for c in range(lo, hi, BLOCK_N):
                     cols = c + cols0
                     col_mask = cols < hi
                     mask = act[:, None] & col_mask[None, :]
                     xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                     dyv = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                    wv = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
-                    acc += tl.sum(dyv * wv[None, :] * (xv * rstd[:, None]), axis=1)
-                mean = acc / (hi - lo).to(tl.float32)
-            for c in range(lo, hi, BLOCK_N):
-                cols = c + cols0
-                col_mask = cols < hi
-                mask = act[:, None] & col_mask[None, :]
-                xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                dyv = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                xhat = xv * rstd[:, None]
-                if NEEDS_X:
-                    wv = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
-                    dxv = rstd[:, None] * (dyv * wv[None, :] - xhat * mean[:, None])
-                    tl.store(dx_rows + cols[None, :], dxv.to(DX.dtype.element_ty),
-                             mask=row_mask[:, None] & col_mask[None, :])
-                if NEEDS_W:
-                    part = tl.load(dw_row + cols, mask=col_mask, other=0.0)
-                    tl.store(dw_row + cols, part + tl.sum(dyv * xhat, axis=0), mask=col_mask)
+                    xhat = xv * rstd[:, None]
+                    if NEEDS_X:
+                        wv = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
+                        _dx_tile(DX, dx_rows, xhat, dyv, wv, rstd, mean, cols, col_mask, row_mask)
+                    if NEEDS_W:
+                        part = tl.load(dw_row + cols, mask=col_mask, other=0.0)
+                        tl.store(dw_row + cols, part + tl.sum(dyv * xhat, axis=0), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,24 +203,41 @@ def _check_offsets(offsets: Sequence[int], width: int) -> list[int]:
     return offs
 
 
-def _blocks(offsets: Sequence[int]) -> Tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)`` from the widest chain only (never the token count).
-    Under the interpreter small blocks keep the chunk loop and its masking exercised."""
+# Widest chain kept in registers whole (one pass over x); at 4096 columns a program holds one row
+# (BLOCK_M 1, 8 warps: 16 fp32 values a thread per tile). Wider chains take the chunked fallback.
+_ONE_PASS_WIDTH = 4096
+_MIN_BWD_ROWS = 32  # rows per backward program, at least (see the module docstring)
+_H100_SMS = 132  # the interpreter at the H100 tiles plans for an H100 SXM
+
+
+def _blocks(offsets: Sequence[int], backward: bool = False) -> Tuple[int, int, int, bool]:
+    """``(BLOCK_M, BLOCK_N, num_warps, ONE_PASS)`` from the widest chain only (never the token
+    count). The backward holds x, dy and dx tiles (and their 64-bit pointers): half the rows of
+    the forward's tile on as many warps (sm_90a spilled at 32 x 128 on 8 warps), but 4 warps at
+    BLOCK_N 2048 (ptxas capped one variant at 64 registers on 8 warps and spilled 16 B). Every
+    chain width from 16 to 8192 compiles without spills for 16- and 32-bit inputs (Triton 3.9).
+    Under the interpreter small blocks keep both paths exercised: one pass up to 32 columns,
+    chunks of 16 beyond."""
     max_w = max(b - a for a, b in zip(offsets, offsets[1:]))
     if small_tiles():
-        return 16, min(16, triton.next_power_of_2(max_w)), 1
-    block_n = max(16, min(1024, triton.next_power_of_2(max_w)))
+        return (16, max(2, triton.next_power_of_2(max_w)), 1, True) if max_w <= 32 else (16, 16, 1, False)
+    one_pass = max_w <= _ONE_PASS_WIDTH
+    block_n = max(16, triton.next_power_of_2(max_w) if one_pass else 1024)
     block_m = max(1, min(32, 4096 // block_n))
-    return block_m, block_n, 4 if block_m * block_n <= 2048 else 8
+    warps = 4 if block_m * block_n <= 2048 else 8
+    if backward:
+        return max(1, min(block_m, 2048 // block_n)), block_n, 4 if block_n == 2048 else warps, one_pass
+    return block_m, block_n, warps, one_pass
 
 
-def _bwd_programs(n_row_blocks: int, device: torch.device) -> int:
-    """Programs of the backward grid: enough to fill the GPU, few dweight partial rows."""
-    if device.type == "cuda":
-        cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        cap = 4
-    return max(1, min(n_row_blocks, cap))
+def _bwd_programs(n_row_blocks: int, rows: int, device: torch.device) -> int:
+    """Programs of the backward grid: enough to fill the GPU (4 per SM), few dweight partial rows
+    (at least ``_MIN_BWD_ROWS`` rows each). Under the small interpreter tiles: 4, to keep several
+    programs in small tests."""
+    if small_tiles():
+        return max(1, min(n_row_blocks, 4))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _H100_SMS
+    return max(1, min(n_row_blocks, 4 * sms, triton.cdiv(rows, _MIN_BWD_ROWS)))
 
 
 def fwd_shapes(x2d: torch.Tensor, offsets: Sequence[int]):
@@ -210,14 +278,14 @@ def chain_rmsnorm_fwd(x2d: torch.Tensor, weight: torch.Tensor, offsets: Sequence
     rstd = torch.empty(r_shape, dtype=r_dtype, device=x2d.device)
     if M == 0:
         return y, rstd
-    block_m, block_n, warps = _blocks(offs)
+    block_m, block_n, warps, one_pass = _blocks(offs)
     table = int32_table([offs], x2d.device)
     has_rows, rows = _row_chains_arg(row_chains, M, x2d.device)
     with device_guard(x2d.device):
         _chain_rmsnorm_fwd_kernel[(triton.cdiv(M, block_m),)](
             x2d, weight, y, rstd, table, rows,
             M, x2d.stride(0), y.stride(0), len(offs) - 1, float(eps),
-            BLOCK_M=block_m, BLOCK_N=block_n, ROWS=has_rows, num_warps=warps,
+            BLOCK_M=block_m, BLOCK_N=block_n, ROWS=has_rows, ONE_PASS=one_pass, num_warps=warps,
         )
     return y, rstd
 
@@ -245,9 +313,11 @@ def chain_rmsnorm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
     rstd = rstd.contiguous()
     (dx_shape, dx_dtype), (dw_shape, dw_dtype) = bwd_shapes(x2d, weight, needs_x, needs_weight)
     dx = torch.empty(dx_shape, dtype=dx_dtype, device=x2d.device)
-    block_m, block_n, warps = _blocks(offs)
-    programs = _bwd_programs(triton.cdiv(M, block_m), x2d.device)
-    dw_part = torch.zeros((programs if needs_weight else 0, W), dtype=torch.float32, device=x2d.device)
+    block_m, block_n, warps, one_pass = _blocks(offs, backward=True)
+    programs = _bwd_programs(triton.cdiv(M, block_m), M, x2d.device)
+    # one pass: every program stores its whole row; the fallback (and no launch at all) needs zeros
+    alloc = torch.empty if one_pass and M > 0 else torch.zeros
+    dw_part = alloc((programs if needs_weight else 0, W), dtype=torch.float32, device=x2d.device)
     if M > 0 and (needs_x or needs_weight):
         table = int32_table([offs], x2d.device)
         has_rows, rows = _row_chains_arg(row_chains, M, x2d.device)
@@ -256,7 +326,7 @@ def chain_rmsnorm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
                 dy, x2d, weight, rstd, dx if needs_x else dy, dw_part if needs_weight else rstd, table, rows,
                 M, W, dy.stride(0), x2d.stride(0), dx.stride(0) if needs_x else 0, nc,
                 BLOCK_M=block_m, BLOCK_N=block_n, NEEDS_X=bool(needs_x), NEEDS_W=bool(needs_weight),
-                ROWS=has_rows, num_warps=warps,
+                ROWS=has_rows, ONE_PASS=one_pass, num_warps=warps,
             )
     if needs_weight:
         dweight = dw_part.sum(0).to(dw_dtype)
