@@ -349,6 +349,25 @@ def test_num_splits_heuristic():
     assert h(1, 10**6, 132) == MAX_SPLITS
 
 
+def test_split_k_traffic_stays_within_its_budget():
+    """Each split's own traffic (q re-read, fp32 partial rows and lse written and read back) is at
+    most ``SPLIT_TRAFFIC`` of the K/V it reads, at every row count the decode takes."""
+    from colm_kernels.ops.chain_attention_decode.triton_kernels import (SPLIT_TRAFFIC, num_splits_heuristic,
+                                                                        split_min_blocks)
+
+    for fp32, es in ((False, 2), (True, 4)):
+        for rows in (1, 4, 16, 64, 512):
+            for d, block_n in ((64, 64), (128, 64), (256, 16)):
+                blocks = split_min_blocks(rows, d, block_n, fp32)
+                overhead = rows * ((d + 1) * 8 + d * es)
+                assert overhead <= SPLIT_TRAFFIC * blocks * 2 * block_n * d * es * 1.001, (rows, d, blocks)
+                for n_blocks in (2, 32, 2048):
+                    splits = num_splits_heuristic(4, n_blocks, 132, min_blocks_per_split=blocks)
+                    assert splits == 1 or n_blocks // splits >= blocks
+    # 16 new tokens x 4 heads (64 rows) at D=128 over 2048 keys: no split; over 131072 keys: splits
+    assert split_min_blocks(64, 128, 64, False) == 26
+
+
 def test_plan_depends_on_cache_capacity_not_lengths():
     """The split plan is a function of shapes (S_max) only: no recompilation or retuning per
     step, and split sizes are whole key blocks."""

@@ -356,6 +356,21 @@ def _blocks(head_dim: int, rows: int, fp32: bool) -> Tuple[int, int, int, int]:
     return gpu_row_block(head_dim, rows, fp32), block_n, warps, stages
 
 
+SPLIT_TRAFFIC = 0.10  # split-K may add at most this share to the K/V bytes a split reads
+
+
+def split_min_blocks(rows: int, head_dim: int, block_n: int, fp32: bool) -> int:
+    """Key blocks a split needs so that split-K's own traffic stays within ``SPLIT_TRAFFIC`` of
+    the K/V it reads: each split re-reads the ``rows`` packed query rows and writes fp32 partial
+    rows and lse that the reduce kernel reads back, ``rows * ((D + 1) * 4 * 2 + D * es)`` bytes,
+    against ``2 * BLOCK_N * D * es`` bytes of K and V per key block. At least 2 blocks; long caches
+    still split to fill the GPU (16 new tokens x 4 heads at D=128: 26 blocks of 64 keys a split), short ones
+    with many rows do not, where the work is too small for the parallelism to matter."""
+    es = 4 if fp32 else 2
+    overhead = rows * ((head_dim + 1) * 4 * 2 + head_dim * es)
+    return max(2, triton.cdiv(overhead, int(SPLIT_TRAFFIC * 2 * block_n * head_dim * es)))
+
+
 def decode_plan(batch: int, n_kv: int, rows: int, s_max: int, head_dim: int, device,
                 num_splits: Optional[int] = None, fp32: bool = False) -> dict:
     """Block sizes and the split of the key axis for one launch (``head_dim``: the padded one,
@@ -366,9 +381,12 @@ def decode_plan(batch: int, n_kv: int, rows: int, s_max: int, head_dim: int, dev
     n_blocks = max(1, triton.cdiv(s_max, block_n))
     if num_splits is None:
         if device.type == "cuda":
-            sms, min_blocks = _num_sms(device.index if device.index is not None else torch.cuda.current_device()), 2
+            sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            min_blocks = split_min_blocks(rows, head_dim, block_n, fp32)
+        elif small_tiles():  # tiny interpreter caches still split
+            sms, min_blocks = _INTERPRETER_SMS, 1
         else:
-            sms, min_blocks = (_INTERPRETER_SMS, 1) if small_tiles() else (_H100_SMS, 2)
+            sms, min_blocks = _H100_SMS, split_min_blocks(rows, head_dim, block_n, fp32)
         num_splits = num_splits_heuristic(batch * n_kv * n_rb, n_blocks, sms, min_blocks_per_split=min_blocks)
     elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")

@@ -5,7 +5,8 @@ The minimum: forward reads x and the gain and writes y; backward reads dy, x and
 and writes dx and the gain's gradient. Each kernel's reads of x (and dy) per row, as written:
 - ``cuda`` (``csrc/chain_rmsnorm``): two passes over a row's items (statistics, then output), the
   second re-reading them from global memory (L1/L2 may serve it: a GPU timing decides that);
-- ``triton``: ``triton_kernels.X_READS_PER_ROW`` passes.
+- ``triton``: one pass while the widest chain fits in registers (4096 columns), else two
+  (``triton_kernels.x_reads_per_row``).
 """
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ def bounds(x, weight, offsets, eps, row_chains=None) -> Dict[str, Bound]:
     xs = concrete_shape(x)
     if xs is None:
         return {}
-    from .triton_kernels import X_READS_PER_ROW
+    from .triton_kernels import x_reads_per_row
 
     m, width, es, train = xs[0], int(offsets[-1]), x.element_size(), needs_grad(x, weight)
-    return {"triton": Bound({}, _bytes(m, width, es, X_READS_PER_ROW, train), f"x read {X_READS_PER_ROW}x per row"),
+    reads = x_reads_per_row(offsets)
+    return {"triton": Bound({}, _bytes(m, width, es, reads, train), f"x read {reads}x per row"),
             "cuda": Bound({}, _bytes(m, width, es, CUDA_X_READS, train), f"x read {CUDA_X_READS}x per row")}
 
 

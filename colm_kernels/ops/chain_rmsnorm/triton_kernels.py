@@ -42,10 +42,6 @@ import triton.language as tl
 from ..._triton.device import check_tensor, device_guard, last_dim_contiguous, small_tiles
 from ..._triton.tables import int32_table
 
-# Passes over each row of x (and dy) from global memory: one for the statistics, one for the
-# output (``bounds.py`` tells ``auto``).
-X_READS_PER_ROW = 2
-
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -228,6 +224,12 @@ def _blocks(offsets: Sequence[int], backward: bool = False) -> Tuple[int, int, i
     if backward:
         return max(1, min(block_m, 2048 // block_n)), block_n, 4 if block_n == 2048 else warps, one_pass
     return block_m, block_n, warps, one_pass
+
+
+def x_reads_per_row(offsets: Sequence[int]) -> int:
+    """Passes over each row of x (and dy) from global memory at the GPU tiles: one while the
+    widest chain fits in registers, two on the chunked fallback (``bounds.py`` tells ``auto``)."""
+    return 1 if max(b - a for a, b in zip(offsets, offsets[1:])) <= _ONE_PASS_WIDTH else 2
 
 
 def _bwd_programs(n_row_blocks: int, rows: int, device: torch.device) -> int:
