@@ -82,7 +82,10 @@ from colm_kernels._triton.autotuning import autotune
 from colm_kernels._triton.tiles import mma
 from colm_kernels.ops.chain_attention.triton_tiles import (
     AUTOTUNE_KEY,
+    WGMMA_M,
     bwd_configs,
+    tile_mask_t,
+    row_ptrs_t,
     dq_configs,
     fwd_configs,
     stack_rows,
@@ -324,9 +327,14 @@ def _bwd_rows(dk, dv, k, v, cols, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = mma(ds_t, q, dk)
         if DQ_ATOMIC:
-            dq = mma(tl.trans(ds_t), k, tl.zeros((BLOCK_M, k.shape[1]), dtype=tl.float32)) * softmax_scale
-            tl.atomic_add(row_ptrs(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d), dq,
-                          mask=tile_mask(act, offs_d, HEAD_DIM, PAD), sem="relaxed")
+            if offs_d.shape[0] >= WGMMA_M:  # dQ^T = K^T dS^T: M is the head dim, a warpgroup tile
+                dq_t = mma(tl.trans(k), ds_t, tl.zeros((k.shape[1], BLOCK_M), dtype=tl.float32)) * softmax_scale
+                tl.atomic_add(row_ptrs_t(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d), dq_t,
+                              mask=tile_mask_t(act, offs_d, HEAD_DIM, PAD), sem="relaxed")
+            else:
+                dq = mma(tl.trans(ds_t), k, tl.zeros((BLOCK_M, k.shape[1]), dtype=tl.float32)) * softmax_scale
+                tl.atomic_add(row_ptrs(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d), dq,
+                              mask=tile_mask(act, offs_d, HEAD_DIM, PAD), sem="relaxed")
     return dk, dv
 
 
@@ -412,7 +420,7 @@ def _chain_attention_bwd_kernel(
             return
         Q += q_off * stride_qs
         DO += q_off * stride_dos
-        if DQ_ATOMIC:  # DQ is None without it
+        if DQ_ATOMIC:  # DQ is a one-element stand-in without it
             DQ += q_off * stride_dqs
         LSE += q_off
         DELTA += q_off
