@@ -75,17 +75,24 @@ _FWD = {
     128: ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)),  # 128 x 128 spills 48 B with varlen
     256: ((64, 32, 8, 2),),  # 64 x 64 reaches 254 registers
 }
-# The key-block backward: BLOCK_N keys per program (the M of its dK/dV products: wgmma from 64),
-# BLOCK_M rows per step of its row loop (the M of the atomic dQ product). 64 rows would put dQ on
-# wgmma too, but 64 x 128 spills 12 B with varlen and seq_chains, and 64 x 64 reaches 252 registers
-# (255 at head dim 32); 32 rows leave dQ (and the diagonal's 32-key products) on mma.sync. Head dim
-# 256 runs mma.sync only: its fp32 dK and dV fit 32 keys (or 16), below wgmma's M = 64.
+# The key-block backward: BLOCK_N keys per program (the M of its S^T, dP^T, dK and dV products:
+# wgmma from 64), BLOCK_M rows per step of its row loop (their N; the atomic dQ is computed
+# transposed so that its M is the head dim). 64 rows spill (12 B at 64 x 128 with varlen and
+# seq_chains). Head dim 256 runs mma.sync only: its fp32 dK and dV fit 32 keys (or 16), below
+# wgmma's M = 64.
 _BWD = {
     32: ((32, 64, 4, 3),),
     64: ((32, 128, 8, 3), (32, 64, 4, 3)),
     128: ((32, 64, 8, 3), (32, 64, 8, 2)),
     256: ((16, 32, 8, 2), (32, 16, 8, 2)),
 }
+# Triton before 3.9 allocates more registers to the head-dim-128 backward (80 to 128 wide): at 32
+# rows it spills up to 712 B (3 stages) or 416 B (1 stage), at 16 rows 160 B (2 stages), with head
+# dim 80, varlen, causal, seq_chains and atomic dQ; 16 rows unpipelined do not (and spill 16 B
+# under 3.9). Both ends of setup.py's range are compiled in CI (README, second tier).
+_BWD_BEFORE_TRITON_3_9 = {128: ((16, 64, 8, 1),)}
+if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+    _BWD = {**_BWD, **_BWD_BEFORE_TRITON_3_9}
 _DQ = {
     64: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
     128: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)),
