@@ -269,7 +269,8 @@ def main(argv):
     for c in sm90.COMPILED:
         per_kernel[c.kernel] = per_kernel.get(c.kernel, 0) + 1
         print(f"[sm90] {c.kernel:<40} {c.config:<44} regs={c.registers:<3} spill={c.spill_bytes:<5} "
-              f"smem={c.shared:<6} {c.mma:<8} mma.sync={c.mma_sync:<3} wgmma={c.wgmma:<3} blocks/SM={c.resident_blocks} ({c.label})", flush=True)
+              f"smem={c.shared:<6} {c.mma:<8} mma.sync={c.mma_sync:<3} wgmma={c.wgmma:<3} "
+              f"blocks/SM={c.resident_blocks} ({c.label})", flush=True)
     for f in FAILURES:
         print("[sm90] FAIL", f, flush=True)
     import triton

@@ -46,8 +46,10 @@ Kernels:
   program loads its K/V tile once and loops over the active packed rows (all G query heads of the
   kv head, so dK/dV are reduced over the group in registers): 5 matmuls per tile (S^T = K Q^T
   recomputed, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q and, with ``DQ_ATOMIC``, dQ += dS K added
-  by fp32 atomics into a zeroed buffer the launcher casts). Causal: rows that see the whole key
-  block run mask-free; the diagonal runs per SUB_N-key sub-block over SUB_M-row steps.
+  by fp32 atomics into a zeroed buffer the launcher casts; computed as dQ^T = K^T dS^T where the
+  head dim is 64 or more, so that its M is a warpgroup tile, not the step's few rows). Causal:
+  rows that see the whole key block run mask-free; the diagonal runs per SUB_N-key sub-block over
+  SUB_M-row steps.
 - ``_chain_attention_bwd_dq_kernel``: the deterministic path's dQ (grid as the forward): a second
   pass that recomputes S and dP per (row block, key block), so no two programs write one dQ row
   (``deterministic=True``; then the kernel above runs without ``DQ_ATOMIC``). It also serves a
