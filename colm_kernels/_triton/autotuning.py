@@ -86,8 +86,8 @@ def autotune(configs: List[triton.Config], key: List[str], prune: Callable, *,
 # checks that each kernel with ``tl.atomic_*`` or a read of an output is listed here with the
 # declaration, and the GPU-semantics mode (``gpu_semantics``) checks the results of first calls.
 ACCUMULATING_KERNELS = {
-    # dQ += dS K by fp32 atomics from every key block into a zeroed buffer (DQ_ATOMIC; DQ is None
-    # without it, so nothing else is ever zeroed)
+    # dQ += dS K by fp32 atomics from every key block into a zeroed buffer (DQ_ATOMIC; without it
+    # DQ is a one-element stand-in, so nothing else is ever zeroed)
     "_chain_attention_bwd_kernel": {"reset_to_zero": ("DQ",)},
     # row chunks of the cross-entropy dW: OUT = alpha G^T h + ACC (LOAD_ACC), OUT often ACC itself
     "_mcce_bwd_dw_kernel": {"restore_value": ("OUT",)},

@@ -30,7 +30,7 @@ import time
 from typing import Dict, List, Optional
 
 __all__ = ["TARGET", "H100", "KernelStats", "COMPILED", "FAILURES", "install", "full_sweep",
-           "resident_blocks", "mma_kind", "parse_ptxas"]
+           "resident_blocks", "mma_kind", "mma_counts", "parse_ptxas"]
 
 if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
     raise RuntimeError("colm_kernels.bench.sm90 compiles for sm_90a: run it without TRITON_INTERPRET")
@@ -68,11 +68,13 @@ class KernelStats:
     registers: int
     spill_bytes: int          # spill stores + spill loads
     shared: int               # bytes of shared memory per block
-    mma: str                  # "wgmma", "mma.sync" or "none"
+    mma: str                  # "wgmma", "mma.sync" or "none" (wgmma wins if both appear)
     tma: bool                 # cp.async.bulk.tensor (TMA)
     cp_async: bool            # cp.async (Ampere-style asynchronous copies)
     resident_blocks: int      # per SM
     label: str = ""           # the launcher case that compiled it
+    mma_sync: int = 0         # mma.sync instructions in the PTX (Ampere tensor-core path)
+    wgmma: int = 0            # wgmma.mma_async instructions in the PTX (Hopper warpgroup path)
     seconds: float = 0.0
 
     @property
@@ -108,10 +110,21 @@ def parse_ptxas(log: str) -> tuple[int, int]:
     return max(regs), max(spills, default=0)
 
 
+_WGMMA = re.compile(r"^\s*(?:@\S+\s+)?wgmma\.mma_async\b", re.M)
+_MMA_SYNC = re.compile(r"^\s*(?:@\S+\s+)?mma\.sync\b", re.M)
+
+
+def mma_counts(ptx: str) -> tuple[int, int]:
+    """``(mma.sync, wgmma.mma_async)`` instructions in the PTX (each unrolled product counts: a
+    kernel mixing both runs part of its tensor-core work at the Ampere rate)."""
+    return len(_MMA_SYNC.findall(ptx)), len(_WGMMA.findall(ptx))
+
+
 def mma_kind(ptx: str) -> str:
-    if "wgmma.mma_async" in ptx:
+    sync, wg = mma_counts(ptx)
+    if wg:
         return "wgmma"
-    if re.search(r"\bmma\.sync\b", ptx):
+    if sync:
         return "mma.sync"
     return "none"
 
@@ -301,13 +314,14 @@ def _compile_for_sm90(src, target=None, options=None, _env_vars=None):
         FAILURES.append(f"{tag}: {e}")
         regs, spills = 0, 0
     warps = int(ck.metadata.num_warps)
+    n_sync, n_wgmma = mma_counts(ptx)
     COMPILED.append(KernelStats(
         kernel=name, module=module, num_warps=warps, num_stages=int(ck.metadata.num_stages),
         constexprs={k: v for k, v in consts.items() if isinstance(v, (int, bool, str))},
         registers=regs, spill_bytes=spills, shared=shared, mma=mma_kind(ptx),
         tma="cp.async.bulk.tensor" in ptx, cp_async=bool(re.search(r"\bcp\.async\.c[ag]\b", ptx)),
         resident_blocks=resident_blocks(regs, shared, warps), label=_CURRENT_LABEL[0],
-        seconds=round(time.time() - t0, 2)))
+        seconds=round(time.time() - t0, 2), mma_sync=n_sync, wgmma=n_wgmma))
     return _NoLaunch(ck)
 
 

@@ -5,7 +5,8 @@ Three parts, each a list of rows (JSON) and a table:
 - ``kernels``: every Triton kernel and every autotune config its pruner keeps at the default bench
   shapes (bf16, the timing dtype), compiled for sm_90a with Triton's ``ptxas -v``
   (``colm_kernels.bench.sm90``): registers, spill bytes, shared memory, resident blocks per SM,
-  MMA kind (``wgmma`` / ``mma.sync`` / none), TMA and ``cp.async`` use. Runs in a subprocess
+  MMA kind (``wgmma`` / ``mma.sync`` / none) and how many of each instruction the PTX holds, TMA
+  and ``cp.async`` use. Runs in a subprocess
   without ``TRITON_INTERPRET``.
 - ``work``: tensor-core FLOPs the kernels execute over the useful FLOPs of the op, and the bytes
   they load and store in global memory over the op's minimum (each input read once, each output
@@ -80,7 +81,8 @@ def run(ops: List[str], *, parts=("kernels", "work", "roofline"), timeout: int =
 
 KERNEL_COLUMNS = [("op", "op", ""), ("kernel", "kernel", ""), ("config", "config", ""),
                   ("registers", "regs", "d"), ("spill_bytes", "spill B", "d"), ("shared", "smem B", "d"),
-                  ("resident_blocks", "blocks/SM", "d"), ("mma", "MMA", ""), ("tma", "TMA", ""),
+                  ("resident_blocks", "blocks/SM", "d"), ("mma", "MMA", ""), ("mma_sync", "mma.sync", "d"),
+                  ("wgmma", "wgmma", "d"), ("tma", "TMA", ""),
                   ("cp_async", "cp.async", "")]
 WORK_COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("pass", "pass", ""),
                 ("useful_flops", "useful FLOPs", ".3g"), ("executed_flops", "executed", ".3g"),

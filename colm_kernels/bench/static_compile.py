@@ -1,8 +1,8 @@
 """``colm-bench --static`` part ``kernels``: every Triton kernel and every autotune config its
 pruner keeps at the default bench shapes, compiled for sm_90a with Triton's ``ptxas -v`` through
 the compile-only driver (``colm_kernels.bench.sm90``): registers, spills, shared memory, resident
-blocks, MMA kind, TMA and ``cp.async``. Runs without ``TRITON_INTERPRET`` (``static`` starts it in
-a subprocess)."""
+blocks, MMA kind with its ``mma.sync`` / ``wgmma`` instruction counts, TMA and ``cp.async``.
+Runs without ``TRITON_INTERPRET`` (``static`` starts it in a subprocess)."""
 from __future__ import annotations
 
 import contextlib
@@ -110,6 +110,7 @@ def compile_default_shapes(ops: List[str], dtype=DEFAULT_DTYPE) -> dict:
         op, _, label = s.label.partition(" ")
         rows.append({"op": op, "shape": label, "kernel": s.kernel, "config": s.config,
                      "registers": s.registers, "spill_bytes": s.spill_bytes, "shared": s.shared,
-                     "resident_blocks": s.resident_blocks, "mma": s.mma, "tma": s.tma,
+                     "resident_blocks": s.resident_blocks, "mma": s.mma, "mma_sync": s.mma_sync,
+                     "wgmma": s.wgmma, "tma": s.tma,
                      "cp_async": s.cp_async, "num_warps": s.num_warps, "num_stages": s.num_stages})
     return {"kernels": rows, "failures": list(sm90.FAILURES)}

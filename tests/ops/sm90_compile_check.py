@@ -8,10 +8,12 @@ compiled to a cubin with Triton's ``ptxas -v``, nothing is launched) and calls t
 of every op on small CPU tensors: fp16 / bf16, aligned and unaligned shapes, varlen, several decode
 splits. ``colm-bench --static`` does the same at the default bench shapes.
 
-Exit status 0 iff every compile succeeded and every ``@triton.jit`` kernel module was covered (with
+Exit status 0 iff every compile succeeded without register spills (ptxas -v) and every
+``@triton.jit`` kernel module was covered (with
 ``--ops``: every kernel of the modules of those ops, ``colm_kernels.ops.<op>.*``); the last line
 is ``SM90_COMPILE_SUMMARY <json>`` with one entry per compiled config (registers, spill
-bytes, shared memory, MMA kind, TMA / cp.async, resident blocks per SM).
+bytes, shared memory, MMA kind and its ``mma.sync`` / ``wgmma`` instruction counts, TMA /
+cp.async, resident blocks per SM, ``triton_version``).
 """
 from __future__ import annotations
 
@@ -264,14 +266,20 @@ def main(argv):
             missing[m] = sorted(want - compiled_names)
     if missing:
         FAILURES.append(f"kernels never compiled: {missing}")
+    # a spill in any kept config fails the check (every op, every Triton this runs under)
+    FAILURES.extend(f"{c.kernel} {c.config} ({c.label}): spills {c.spill_bytes} B at {c.registers} registers"
+                    for c in sm90.COMPILED if c.spill_bytes)
     per_kernel = {}
     for c in sm90.COMPILED:
         per_kernel[c.kernel] = per_kernel.get(c.kernel, 0) + 1
         print(f"[sm90] {c.kernel:<40} {c.config:<44} regs={c.registers:<3} spill={c.spill_bytes:<5} "
-              f"smem={c.shared:<6} {c.mma:<8} blocks/SM={c.resident_blocks} ({c.label})", flush=True)
+              f"smem={c.shared:<6} {c.mma:<8} mma.sync={c.mma_sync:<3} wgmma={c.wgmma:<3} "
+              f"blocks/SM={c.resident_blocks} ({c.label})", flush=True)
     for f in FAILURES:
         print("[sm90] FAIL", f, flush=True)
+    import triton
     summary = dict(compiled=len(sm90.COMPILED), failures=len(FAILURES), seconds=round(time.time() - t0, 1),
+                   triton_version=triton.__version__,
                    ops=sorted(ops) if ops is not None else all_ops, all_ops=all_ops, all_parts=all_parts,
                    modules=sorted({c.module for c in sm90.COMPILED}),
                    kernel_modules={m: sorted(v) for m, v in sorted(launched.items())},

@@ -46,8 +46,10 @@ Kernels:
   program loads its K/V tile once and loops over the active packed rows (all G query heads of the
   kv head, so dK/dV are reduced over the group in registers): 5 matmuls per tile (S^T = K Q^T
   recomputed, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q and, with ``DQ_ATOMIC``, dQ += dS K added
-  by fp32 atomics into a zeroed buffer the launcher casts). Causal: rows that see the whole key
-  block run mask-free; the diagonal runs per SUB_N-key sub-block over SUB_M-row steps.
+  by fp32 atomics into a zeroed buffer the launcher casts; computed as dQ^T = K^T dS^T where the
+  head dim is 64 or more, so that its M is a warpgroup tile, not the step's few rows). Causal:
+  rows that see the whole key block run mask-free; the diagonal runs per SUB_N-key sub-block over
+  SUB_M-row steps.
 - ``_chain_attention_bwd_dq_kernel``: the deterministic path's dQ (grid as the forward): a second
   pass that recomputes S and dP per (row block, key block), so no two programs write one dQ row
   (``deterministic=True``; then the kernel above runs without ``DQ_ATOMIC``). It also serves a
@@ -82,7 +84,10 @@ from colm_kernels._triton.autotuning import autotune
 from colm_kernels._triton.tiles import mma
 from colm_kernels.ops.chain_attention.triton_tiles import (
     AUTOTUNE_KEY,
+    WGMMA_M,
     bwd_configs,
+    tile_mask_t,
+    row_ptrs_t,
     dq_configs,
     fwd_configs,
     stack_rows,
@@ -324,9 +329,14 @@ def _bwd_rows(dk, dv, k, v, cols, Q, DO, LSE, DELTA, DQ, HEADS, b64, g, A, n_act
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = mma(ds_t, q, dk)
         if DQ_ATOMIC:
-            dq = mma(tl.trans(ds_t), k, tl.zeros((BLOCK_M, k.shape[1]), dtype=tl.float32)) * softmax_scale
-            tl.atomic_add(row_ptrs(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d), dq,
-                          mask=tile_mask(act, offs_d, HEAD_DIM, PAD), sem="relaxed")
+            if offs_d.shape[0] >= WGMMA_M:  # dQ^T = K^T dS^T: M is the head dim, a warpgroup tile
+                dq_t = mma(tl.trans(k), ds_t, tl.zeros((k.shape[1], BLOCK_M), dtype=tl.float32)) * softmax_scale
+                tl.atomic_add(row_ptrs_t(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d), dq_t,
+                              mask=tile_mask_t(act, offs_d, HEAD_DIM, PAD), sem="relaxed")
+            else:
+                dq = mma(tl.trans(ds_t), k, tl.zeros((BLOCK_M, k.shape[1]), dtype=tl.float32)) * softmax_scale
+                tl.atomic_add(row_ptrs(DQ, b64, pos, head, stride_dqb, stride_dqs, stride_dqh, offs_d), dq,
+                              mask=tile_mask(act, offs_d, HEAD_DIM, PAD), sem="relaxed")
     return dk, dv
 
 
@@ -412,7 +422,7 @@ def _chain_attention_bwd_kernel(
             return
         Q += q_off * stride_qs
         DO += q_off * stride_dos
-        if DQ_ATOMIC:  # DQ is None without it
+        if DQ_ATOMIC:  # DQ is a one-element stand-in without it
             DQ += q_off * stride_dqs
         LSE += q_off
         DELTA += q_off

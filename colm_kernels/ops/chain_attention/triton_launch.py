@@ -169,8 +169,9 @@ def chain_attention_bwd(
                 G_P2=meta["G_P2"], HAS_SC=meta["HAS_SC"], VARLEN=varlen,
             )
         if need_dkv and Sk > 0:
-            # the autotuner zeroes DQ between its benchmark runs: None unless it is the sum
-            dq_arg = dq if atomic_dq else None
+            # the autotuner zeroes DQ between its benchmark runs: the sum, or a one-element stand-in
+            # the kernel never touches (Triton 3.6 zeroes a None argument too, and fails)
+            dq_arg = dq if atomic_dq else torch.zeros(1, dtype=torch.float32, device=q.device)
             _chain_attention_bwd_kernel[lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv)](
                 q, k, v, dout, lse, delta, dq_arg, dk, dv, heads, chains, sc, cu_q, cu_k,
                 *_bsh(q, varlen, align), *_bsh(k, varlen, align), *_bsh(v, varlen, align),

@@ -8,14 +8,22 @@ and padded output columns are never stored.
 
 Causal diagonal. A tile that straddles the causal diagonal computes masked scores it throws away.
 The kernels therefore run the mask-free bulk of a program's work on big tiles and the diagonal on
-small ones (``SUB_M`` rows x ``SUB_N`` keys, from the config's ``DIAG`` granularity): the forward
+smaller ones (``SUB_M`` rows x ``SUB_N`` keys, from the config's ``DIAG`` granularity): the forward
 splits its rows into sub-blocks, the backward its key block, each sub-block running only up to its
 own part of the diagonal. The sub-blocks are computed first, recursively by halves, and stacked
-(``stack_rows``) into the big tile's accumulators, so no accumulator is held twice. Counted at
-the H100 tiles (``colm_kernels.bench.work``), a causal 512-token attention executes 1.03x
-(forward) and 1.06x (backward) the MMA FLOPs of its visible (query, key) pairs, where whole
-128-wide tiles execute 1.25x; ``tests/ops/test_attention_work.py`` holds the bounds. The small
-diagonal products run on mma.sync where their M is below 64 (wgmma needs 64 rows a warpgroup).
+(``stack_rows``) into the big tile's accumulators, so no accumulator is held twice.
+
+Every product's M is a warpgroup tile (``WGMMA_M`` = 64 rows, wgmma's M per warpgroup) at the H100
+tiles for head dims 64 to 256 wide: below 64, Triton lowers a ``tl.dot`` to Ampere's ``mma.sync``,
+which runs at half Hopper's tensor-core rate or less. So the forward's diagonal sub-blocks are at
+least 64 packed rows (keys still step by 16), the backward's at least 64 keys, and the atomic dQ
+of the backward's 32-row steps is computed transposed (``dQ^T = K^T dS^T``: M is the head dim).
+Smaller diagonal tiles would execute fewer FLOPs, but on mma.sync. At the roofline (each MMA
+kind's FLOPs at its rate, mma.sync at half wgmma's), a causal 512-token attention at the H100
+tiles, all on wgmma, costs 1.03x-1.12x (forward, G = 4 to 1) and 1.12x (backward, against
+FlashAttention-2's ideal) its useful FLOPs at the wgmma rate; the 16-row / 32-key mma.sync
+diagonal before executed 1.03x and 1.06x, but cost 1.03x-1.31x and 1.52x at those rates.
+``tests/ops/test_attention_work.py`` holds the bounds.
 """
 from __future__ import annotations
 
@@ -30,7 +38,8 @@ from colm_kernels._triton.tma import tile_desc, tma_choices, tma_device
 
 __all__ = ["MIN_HEAD_DIM", "MAX_HEAD_DIM", "HEAD_DIM_STEP", "head_dim_p2", "head_dim_reasons",
            "fwd_configs", "bwd_configs", "dq_configs", "prune_fwd", "prune_bwd", "prune_dq", "AUTOTUNE_KEY",
-           "seq_bounds", "program_block", "packed_rows", "row_ptrs", "tile_mask", "load_tile", "visible_keys", "stack_rows",
+           "seq_bounds", "program_block", "packed_rows", "row_ptrs", "row_ptrs_t", "WGMMA_M",
+           "tile_mask", "tile_mask_t", "load_tile", "visible_keys", "stack_rows",
            "hint_strides", "stride_alignment", "tma_kv_legal", "key_source", "kv_sources", "load_keys",
            "load_grad_rows"]
 
@@ -66,17 +75,24 @@ _FWD = {
     128: ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)),  # 128 x 128 spills 48 B with varlen
     256: ((64, 32, 8, 2),),  # 64 x 64 reaches 254 registers
 }
-# The key-block backward: BLOCK_N keys per program (the M of its dK/dV products: wgmma from 64),
-# BLOCK_M rows per step of its row loop (the M of the atomic dQ product). 64 rows would put dQ on
-# wgmma too, but 64 x 128 spills 12 B with varlen and seq_chains, and 64 x 64 reaches 252 registers
-# (255 at head dim 32); 32 rows leave dQ (and the diagonal's 32-key products) on mma.sync. Head dim
-# 256 runs mma.sync only: its fp32 dK and dV fit 32 keys (or 16), below wgmma's M = 64.
+# The key-block backward: BLOCK_N keys per program (the M of its S^T, dP^T, dK and dV products:
+# wgmma from 64), BLOCK_M rows per step of its row loop (their N; the atomic dQ is computed
+# transposed so that its M is the head dim). 64 rows spill (12 B at 64 x 128 with varlen and
+# seq_chains). Head dim 256 runs mma.sync only: its fp32 dK and dV fit 32 keys (or 16), below
+# wgmma's M = 64.
 _BWD = {
     32: ((32, 64, 4, 3),),
     64: ((32, 128, 8, 3), (32, 64, 4, 3)),
     128: ((32, 64, 8, 3), (32, 64, 8, 2)),
     256: ((16, 32, 8, 2), (32, 16, 8, 2)),
 }
+# Triton before 3.9 allocates more registers to the head-dim-128 backward (80 to 128 wide): at 32
+# rows it spills up to 712 B (3 stages) or 416 B (1 stage), at 16 rows 160 B (2 stages), with head
+# dim 80, varlen, causal, seq_chains and atomic dQ; 16 rows unpipelined do not (and spill 16 B
+# under 3.9). Both ends of setup.py's range are compiled in CI (README, second tier).
+_BWD_BEFORE_TRITON_3_9 = {128: ((16, 64, 8, 1),)}
+if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+    _BWD = {**_BWD, **_BWD_BEFORE_TRITON_3_9}
 _DQ = {
     64: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
     128: ((128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)),
@@ -91,9 +107,10 @@ _DQ = {
 # its K / V tile once per program and streams the packed query rows, a gather across heads through
 # the HEADS table that TMA boxes cannot express in general.
 _TMA_TABLES = {"fwd": _FWD, "dq": _DQ}
-# The causal diagonal's granularity (``_sub_blocks``): 16 query positions x 16 keys forward (32
-# positions would leave 6 % of masked work at 512 tokens), 32 keys backward.
-_DIAG = {"fwd": 16, "bwd": 32, "dq": 16}
+# The causal diagonal's granularity (``_sub_blocks``): 16 query positions x 16 keys forward (rows
+# then rounded up to a warpgroup tile, ``WGMMA_M``), 64 keys backward (the M of its products).
+_DIAG = {"fwd": 16, "bwd": 64, "dq": 16}
+WGMMA_M = tl.constexpr(64)  # rows of one warpgroup's wgmma: a tl.dot with fewer runs on mma.sync
 # Interpreter: one small config; the forward's 32 rows and the backward's 32 keys still split into
 # diagonal sub-blocks, so those paths run in the CPU tests.
 _INTERPRETER = {"fwd": (32, 16, 1, 1), "bwd": (16, 32, 1, 1), "dq": (16, 16, 1, 1)}
@@ -146,10 +163,12 @@ def _sub_blocks(kind: str, bm: int, bn: int, diag: int, g: int):
     """(SUB_M, SUB_N) of the causal diagonal: ``diag`` keys per step (at least 16, ``tl.dot``'s
     K) and ``diag`` query positions (``diag * G`` packed rows) per row step, so that the forward's
     sub-blocks span ``diag`` positions and the backward's row steps start where its key
-    sub-blocks' diagonals do. The dQ kernel has no diagonal split."""
+    sub-blocks' diagonals do; at the H100 tiles the forward's row sub-blocks are at least a
+    warpgroup tile (``WGMMA_M``: their products' M). The dQ kernel has no diagonal split."""
     if kind == "dq":
         return bm, bn
-    return min(bm, max(16, diag * triton.next_power_of_2(g))), min(bn, max(16, diag))
+    rows = max(16 if small_tiles() else WGMMA_M.value, diag * triton.next_power_of_2(g))
+    return min(bm, rows), min(bn, max(16, diag))
 
 
 def tma_kv_legal(args, element_size: int) -> bool:
@@ -263,12 +282,30 @@ def row_ptrs(BASE, b64, pos, head, stride_b, stride_s, stride_h, offs_d):
 
 
 @triton.jit
+def row_ptrs_t(BASE, b64, pos, head, stride_b, stride_s, stride_h, offs_d):
+    """``row_ptrs`` transposed, (HEAD_DIM_P2, rows): built so, not by ``tl.trans`` of a pointer tile
+    (which would move 64-bit pointers through shared memory)."""
+    return (BASE + b64 * stride_b + pos.to(tl.int64)[None, :] * stride_s
+            + head.to(tl.int64)[None, :] * stride_h + offs_d[:, None])
+
+
+@triton.jit
 def tile_mask(ok, offs_d, HEAD_DIM: tl.constexpr, PAD: tl.constexpr):
     """Mask of a (rows, HEAD_DIM_P2) tile: the row is ``ok`` and, when padded, the column < HEAD_DIM."""
     if PAD:
         m = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     else:
         m = ok[:, None]
+    return m
+
+
+@triton.jit
+def tile_mask_t(ok, offs_d, HEAD_DIM: tl.constexpr, PAD: tl.constexpr):
+    """``tile_mask`` of a ``row_ptrs_t`` tile (HEAD_DIM_P2, rows)."""
+    if PAD:
+        m = ok[None, :] & (offs_d < HEAD_DIM)[:, None]
+    else:
+        m = ok[None, :]
     return m
 
 
