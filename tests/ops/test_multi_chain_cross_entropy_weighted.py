@@ -266,3 +266,20 @@ def test_chunk_plan_at_a_128k_vocabulary(monkeypatch):
     # the accumulator's traffic is at most one write of the fp32 logits over all rows
     assert bytes_["dw_accumulation"] <= ns * n * v * 4
     assert round(bytes_["total"] / 1e9, 1) == 169.3
+
+
+@pytest.mark.static  # second tier (compile time)
+def test_compile_fullgraph_matches_eager():
+    hidden, weight, targets = _inputs()
+
+    def step(h, w):
+        return ck.multi_chain_cross_entropy(h, w, targets, CHAINS, weights=W3, check_values=False)
+
+    with ck.use_backend("triton"):
+        eager = _run("triton", hidden, weight, targets, torch.float32, weights=W3, check_values=False)
+        h = hidden.float().requires_grad_(True)
+        w = weight.float().requires_grad_(True)
+        loss = torch.compile(step, backend="aot_eager", fullgraph=True)(h, w)
+        (loss * UPSTREAM).backward()
+    for a, b in zip((loss.detach(), h.grad, w.grad), eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
