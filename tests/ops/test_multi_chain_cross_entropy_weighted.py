@@ -283,3 +283,13 @@ def test_compile_fullgraph_matches_eager():
         (loss * UPSTREAM).backward()
     for a, b in zip((loss.detach(), h.grad, w.grad), eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.static  # second tier (opcheck runs the op many times in the interpreter)
+def test_opcheck_fused_op():
+    from colm_kernels.ops.multi_chain_cross_entropy.triton_backend import multi_chain_cross_entropy_triton_fused
+
+    hidden, weight, targets = _inputs(n=13)
+    args = (hidden.float().requires_grad_(), weight.float().requires_grad_(), targets, torch.tensor(W3), [0, 10, 30, 40], -100, "mean", 0.1, 0.01,
+            3.0, None, True, True)
+    torch.library.opcheck(multi_chain_cross_entropy_triton_fused, args)

@@ -4,7 +4,9 @@ the per-row, per-scale logsumexp ``(N, NS)``, which autograd saves with the inpu
 per-row scales ``row_chains`` are an input too);
 its backward, ``..._triton_bwd``, rebuilds logits tile by tile from it (no second logsumexp pass)
 and runs the gradient GEMMs in Triton. ``multi_chain_cross_entropy_triton`` (what the dispatcher
-calls) has the reference op's signature and returns the output alone."""
+calls) has the reference op's signature and returns the output alone. With ``weights`` and a
+gradient to compute it calls ``..._triton_fused`` instead (``triton_fused``: the gradients in the
+forward, 3 GEMMs), which autograd saves as fp32 ``dh`` and ``dW`` and scales in the backward."""
 from __future__ import annotations
 
 from typing import Optional
