@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import colm_kernels as ck
-from ce_options import CHAINS, D, DEVICE, LOW, V
+from ce_options import CHAINS, DEVICE, LOW, V
 from numerics import assert_within_eager_error
 from test_multi_chain_cross_entropy_options import ref64
 from test_multi_chain_cross_entropy_rows import ref64 as rows_ref64
@@ -22,6 +22,7 @@ from test_multi_chain_cross_entropy_rows import ref64 as rows_ref64
 pytestmark = pytest.mark.usefixtures("nan_empty")
 
 UPSTREAM = 3.7
+D = 64  # chain widths 16/32/16: 16-byte aligned, so softcap stays on the fused path (``fusable``)
 W3 = [0.5, -1.25, 2.0]
 OPTIONS = [
     ("mean", dict()),
@@ -83,16 +84,23 @@ FUSED_CASES = [pytest.param(name, options, dtype, id=f"{name}-{str(dtype)[6:]}",
 
 
 @pytest.mark.parametrize("name,options,dtype", FUSED_CASES)
-def test_triton_fused_within_eager_error(name, options, dtype):
+def test_triton_fused_within_eager_error(name, options, dtype, monkeypatch):
+    from colm_kernels.ops.multi_chain_cross_entropy import triton_fused
+
+    calls = []
+    real = triton_fused.mcce_fused
+    monkeypatch.setattr(triton_fused, "mcce_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     hidden, weight, targets = _inputs()
     got = _run("triton", hidden, weight, targets, dtype, weights=W3, **options)
+    assert calls, "the fused path did not run"
     eager = _run("reference", hidden, weight, targets, dtype, weights=W3, **options)
     assert got[0].shape == () and got[1].dtype == dtype and got[2].dtype == dtype
     _check(got, eager, _ref(hidden, weight, targets, W3, **options))
 
 
 @pytest.mark.static  # second tier (interpreter time)
-@pytest.mark.parametrize("case", ["one-chain", "prefix-width", "tensor-weights", "ignore-index-7"])
+@pytest.mark.parametrize("case", ["one-chain", "prefix-width", "tensor-weights", "ignore-index-7",
+                                  "unaligned-softcap"])
 def test_shapes_and_forms(case):
     """One chain (the unweighted single scale takes the fused path by itself), a prefix width
     (2 of 3 scales), weights as a tensor, another ignore_index; odd sizes throughout."""
@@ -104,15 +112,18 @@ def test_shapes_and_forms(case):
         hidden, weight, targets = _inputs(n=23, d=24, v=53)
     elif case == "prefix-width":
         weights = [0.75, 1.5]
-        hidden, weight, targets = _inputs(n=23, v=53, width=30)
+        hidden, weight, targets = _inputs(n=23, v=53, width=48)
     elif case == "tensor-weights":
         kw["weights"] = torch.tensor(W3)
+    elif case == "unaligned-softcap":  # widths 10/20/10: the per-scale kernels inside the fused op
+        hidden, weight, targets = _inputs(n=23, d=40, v=53)
+        kw["softcap"] = 3.0
     else:
         targets[targets == -100] = 7
         targets[5] = 7
         kw["ignore_index"] = 7
     kw.setdefault("weights", weights)
-    ref_kw = dict(ignore_index=kw.get("ignore_index", -100))
+    ref_kw = {k: kw[k] for k in ("ignore_index", "softcap") if k in kw}
     got = _run("triton", hidden, weight, targets, dtype, chains, **kw)
     eager = _run("reference", hidden, weight, targets, dtype, chains, **kw)
     _check(got, eager, _ref(hidden, weight, targets, weights, chains, **ref_kw))
@@ -290,6 +301,16 @@ def test_opcheck_fused_op():
     from colm_kernels.ops.multi_chain_cross_entropy.triton_backend import multi_chain_cross_entropy_triton_fused
 
     hidden, weight, targets = _inputs(n=13)
-    args = (hidden.float().requires_grad_(), weight.float().requires_grad_(), targets, torch.tensor(W3), [0, 10, 30, 40], -100, "mean", 0.1, 0.01,
+    args = (hidden.float().requires_grad_(), weight.float().requires_grad_(), targets, torch.tensor(W3), [0, 16, 48, 64], -100, "mean", 0.1, 0.01,
             3.0, None, True, True)
     torch.library.opcheck(multi_chain_cross_entropy_triton_fused, args)
+
+
+def test_fusable_declines_softcap_on_unaligned_operands():
+    from colm_kernels.ops.multi_chain_cross_entropy.triton_fused import fusable
+
+    h, w = torch.empty(4, 64, dtype=torch.float16), torch.empty(11, 64, dtype=torch.float16)
+    assert fusable(h, w, [0, 16, 48, 64], 3.0) and fusable(h, w, [0, 10, 30, 40], 0.0)
+    assert not fusable(h, w, [0, 10, 30, 40], 3.0)  # tiles through registers: the store spilled
+    assert not fusable(h[:, 1:], w, [0, 16, 48, 63], 3.0)
+    assert not fusable(h, torch.empty(2**23, 1, dtype=torch.float16).expand(-1, 64), [0, 64], 0.0)

@@ -317,8 +317,8 @@ def new_grads(hidden, weight, p: int, needs_hidden: bool, needs_weight: bool, dt
 def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index: int,
              needs_hidden: bool = True, needs_weight: bool = True, *, lse: Optional[torch.Tensor] = None,
              reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-             softcap: float = 0.0, row_chains: Optional[torch.Tensor] = None):
-    """``(dh (N, P) | None, dW (V, D) | None)`` in the input dtype for the output's gradient
+             softcap: float = 0.0, row_chains: Optional[torch.Tensor] = None, grad_dtype=None):
+    """``(dh (N, P) | None, dW (V, D) | None)`` in the input dtype (or ``grad_dtype``) for the output's gradient
     ``grad`` (``mcce_out_shape``; without the leading 2 it is the loss's alone). ``lse`` is the
     forward's (autograd passes it); standalone callers may leave it None (one forward pass).
     ``row_chains`` (int32 ``(N,)``): row r counts in scales ``0..row_chains[r]`` only.
@@ -329,7 +329,7 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
     n, ns, v = hidden.shape[0], len(offsets) - 1, weight.shape[0]
     p = offsets[-1]
     dev = hidden.device
-    dh, dw = new_grads(hidden, weight, p, needs_hidden, needs_weight)
+    dh, dw = new_grads(hidden, weight, p, needs_hidden, needs_weight, grad_dtype)
     if n == 0 or not (needs_hidden or needs_weight):
         return dh, dw
     plan = row_plan(row_chains, range(ns), n, dev)

@@ -29,9 +29,10 @@ import triton.language as tl
 
 from colm_kernels._triton.device import device_guard, small_tiles
 from colm_kernels._triton.rows import blocks_reached, row_plan
+from colm_kernels._triton.tma import operands_tma_aligned
 
-from .triton_bwd import _upstream_weights, chunk_plan, chunk_rows, grad_gemms, new_grads, workspace
-from .triton_fwd import fwd_rows
+from .triton_bwd import _upstream_weights, chunk_plan, chunk_rows, grad_gemms, mcce_bwd, new_grads, workspace
+from .triton_fwd import fwd_rows, mcce_fwd
 from .triton_tiles import _chain_table, _check, _dlogits, _flags, _n_counted, grad_layouts
 
 
@@ -87,6 +88,19 @@ def overlay(xbuf: torch.Tensor, dtype) -> torch.Tensor:
     return base.view(dtype)[:, :, : xbuf.shape[2]]
 
 
+def fusable(hidden: torch.Tensor, weight: torch.Tensor, offsets: Sequence[int], softcap: float) -> bool:
+    """Whether ``mcce_fused`` runs its 3 GEMMs (else the per-scale kernels, 4 GEMMs, both in the
+    forward: the same outputs, so the choice needs no host look at pointers in traced code). Declined: a
+    vocabulary of 2**23 or more (the logit store's int32 offsets in a row block), and softcap with
+    operands that are not 16-byte aligned (their tiles load through registers: the logit kernel
+    with the store spilled 52 B on sm_90a even at its smallest tile, fp16 widths 24/16)."""
+    if weight.shape[0] >= 2**23:
+        return False
+    step = max(1, 16 // hidden.element_size())
+    aligned = all(int(o) % step == 0 for o in offsets) and operands_tma_aligned(hidden, weight)
+    return aligned or not softcap
+
+
 def workspace_bytes(elem: int) -> int:
     """Workspace bytes per (scale, row, column) of the fused path: fp32 logits (G over them)."""
     return 4
@@ -94,7 +108,8 @@ def workspace_bytes(elem: int) -> int:
 
 def _grad_tile():
     """(BLOCK_M, BLOCK_N, warps) of ``_mcce_fused_grad_kernel``."""
-    return (4, 16, 1) if small_tiles() else (4, 512, 4)  # whole rows a program: 4 of them
+    # whole rows a program, 4 of them; 4 x 512 / 4 warps spilled 8 B with every option
+    return (4, 16, 1) if small_tiles() else (4, 256, 4)
 
 
 def mcce_fused(hidden, weight, targets, weights, offsets: Sequence[int], ignore_index: int,
@@ -108,6 +123,16 @@ def mcce_fused(hidden, weight, targets, weights, offsets: Sequence[int], ignore_
     _check(hidden, weight, targets, offsets, reduction)
     if reduction == "none":
         raise ValueError("the fused path needs a reduced loss (reduction 'mean' or 'sum')")
+    if not fusable(hidden, weight, offsets, softcap):
+        options = (reduction, label_smoothing, lse_square_scale, softcap)
+        out, lse = mcce_fwd(hidden, weight, targets, offsets, ignore_index, *options, row_chains)
+        if not (needs_hidden or needs_weight):
+            return (out * weights.to(out)).sum(-1), None, None
+        dh, dw = mcce_bwd(weights.to(torch.float32), hidden, weight, targets, offsets, ignore_index, needs_hidden,
+                          needs_weight, lse=lse, reduction=reduction, label_smoothing=label_smoothing,
+                          lse_square_scale=lse_square_scale, softcap=softcap, row_chains=row_chains,
+                          grad_dtype=torch.float32)
+        return (out * weights.to(out)).sum(-1), dh, dw
     n, ns, v = hidden.shape[0], len(offsets) - 1, weight.shape[0]
     p = offsets[-1]
     dev = hidden.device

@@ -96,9 +96,10 @@ def _mcce_fwd_kernel(
             a, b, ends = _logit_k_tile(h_rows, w_cols, starts, widths, c, kc, m_ok, n_ok, BLOCK_K)
             acc = mma(a, b, acc)
             if ends:  # acc holds this tile's scale-c logits: fold them into scale c's state
-                if STORE:
-                    g_ptrs = G + c.to(tl.int64) * stride_gs + pos.to(tl.int64)[:, None] * stride_gn + rn[None, :]
-                    tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+                if STORE:  # int32 offsets in the block from a 64-bit scalar base: half the address registers
+                    g_rows = G + c.to(tl.int64) * stride_gs + (pid_m * BLOCK_M).to(tl.int64) * stride_gn
+                    g_offs = tl.arange(0, BLOCK_M)[:, None] * stride_gn + rn[None, :]
+                    tl.store(g_rows + g_offs, acc.to(G.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
                 m_old = _pick(run_max, c)
                 m_new = tl.max(tl.where(n_ok[None, :], acc, float("-inf")), 1)
                 if SOFTCAP:
