@@ -83,14 +83,16 @@ class CoLM(nn.Module):
         return F.linear(h, self.output.weight[:, : h.shape[-1]])
 
     def multi_chain_loss(self, tokens: Tensor, targets: Tensor, ignore_index: int = -100, *,
-                         check_values: bool = False) -> Tensor:
+                         check_values: bool = False, weights=None) -> Tensor:
         """Mean cross-entropy at every scale ``(n_chains,)`` from one full-scale pass, without
-        materialising a logit tensor per scale. ``targets`` are not checked on the host by
+        materialising a logit tensor per scale; with ``weights`` (one per scale) their weighted
+        sum, a scalar whose head gradients the kernels compute in the forward (3 logit-sized GEMMs
+        instead of 4: prefer it to weighting the vector). ``targets`` are not checked on the host by
         default (no GPU sync per step): a target outside ``[0, vocab_size)`` that is not
         ``ignore_index`` makes every scale's loss NaN; ``check_values=True`` raises instead."""
         h = self.hidden(tokens)
         return multi_chain_cross_entropy(h, self.output.weight, targets, self.chains, ignore_index,
-                                         check_values=check_values)
+                                         check_values=check_values, weights=weights)
 
     def new_cache(self, batch: int, max_len: int, *, page_size: Optional[int] = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions, contiguous or

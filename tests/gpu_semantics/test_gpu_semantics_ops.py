@@ -274,18 +274,23 @@ def test_chain_attention_decode(layout, new_tokens, paged, dtype):
 CE_KERNELS = ("_mcce_fwd_kernel", "_mcce_bwd_dlogits_kernel", "_mcce_bwd_dh_kernel", "_mcce_bwd_dw_kernel")
 
 
-@pytest.mark.parametrize("variant, dtype", _cases(("plain", S), ("seq_chains", H)))
+@pytest.mark.parametrize("variant, dtype", _cases(("plain", S), ("seq_chains", H), ("weighted", H)))
 def test_multi_chain_cross_entropy_row_chunks(variant, dtype, monkeypatch):
     from colm_kernels.ops.multi_chain_cross_entropy import triton_bwd
 
     monkeypatch.setattr(triton_bwd, "_WORKSPACE_BYTES", 1)  # one row block per chunk: several chunks
+    monkeypatch.setattr(triton_bwd, "_ACC_RATIO", 0)
     n, v, dim = 300, 384, 128
     h, w = _randn(n, dim, scale=0.5), _randn(v, dim, scale=0.1)
     t = torch.randint(0, v, (n,))
     t[::7] = -100
     sc = torch.randint(0, 3, (n,)) if variant == "seq_chains" else None
-    fn = lambda h, w: ck.multi_chain_cross_entropy(h, w, t, CHAINS, seq_chains=sc)  # noqa: E731
+    # weighted: the fused path (gradients in the forward, G written over the fp32 logits)
+    weights = [0.5, 1.0, 2.0] if variant == "weighted" else None
+    fn = lambda h, w: ck.multi_chain_cross_entropy(h, w, t, CHAINS, seq_chains=sc, weights=weights)  # noqa: E731
     several = CE_KERNELS if dtype == torch.float16 else ()  # fp32: the budgets keep one config each
+    if weights is not None:  # no dlogits kernel on the fused path
+        several = tuple(k for k in several if k != "_mcce_bwd_dlogits_kernel")
     launches = first_call_then_in_order(f"cross entropy {variant}", fn, [h, w], dtype, several=several)
     dw_calls = [r for r in launches if r.kernel == "_mcce_bwd_dw_kernel" and not r.benchmark]
     assert len(dw_calls) >= 3, "the backward ran in fewer than 3 row chunks"

@@ -137,6 +137,36 @@ def test_trainer_hands_labels_to_the_model_and_drops_positions():
     assert set(extra) == {"labels"} and extra["labels"] is labels
 
 
+def test_trainer_gives_the_loss_weights_to_the_model(monkeypatch):
+    """``CoLMTrainer`` sets ``MultiChainLoss``'s weights on the model, whose forward then returns
+    their weighted sum (``multi_chain_cross_entropy(weights=)``: the head's gradients computed in
+    the forward); the loss takes that scalar as it is. Same numbers as weighting the vector."""
+    from torchtitan.trainer import Trainer
+
+    model = titan()
+    weights = [0.5, 1.0, 2.0]
+
+    def fake_init(self, config):  # what CoLMTrainer reads of TorchTitan's construction
+        self.loss_fn, self.model_parts = MultiChainLoss(MultiChainLoss.Config(weights=config)), [model]
+
+    monkeypatch.setattr(Trainer, "__init__", fake_init)
+    tokens, labels = torch.randint(0, 37, (2, 12)), torch.randint(0, 37, (2, 12))
+    labels[0, 3:7] = -100
+    sums = model(tokens, labels=labels)
+    CoLMTrainer(weights)
+    assert model.loss_weights == weights
+    total = model(tokens, labels=labels)
+    assert total.shape == ()
+    want = (sums * torch.tensor(weights, dtype=sums.dtype)).sum()
+    torch.testing.assert_close(total, want, rtol=1e-12, atol=1e-12)
+    loss, _ = MultiChainLoss(MultiChainLoss.Config(weights=weights))(total, labels, torch.tensor(20))
+    torch.testing.assert_close(loss, want / 20, rtol=1e-12, atol=1e-12)
+    CoLMTrainer(None)  # the paper's sum
+    assert model.loss_weights == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="one weight per scale"):
+        CoLMTrainer([1.0, 1.0])
+
+
 def test_state_dict_adapter_round_trip_and_hf_model():
     model = titan()
     adapter = CoLMStateDictAdapter(model.titan_config, None)

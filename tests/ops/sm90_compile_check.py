@@ -125,6 +125,11 @@ def run_multi_chain_cross_entropy(dtype, aligned):
     targets[3] = -100
     K.mcce_fwd(hidden, weight, targets, offsets, -100)
     K.mcce_bwd(torch.ones(len(offsets) - 1), hidden, weight, targets, offsets, -100)
+    # the fused path (weights=): the forward's STORE variant and the gradient pass over its logits
+    # (unaligned with softcap it runs the per-scale kernels: ``triton_fused.fusable``)
+    from colm_kernels.ops.multi_chain_cross_entropy.triton_fused import mcce_fused
+    for options in (("mean", 0.0, 0.0, 0.0), ("sum", 0.1, 1e-4, 30.0), ("sum", 0.1, 1e-4, 0.0)):
+        mcce_fused(hidden, weight, targets, torch.tensor([1.0, 0.5]), offsets, -100, *options)
 
 
 def run_chain_rmsnorm(dtype, aligned):

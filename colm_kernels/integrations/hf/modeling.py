@@ -297,11 +297,14 @@ class CoLMForCausalLM(CoLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             if hidden is None:
                 raise ValueError("labels cannot be combined with prefill_chain (the prompt runs at two scales)")
+            # one scalar with weights (the last scale alone: one-hot), so the head's gradients are
+            # computed in the forward (3 logit-sized GEMMs instead of 4)
+            n_scales = k + 1
+            weights = [0.0] * (n_scales - 1) + [1.0] if chain_weights is None else _chain_weights(chain_weights, n_scales)
             if num_items_in_batch is None:
-                losses = self._scale_losses(hidden, labels, valid)
+                loss = self._scale_losses(hidden, labels, valid, weights=weights)
             else:
-                losses = self._scale_losses(hidden, labels, valid, reduction="sum") / num_items_in_batch
-            loss = losses[-1] if chain_weights is None else _weighted(losses, chain_weights)
+                loss = self._scale_losses(hidden, labels, valid, reduction="sum", weights=weights) / num_items_in_batch
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache or split else None)
         return out if return_dict is not False else out.to_tuple()
 
@@ -321,13 +324,14 @@ class CoLMForCausalLM(CoLMPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -keep:]
         return torch.nn.functional.linear(hidden, self.model.output.weight[:, : hidden.shape[-1]])
 
-    def _scale_losses(self, hidden: Tensor, labels: Tensor, valid: Tensor, reduction: str = "mean") -> Tensor:
+    def _scale_losses(self, hidden: Tensor, labels: Tensor, valid: Tensor, reduction: str = "mean",
+                      weights=None) -> Tensor:
         if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
             raise ValueError(f"labels must be a tensor of shape {tuple(hidden.shape[:2])} (like input_ids), "
                              f"got {getattr(labels, 'shape', type(labels).__name__)}")
         targets = labels[:, 1:].masked_fill(~valid[:, :-1], -100)
         return multi_chain_cross_entropy(hidden[:, :-1], self.model.output.weight, targets, self.chains,
-                                         reduction=reduction)
+                                         reduction=reduction, weights=weights)
 
     # -- generate --------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None,
@@ -365,9 +369,8 @@ def _cols(t: Optional[Tensor], start, stop) -> Optional[Tensor]:
     return None if t is None else t[:, start:stop]
 
 
-def _weighted(losses: Tensor, weights) -> Tensor:
-    w = torch.as_tensor(list(weights), dtype=losses.dtype, device=losses.device)
-    if w.dim() != 1 or w.shape[0] != losses.shape[0]:
-        raise ValueError(f"chain_weights must hold one weight per scale 0..chain ({losses.shape[0]}), "
-                         f"got {list(weights)!r}")
-    return (w * losses).sum()
+def _chain_weights(weights, n_scales: int) -> list:
+    values = list(weights.tolist() if isinstance(weights, Tensor) else weights)
+    if len(values) != n_scales:
+        raise ValueError(f"chain_weights must hold one weight per scale 0..chain ({n_scales}), got {values!r}")
+    return [float(w) for w in values]

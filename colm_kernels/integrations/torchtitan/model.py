@@ -28,6 +28,10 @@ IGNORE_INDEX = -100
 
 
 class CoLMTitanModel(BaseModel, CoLM):
+    # One weight per scale (``CoLMTrainer`` sets ``MultiChainLoss``'s): forward(tokens, labels) then
+    # returns their weighted sum. None: the per-scale sums.
+    loss_weights = None
+
     @dataclasses.dataclass(kw_only=True, slots=True)
     class Config(BaseModel.Config):
         """``CoLMConfig``'s fields, plus ``init_std`` and ``freeze_chains`` (chain tuning: the
@@ -98,12 +102,20 @@ class CoLMTitanModel(BaseModel, CoLM):
                 chain=None) -> Tensor:
         """``positions`` (per-document RoPE positions of TorchTitan's packing dataloader) are not
         used: CoLM trains causally over each whole row, RoPE from 0 (as TorchTitan's llama3 does
-        with SDPA's plain causal mask)."""
+        with SDPA's plain causal mask). With labels: every scale's summed cross-entropy
+        ``(n_chains,)``, or, when ``loss_weights`` (one per scale) is set on the model (``CoLMTrainer``
+        sets ``MultiChainLoss``'s), their weighted sum, a scalar (``multi_chain_cross_entropy``'s
+        ``weights``: the head's gradients are computed in the forward, 3 logit-sized GEMMs instead of
+        4). The tensor-parallel head always returns the vector."""
         if labels is None:
             return CoLM.forward(self, tokens, chain)
         hidden = self.hidden(tokens, chain)
         if isinstance(self.output, VocabParallelHead):
             return self.output.loss_sums(hidden, labels, self.chains, IGNORE_INDEX)
+        weights = getattr(self, "loss_weights", None)
+        if weights is not None:  # one scalar: the head's gradients come from the forward (3 GEMMs)
+            return multi_chain_cross_entropy(hidden, self.output.weight, labels, self.chains, IGNORE_INDEX,
+                                             reduction="sum", weights=weights)
         means = multi_chain_cross_entropy(hidden, self.output.weight, labels, self.chains, IGNORE_INDEX)
         count = (labels != IGNORE_INDEX).sum()
         # sums (what TorchTitan divides by the global token count); a row of ignored labels adds 0

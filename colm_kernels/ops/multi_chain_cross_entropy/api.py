@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -18,12 +18,12 @@ from . import reference
 OP = "multi_chain_cross_entropy"
 SCHEMA = ("(Tensor hidden, Tensor weight, Tensor targets, int[] offsets, int ignore_index, "
           "str reduction=\"mean\", float label_smoothing=0.0, float lse_square_scale=0.0, "
-          "float softcap=0.0, Tensor? row_chains=None) -> Tensor")
+          "float softcap=0.0, Tensor? row_chains=None, Tensor? weights=None) -> Tensor")
 
 
 def _fake(hidden, weight, targets, offsets, ignore_index, reduction="mean", label_smoothing=0.0,
-          lse_square_scale=0.0, softcap=0.0, row_chains=None):
-    shape = reference.out_shape(len(offsets) - 1, hidden.shape[0], reduction)
+          lse_square_scale=0.0, softcap=0.0, row_chains=None, weights=None):
+    shape = reference.out_shape(len(offsets) - 1, hidden.shape[0], reduction, weights is not None)
     return hidden.new_empty(shape, dtype=reference.loss_dtype(hidden.dtype))
 
 
@@ -45,12 +45,36 @@ def _real(name: str, value, *, lo: float, hi: float = math.inf, lo_open: bool = 
     return value
 
 
+def _scale_weights(weights, n_scales: int, device, dtype, check_values: bool) -> Tensor:
+    """``weights`` (a sequence of real numbers or a 1-D real tensor, one per scale) as a tensor;
+    a tensor is checked for finite values only with ``check_values`` (a host sync), a sequence
+    always (no sync)."""
+    if isinstance(weights, Tensor):
+        if weights.dim() != 1 or weights.dtype == torch.bool or weights.is_complex():
+            raise TypeError(f"weights must be a 1-D real tensor, got {weights.dtype} of shape {tuple(weights.shape)}")
+        if weights.shape[0] != n_scales:
+            raise ValueError(f"weights must hold one weight per scale ({n_scales}), got {weights.shape[0]}")
+        if check_values and not torch.compiler.is_compiling() and not bool(torch.isfinite(weights).all()):
+            raise ValueError(f"weights must be finite, got {weights.tolist()}")
+        return weights.to(device=device, dtype=dtype)
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise TypeError(f"weights must be a sequence of floats or a 1-D tensor, got {weights!r}")
+    values = list(weights)
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in values):
+        raise TypeError(f"weights must hold real numbers, got {values!r}")
+    if len(values) != n_scales:
+        raise ValueError(f"weights must hold one weight per scale ({n_scales}), got {len(values)}: {values!r}")
+    if not all(math.isfinite(w) for w in values):
+        raise ValueError(f"weights must be finite, got {values!r}")
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 @autocast_op(FP32, ("hidden", "weight"))
 def multi_chain_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, chains: ChainsLike, ignore_index: int = -100,
     *, reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
     softcap: Optional[float] = None, return_z_loss: bool = False, seq_chains: Optional[Tensor] = None,
-    check_values: bool = True,
+    check_values: bool = True, weights: Union[Sequence[float], Tensor, None] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Cross-entropy of the output head at every scale, without the caller building logits.
 
@@ -91,8 +115,16 @@ def multi_chain_cross_entropy(
             its row's loss is NaN at every scale it reaches, so those reduced scale losses are NaN
             and the row's gradients are NaN; a ``seq_chains`` value below 0 takes the row out of
             every scale, one above ``k`` keeps it in all.
+        weights: one real weight per scale ``0..k`` (a sequence or a 1-D tensor; ``mean`` or
+            ``sum`` only): return the scalar ``sum_s weights[s] * loss_s`` (and with
+            ``return_z_loss`` the same sum of the z-losses). When the loss needs gradients for
+            ``hidden`` or ``weight`` (not for a ``weights`` tensor, and without ``return_z_loss``),
+            the kernel backends compute them in the forward (3 logit-sized GEMMs in all instead of
+            4) and keep only them for the backward, which scales them by the upstream gradient.
+            A single scale (``k = 0``, reduced, no ``return_z_loss``) takes that path by itself.
 
-    Returns the losses, float32 (float64 for float64 input): ``(k+1,)`` one per scale, or
+    Returns the losses, float32 (float64 for float64 input): a scalar with ``weights``, ``(k+1,)``
+    one per scale, or
     ``(k+1, *targets.shape)`` for ``reduction="none"`` (0 at ignored rows and at the scales a row
     does not reach); with
     ``return_z_loss`` a pair ``(loss, z_loss)`` of that shape. When every target is ignored,
@@ -136,12 +168,29 @@ def multi_chain_cross_entropy(
                 f"targets must be in [0, {weight.shape[0]}) (weight.shape[0] classes) or "
                 f"ignore_index={ignore_index}, got {t1[bad][:5].tolist()}"
             )
+    n_scales = len(offsets) - 1
+    weighted = weights is not None
+    if weighted:
+        if reduction == "none":
+            raise ValueError("weights needs a reduced loss: reduction 'mean' or 'sum', got 'none'")
+        weights = _scale_weights(weights, n_scales, hidden.device, reference.loss_dtype(hidden.dtype),
+                                 check_values)
+    elif n_scales == 1 and reduction != "none" and not return_z_loss:
+        # one scale: its loss is known up to the upstream scalar, so the fused path applies
+        weights = torch.ones(1, dtype=reference.loss_dtype(hidden.dtype), device=hidden.device)
+    fuse = weights is not None and not return_z_loss
     options = dict(reduction=reduction, label_smoothing=label_smoothing,
                    lse_square_scale=lse_square_scale, softcap=cap, row_chains=rows)
     tensors = [h2, weight, t1] + ([rows] if rows is not None else [])
     op = backends.dispatch(OP, tensors, hidden=h2, weight=weight, targets=t1,
                            offsets=offsets, ignore_index=ignore_index, **options)
+    if fuse:  # (2,): the weighted loss and z-loss
+        out = op(h2, weight, t1, offsets, ignore_index, **options, weights=weights)
+        return out[0] if weighted else out[:1]
     out = op(h2, weight, t1, offsets, ignore_index, **options)
+    if weighted:  # with return_z_loss: the per-scale path, weighted here (the z-loss gets gradients)
+        out = (out * weights.to(out.dtype)).sum(-1)
+        return out[0], out[1]
     if reduction == "none":
         out = out.reshape(2, len(offsets) - 1, *targets.shape)
     return (out[0], out[1]) if return_z_loss else out[0]

@@ -16,7 +16,8 @@ A target outside ``[0, V)`` (values unchecked) makes its row NaN at every scale,
 backward (the row's hidden state is poisoned with NaN before the head), never an index error.
 
 The op returns ``(2, NS)`` (``(2, NS, N)`` for ``none``): row 0 the loss (cross-entropy plus
-z-loss), row 1 the z-loss alone. This naive version materialises every ``(N, V)`` logit tensor.
+z-loss), row 1 the z-loss alone; with ``weights`` (``(NS,)``, a reduced loss) ``(2,)``, the
+weighted sums over the scales of those two rows. This naive version materialises every ``(N, V)`` logit tensor.
 Math in float32 (float64 for float64 inputs); the result has that dtype.
 """
 from __future__ import annotations
@@ -36,15 +37,17 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def out_shape(n_scales: int, n_rows: int, reduction: str) -> tuple:
+def out_shape(n_scales: int, n_rows: int, reduction: str, weighted: bool = False) -> tuple:
     """The op's output shape (every backend and the fake implementations use it)."""
+    if weighted:
+        return (2,)
     return (2, n_scales, n_rows) if reduction == "none" else (2, n_scales)
 
 
 def multi_chain_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, offsets: Sequence[int], ignore_index: int,
     reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-    softcap: float = 0.0, row_chains: Optional[Tensor] = None,
+    softcap: float = 0.0, row_chains: Optional[Tensor] = None, weights: Optional[Tensor] = None,
 ) -> Tensor:
     compute = loss_dtype(hidden.dtype)
     valid = targets != ignore_index
@@ -72,4 +75,5 @@ def multi_chain_cross_entropy(
     if reduction == "none":
         return out
     total = out.sum(-1)
-    return total / torch.stack(counted) if reduction == "mean" else total
+    total = total / torch.stack(counted) if reduction == "mean" else total
+    return total if weights is None else (total * weights.to(compute)).sum(-1)  # (2,): plainly

@@ -34,6 +34,7 @@ from .triton_tiles import (
     _dh_pruner,
     _dlogits_pruner,
     _dw_pruner,
+    _dlogits,
     _flags,
     _logit_k_tile,
     _n_counted,
@@ -45,47 +46,14 @@ from .triton_tiles import (
 # Bytes of the backward's G workspace (NS x rows x V, input dtype). Tests lower it to force several
 # row chunks. 1 GiB: the default bench case (bf16, N 4096, V 32000, 4 scales) is one chunk.
 _WORKSPACE_BYTES = 1 << 30
+# With several chunks and dW wanted, the workspace is at least this many fp32 dW accumulators
+# (V x P x 4 bytes): bounds the accumulator's per-chunk round trips (``chunk_rows``). Tests set 0.
+_ACC_RATIO = 2
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _dlogits(x, s, pos64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
-             label_smoothing, lse_square_scale, softcap, COUNTS, NUM_SCALES: tl.constexpr,
-             SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
-             ROW_WEIGHTS: tl.constexpr, ROWS: tl.constexpr):
-    """``D_s`` (over alpha, fp32) of a tile from its scale-``s`` logits ``x`` and the saved lse
-    (rows ``pos64`` of LSE and WT); 0 at ignored rows and (``ROWS``) at positions that do not
-    reach ``s``."""
-    if ROWS:
-        valid = valid & (pos64 < rows_used(COUNTS, s, N, ROWS))
-    lse = tl.load(LSE + pos64 * NUM_SCALES + s, mask=m_ok, other=0.0)
-    if ROW_WEIGHTS:
-        a = tl.load(WT + s * stride_ws + pos64, mask=m_ok, other=0.0)
-        b = tl.load(WT + stride_wf + s * stride_ws + pos64, mask=m_ok, other=0.0)
-    else:
-        zero_rows = tl.zeros_like(lse)
-        a = zero_rows + tl.load(WT + s * stride_ws)
-        b = zero_rows + tl.load(WT + stride_wf + s * stride_ws)
-    z = x
-    if SOFTCAP:
-        th = _tanh(x / softcap)
-        z = softcap * th
-    coef = a
-    if ZLOSS:
-        coef = a + 2.0 * lse_square_scale * lse * b
-    d = tl.exp(z - lse[:, None]) * coef[:, None]
-    hit = rn[None, :] == tgt32[:, None]
-    if SMOOTH:
-        d -= a[:, None] * (tl.where(hit, 1.0 - label_smoothing, 0.0) + label_smoothing / V)
-    else:
-        d -= tl.where(hit, a[:, None], 0.0)
-    if SOFTCAP:
-        d *= 1.0 - th * th
-    return tl.where(valid[:, None] & n_ok[None, :], d, 0.0)
-
-
 # WT: upstream weights over alpha, (2, NS) or (2, NS, rows) (ROW_WEIGHTS): 0 loss, 1 loss + z-loss.
 # M indices are positions in the row plan (``ROWS``: rows sorted by decreasing scale). Only H's
 # rows are read through ORDER: T, LSE, WT and G are in sorted order (the launcher gathers the
@@ -274,30 +242,98 @@ def _upstream_weights(grad, targets, ignore_index, reduction, row_chains=None):
     return (wt / alpha).contiguous(), alpha.reshape(1).contiguous()
 
 
+def chunk_rows(n: int, ns: int, v: int, p: int, elem: int, needs_weight: bool = True) -> int:
+    """Rows per chunk of the gradient workspace ``(NS, rows, V)`` (``elem`` bytes an entry):
+    ``_WORKSPACE_BYTES``, grown to ``_ACC_RATIO`` x the fp32 dW accumulator ``(V, P)`` when dW is
+    wanted and the rows need several chunks, in whole row blocks. Each chunk after the first
+    reads and writes that accumulator once (``8 V P`` bytes), so with the ratio 2 the
+    accumulator's traffic, ``8 V P (chunks - 1)``, is at most ``NS N V elem``: one write of the
+    workspace over all rows, a fifth of what the gradient passes move through it."""
+    unit = _row_unit()
+    budget = _WORKSPACE_BYTES
+    if needs_weight and ns * v * elem * n > budget:
+        budget = max(budget, _ACC_RATIO * 4 * v * p)
+    chunk = max(unit, budget // (ns * v * elem) // unit * unit)
+    return min(chunk, max(n, 1))
+
+
+def workspace(ns: int, chunk: int, v: int, dtype, device) -> torch.Tensor:
+    """``(NS, chunk, V)`` in the input dtype, rows padded to a 16-byte multiple: the dh and dW
+    GEMMs stream them with aligned loads whatever the vocabulary (V = 50257, say)."""
+    step = max(1, 16 // torch.tensor([], dtype=dtype).element_size())
+    return torch.empty((ns, chunk, triton.cdiv(v, step) * step), dtype=dtype, device=device)[:, :, :v]
+
+
+def chunk_plan(plan, r0: int, rows: int):
+    """``(sel, (ROWS, ORDER, COUNTS))`` of the chunk of positions ``[r0, r0 + rows)``: with ROWS the
+    per-row tensors stay whole (read through the chunk's ORDER, ``sel`` is everything), else
+    ``sel`` is the chunk's rows."""
+    has_rows, order, counts = plan
+    if has_rows:
+        return slice(None), (True, order[r0:r0 + rows], (counts - r0).clamp(0, rows))
+    return slice(r0, r0 + rows), plan
+
+
+def grad_gemms(gbuf, h, weight, tbl, align, alpha, widths, keys, plan, rows: int, dh=None,
+               dw=None, acc=None, first: bool = True, last: bool = True) -> None:
+    """One chunk's ``dh = alpha G_c @ W[:, chain c]`` (into ``dh``, the chunk's rows) and
+    ``dW (+)= alpha G_c^T @ h[:, chain c]``: one chunk goes straight into ``dw``; several add up in
+    the fp32 ``acc`` (first: no load) and the last writes ``dw``. The dW kernel restores OUT after
+    each autotuning run (restore_value), so a chunk whose launch tunes a new key is added once."""
+    has_rows, order, counts = plan
+    v = weight.shape[0]
+    ns = gbuf.shape[0]
+    dh_key, dw_key = keys
+    if dh is not None:
+        _mcce_bwd_dh_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * tile_count(widths, meta["BLOCK_N"]),)](
+            gbuf, weight, tbl, alpha, dh, order, counts,
+            rows, v, gbuf.stride(0), gbuf.stride(1), weight.stride(0), dh.stride(0),
+            dh_key,
+            NUM_SCALES=ns, ALIGN=_align(align, gbuf[0], weight), ROWS=has_rows,
+        )
+    if dw is not None:
+        target = dw if last else acc
+        src = dw if first else acc
+        _mcce_bwd_dw_kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_M"]) * tile_count(widths, meta["BLOCK_N"]),)](
+            gbuf, h, tbl, alpha, src, target, order, counts,
+            rows, v, gbuf.stride(0), gbuf.stride(1), h.stride(0), src.stride(0), target.stride(0),
+            dw_key,
+            NUM_SCALES=ns, LOAD_ACC=not first, ALIGN=_align(align, gbuf[0], h), ROWS=has_rows,
+        )
+
+
+def new_grads(hidden, weight, p: int, needs_hidden: bool, needs_weight: bool, dtype=None):
+    """``(dh | None, dW | None)`` (``dtype``, default the inputs'): dW's columns no active scale
+    reads are zeros."""
+    dh = torch.empty(hidden.shape, dtype=dtype or hidden.dtype, device=hidden.device) if needs_hidden else None
+    dw = torch.empty(weight.shape, dtype=dtype or weight.dtype, device=weight.device) if needs_weight else None
+    if dw is not None:
+        dw[:, p:].zero_()
+        if hidden.shape[0] == 0:
+            dw.zero_()
+    return dh, dw
+
+
 def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index: int,
              needs_hidden: bool = True, needs_weight: bool = True, *, lse: Optional[torch.Tensor] = None,
              reduction: str = "mean", label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-             softcap: float = 0.0, row_chains: Optional[torch.Tensor] = None):
-    """``(dh (N, P) | None, dW (V, D) | None)`` in the input dtype for the output's gradient
+             softcap: float = 0.0, row_chains: Optional[torch.Tensor] = None, grad_dtype=None):
+    """``(dh (N, P) | None, dW (V, D) | None)`` in the input dtype (or ``grad_dtype``) for the output's gradient
     ``grad`` (``mcce_out_shape``; without the leading 2 it is the loss's alone). ``lse`` is the
     forward's (autograd passes it); standalone callers may leave it None (one forward pass).
     ``row_chains`` (int32 ``(N,)``): row r counts in scales ``0..row_chains[r]`` only.
-    Row chunks of at most ``_WORKSPACE_BYTES`` of workspace run in order: dlogits, dh, dW; with
-    ``row_chains`` they are chunks of the rows sorted by decreasing scale."""
+    Row chunks (``chunk_rows``) run in order: dlogits, dh, dW; with ``row_chains`` they are
+    chunks of the rows sorted by decreasing scale."""
     offsets = [int(o) for o in offsets]
     _check(hidden, weight, targets, offsets, reduction)
     n, ns, v = hidden.shape[0], len(offsets) - 1, weight.shape[0]
     p = offsets[-1]
     dev = hidden.device
-    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if needs_hidden else None
-    dw = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if needs_weight else None
-    if dw is not None:
-        dw[:, p:].zero_()  # columns no active scale reads
-        if n == 0:
-            dw.zero_()
+    dh, dw = new_grads(hidden, weight, p, needs_hidden, needs_weight, grad_dtype)
     if n == 0 or not (needs_hidden or needs_weight):
         return dh, dw
-    has_rows, order, counts = row_plan(row_chains, range(ns), n, dev)
+    plan = row_plan(row_chains, range(ns), n, dev)
+    has_rows, order, _ = plan
     if lse is None:
         lse, _ = _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothing,
                                lse_square_scale, softcap, row_chains)
@@ -310,35 +346,26 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
     flags = _flags(label_smoothing, lse_square_scale, softcap)
     tbl, align = _chain_table(offsets, dev, hidden.element_size())
     widths = [b - a for a, b in zip(offsets, offsets[1:])]
-    dh_key, dw_key = grad_layouts(v, offsets)
+    keys = grad_layouts(v, offsets)
     logits_key = logits_layout("dlogits", v, offsets, tuple(sorted(flags.items())), row_weights)
 
-    unit = _row_unit()
-    chunk = max(unit, _WORKSPACE_BYTES // (ns * v * hidden.element_size()) // unit * unit)
-    chunk = min(chunk, n)
-    # G's rows padded to a 16-byte multiple: the dh and dW GEMMs stream them with aligned loads
-    # whatever the vocabulary (V = 50257, say)
-    step = max(1, 16 // hidden.element_size())
-    gbuf = torch.empty((ns, chunk, triton.cdiv(v, step) * step), dtype=hidden.dtype, device=dev)[:, :, :v]
+    chunk = chunk_rows(n, ns, v, p, hidden.element_size(), needs_weight)
+    gbuf = workspace(ns, chunk, v, hidden.dtype, dev)
     starts = list(range(0, n, chunk))
     acc = None
     if needs_weight and len(starts) > 1:
         acc = torch.empty((v, p), dtype=torch.float32, device=dev)
     for i, r0 in enumerate(starts):
         rows = min(chunk, n - r0)
-        chunk_rows = slice(r0, r0 + rows)  # sorted positions with has_rows, rows without
-        if has_rows:  # hidden and dh: whole tensors, their rows read through the chunk's ORDER
-            sel = slice(None)
-            order_c, counts_c = order[chunk_rows], (counts - r0).clamp(0, rows)
-        else:
-            sel = chunk_rows
-            order_c, counts_c = order, counts
+        chunk_pos = slice(r0, r0 + rows)  # sorted positions with has_rows, rows without
+        sel, plan_c = chunk_plan(plan, r0, rows)
+        _, order_c, counts_c = plan_c
         h = hidden[sel]
-        w_rows = wt[:, :, chunk_rows] if row_weights else wt
+        w_rows = wt[:, :, chunk_pos] if row_weights else wt
         with device_guard(dev):
             _mcce_bwd_dlogits_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"])
                                                    * triton.cdiv(v, meta["BLOCK_N"]),)](
-                h, weight, targets[chunk_rows], tbl, lse[chunk_rows], w_rows, gbuf, order_c, counts_c,
+                h, weight, targets[chunk_pos], tbl, lse[chunk_pos], w_rows, gbuf, order_c, counts_c,
                 rows, v, h.stride(0), weight.stride(0), gbuf.stride(0), gbuf.stride(1),
                 w_rows.stride(0), w_rows.stride(1), ignore_index,
                 float(label_smoothing), float(lse_square_scale), float(softcap),
@@ -346,27 +373,7 @@ def mcce_bwd(grad, hidden, weight, targets, offsets: Sequence[int], ignore_index
                 NUM_SCALES=ns, ROW_WEIGHTS=row_weights, ALIGN=_align(align, h, weight), ROWS=has_rows,
                 **flags,
             )
-            if needs_hidden:
-                out = dh[sel]
-                _mcce_bwd_dh_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"])
-                                                  * tile_count(widths, meta["BLOCK_N"]),)](
-                    gbuf, weight, tbl, alpha, out, order_c, counts_c,
-                    rows, v, gbuf.stride(0), gbuf.stride(1), weight.stride(0), out.stride(0),
-                    dh_key,
-                    NUM_SCALES=ns, ALIGN=_align(align, gbuf[0], weight), ROWS=has_rows,
-                )
-            if needs_weight:
-                # One chunk: straight into dW. Several: an fp32 sum, the last chunk writes dW.
-                # The kernel restores OUT after each autotuning run (restore_value), so a chunk
-                # whose launch tunes a new key is still added once.
-                last = i == len(starts) - 1
-                target = dw if last else acc
-                _mcce_bwd_dw_kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_M"])
-                                                  * tile_count(widths, meta["BLOCK_N"]),)](
-                    gbuf, h, tbl, alpha, acc if acc is not None else dw, target, order_c, counts_c,
-                    rows, v, gbuf.stride(0), gbuf.stride(1), h.stride(0),
-                    (acc if acc is not None else dw).stride(0), target.stride(0),
-                    dw_key,
-                    NUM_SCALES=ns, LOAD_ACC=i > 0, ALIGN=_align(align, gbuf[0], h), ROWS=has_rows,
-                )
+            grad_gemms(gbuf, h, weight, tbl, align, alpha, widths, keys, plan_c, rows,
+                       dh=dh[sel] if needs_hidden else None, dw=dw, acc=acc, first=i == 0,
+                       last=i == len(starts) - 1)
     return dh, dw

@@ -51,15 +51,17 @@ def _row_unit() -> int:
 # Kernels
 # ----------------------------------------------------------------------------------------------
 # TBL rows (NUM_SCALES long): 0 chain start o_c, 1 chain width. ORDER / COUNTS: the row plan
-# (``ROWS``): row blocks are blocks of positions in the rows sorted by decreasing scale.
-@autotune(configs=LOGIT_CONFIGS, key=["LAYOUT_KEY", "ALIGN", "ROWS"], prune=_fwd_pruner)
+# (``ROWS``): row blocks are blocks of positions in the rows sorted by decreasing scale. STORE (the
+# fused path, ``triton_fused``): each scale's logit tile also goes to slot s of G (by position), so
+# the gradient needs no second logit GEMM.
+@autotune(configs=LOGIT_CONFIGS, key=["LAYOUT_KEY", "ALIGN", "ROWS", "STORE"], prune=_fwd_pruner)
 @triton.jit(do_not_specialize=["N", "LAYOUT_KEY", "split_cols"])
 def _mcce_fwd_kernel(
-    H, W, TBL, PART, ORDER, COUNTS,
-    N, V, stride_hn, stride_wv, split_cols, softcap,
+    H, W, TBL, PART, ORDER, COUNTS, G,
+    N, V, stride_hn, stride_wv, split_cols, softcap, stride_gs, stride_gn,
     LAYOUT_KEY,  # autotune key (pruning)
     NUM_SCALES: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ALIGN: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, STORE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -94,6 +96,10 @@ def _mcce_fwd_kernel(
             a, b, ends = _logit_k_tile(h_rows, w_cols, starts, widths, c, kc, m_ok, n_ok, BLOCK_K)
             acc = mma(a, b, acc)
             if ends:  # acc holds this tile's scale-c logits: fold them into scale c's state
+                if STORE:  # int32 offsets in the block from a 64-bit scalar base: half the address registers
+                    g_rows = G + c.to(tl.int64) * stride_gs + (pid_m * BLOCK_M).to(tl.int64) * stride_gn
+                    g_offs = tl.arange(0, BLOCK_M)[:, None] * stride_gn + rn[None, :]
+                    tl.store(g_rows + g_offs, acc.to(G.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
                 m_old = _pick(run_max, c)
                 m_new = tl.max(tl.where(n_ok[None, :], acc, float("-inf")), 1)
                 if SOFTCAP:
@@ -127,10 +133,11 @@ def _mcce_fwd_kernel(
 
 # Blocks of sorted positions (``ROWS``; rows through ORDER): position p counts in the scales s
 # with p < COUNTS[s] only.
-@triton.jit(do_not_specialize=["N", "splits"])
+@triton.jit(do_not_specialize=["N", "splits", "stride_of", "stride_os"])
 def _mcce_fwd_merge_kernel(
     PART, H, W, T, TBL, ORDER, COUNTS, LSE, OUT,
-    N, V, stride_hn, stride_wv, splits, ignore_index, label_smoothing, lse_square_scale, softcap,
+    N, V, stride_hn, stride_wv, stride_of, stride_os, splits, ignore_index, label_smoothing,
+    lse_square_scale, softcap,
     NUM_SCALES: tl.constexpr, SCALES_P2: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
     ZLOSS: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -195,9 +202,9 @@ def _mcce_fwd_merge_kernel(
     if ZLOSS:
         zl = lse_square_scale * lse * lse
     tl.store(LSE + rm64[:, None] * NUM_SCALES + sc[None, :], lse, mask=mask)
-    out_offs = sc[None, :].to(tl.int64) * N + rm64[:, None]
+    out_offs = sc[None, :].to(tl.int64) * stride_os + rm64[:, None]  # OUT: (2, NS, rows) strides
     tl.store(OUT + out_offs, tl.where(valid, ce + zl, 0.0), mask=mask)
-    tl.store(OUT + NUM_SCALES * N.to(tl.int64) + out_offs, tl.where(valid, zl, 0.0), mask=mask)
+    tl.store(OUT + stride_of + out_offs, tl.where(valid, zl, 0.0), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,35 +233,51 @@ def _lse_and_rows(hidden, weight, targets, offsets, ignore_index, label_smoothin
                   lse_square_scale, softcap, row_chains=None):
     """``lse (N, NS)`` and the per-row outputs ``(2, NS, N)`` (fp32; 0 on ignored rows and where
     a row does not reach a scale)."""
-    n, ns, v = hidden.shape[0], len(offsets) - 1, weight.shape[0]
+    n, ns = hidden.shape[0], len(offsets) - 1
     dev = hidden.device
     lse = torch.empty((n, ns), dtype=torch.float32, device=dev)
     rows = torch.empty((2, ns, n), dtype=torch.float32, device=dev)
     if n == 0:
         return lse, rows
     has_rows, order, counts = row_plan(row_chains, range(ns), n, dev)
+    fwd_rows(hidden, weight, targets, offsets, ignore_index, label_smoothing, lse_square_scale, softcap,
+             (has_rows, order, counts), lse, rows)
+    return lse, rows
+
+
+def fwd_rows(hidden, weight, targets, offsets, ignore_index, label_smoothing, lse_square_scale,
+             softcap, plan, lse, rows, logits=None) -> None:
+    """Fill ``lse`` and ``rows`` (``(2, NS, n)`` strided) for the ``n`` positions of ``plan``
+    (``(ROWS, ORDER, COUNTS)`` of a row chunk: with ROWS, hidden, targets, lse and rows are whole
+    and read through ORDER; else they are the chunk's slices). ``logits`` (``(NS, n, V)``, the
+    input dtype): also store each scale's logits there, by position (the fused path)."""
+    has_rows, order, counts = plan
+    n = order.shape[0] if has_rows else hidden.shape[0]
+    ns, v, dev = len(offsets) - 1, weight.shape[0], hidden.device
     flags = _flags(label_smoothing, lse_square_scale, softcap)
     tbl, align = _chain_table(offsets, dev, hidden.element_size())
     splits, split_cols = _vocab_splits(n, v, _sm_count(dev))
     part = torch.empty((3 if flags["SMOOTH"] else 2, n, ns, splits), dtype=torch.float32, device=dev)
+    store = logits is not None
+    g = logits if store else part  # never written without STORE
     with device_guard(dev):
         _mcce_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)](
-            hidden, weight, tbl, part, order, counts,
+            hidden, weight, tbl, part, order, counts, g,
             n, v, hidden.stride(0), weight.stride(0), split_cols, float(softcap),
+            g.stride(0) if store else 0, g.stride(1) if store else 0,
             logits_layout("fwd", v, offsets, flags["SOFTCAP"], flags["SMOOTH"]),
             NUM_SCALES=ns, SOFTCAP=flags["SOFTCAP"], SMOOTH=flags["SMOOTH"], ALIGN=_align(align, hidden, weight),
-            ROWS=has_rows,
+            ROWS=has_rows, STORE=store,
         )
         block_r, block_d = (16, 16) if small_tiles() else (16, 64)
         _mcce_fwd_merge_kernel[(triton.cdiv(n, block_r),)](
             part, hidden, weight, targets, tbl, order, counts, lse, rows,
-            n, v, hidden.stride(0), weight.stride(0), splits, ignore_index, float(label_smoothing),
-            float(lse_square_scale), float(softcap),
+            n, v, hidden.stride(0), weight.stride(0), rows.stride(0), rows.stride(1), splits, ignore_index,
+            float(label_smoothing), float(lse_square_scale), float(softcap),
             NUM_SCALES=ns, SCALES_P2=max(2, triton.next_power_of_2(ns)), SOFTCAP=flags["SOFTCAP"],
             SMOOTH=flags["SMOOTH"], ZLOSS=flags["ZLOSS"], ROWS=has_rows, BLOCK_R=block_r, BLOCK_D=block_d,
             num_warps=4,
         )
-    return lse, rows
 
 
 def mcce_fwd(hidden, weight, targets, offsets: Sequence[int], ignore_index: int,

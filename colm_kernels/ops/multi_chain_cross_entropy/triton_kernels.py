@@ -62,8 +62,11 @@ width reach only values that are masked, so they may hold anything.
 
 FLOPs: the forward runs one ``(N, V, P)`` product, the backward three (logits again, dh, dW):
 4 against the 3 of a backward that would keep logits, for ``O(N x NS)`` saved bytes instead of
-``O(N x V x NS)``. Rows are chunked so the workspace stays under ``triton_bwd._WORKSPACE_BYTES``
-(NS x rows x V elements of the input dtype, 1 GiB: N 4096, V 32000, NS 4 in bf16 is one chunk).
+``O(N x V x NS)``. When the upstream gradient is one scalar (``weights=``, or one scale) the fused
+path of ``triton_fused`` runs 3: the forward keeps each chunk's logits and runs dh and dW itself.
+Rows are chunked so the workspace stays under ``triton_bwd._WORKSPACE_BYTES``
+(NS x rows x V elements of the input dtype, 1 GiB: N 4096, V 32000, NS 4 in bf16 is one chunk),
+or twice the fp32 dW accumulator when dW needs several chunks (``triton_bwd.chunk_rows``).
 The workspace is scaled by ``alpha = max |a|, |b|`` (multiplied back in the GEMM epilogues), so
 fp16 keeps its relative precision for small upstream gradients.
 

@@ -13,6 +13,7 @@ import triton.language as tl
 from colm_kernels._triton.device import check_tensor
 from colm_kernels._triton.gemm_configs import gemm_configs, layout_key, make_gemm_pruner, register_gemm_layout
 from colm_kernels._triton.tables import int64_table
+from colm_kernels._triton.rows import rows_used
 from colm_kernels._triton.tiles import load_int
 from colm_kernels._triton.tma import operands_tma_aligned
 
@@ -91,7 +92,10 @@ def _pruner(dtype_arg: str, acc_budget=None):
 def _fwd_budget(a) -> int:
     heavy = (int(a["ALIGN"]) == 1 or bool(a["ROWS"]) or bool(a["SOFTCAP"])
              or a["NUM_SCALES"] * (2 + int(bool(a["SMOOTH"]))) > 16)
-    return 32 if heavy else 64
+    budget = 32 if heavy else 64
+    # STORE (the fused path) keeps the logit tile's store beside it: 128x128 / 8 warps spilled
+    # 124 B plain, the 32-value tiles 96-464 B with every option (unaligned fp16)
+    return budget // 2 if a.get("STORE") else budget
 
 
 def _dlogits_budget(a) -> int:
@@ -190,6 +194,42 @@ def _tanh(x):
     small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
     t = tl.where(ax < 0.125, small, big)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _dlogits(x, s, pos64, rn, m_ok, valid, n_ok, tgt32, LSE, WT, N, V, stride_wf, stride_ws,
+             label_smoothing, lse_square_scale, softcap, COUNTS, NUM_SCALES: tl.constexpr,
+             SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
+             ROW_WEIGHTS: tl.constexpr, ROWS: tl.constexpr):
+    """``D_s`` (over alpha, fp32) of a tile from its scale-``s`` logits ``x`` and the saved lse
+    (rows ``pos64`` of LSE and WT); 0 at ignored rows and (``ROWS``) at positions that do not
+    reach ``s``."""
+    if ROWS:
+        valid = valid & (pos64 < rows_used(COUNTS, s, N, ROWS))
+    lse = tl.load(LSE + pos64 * NUM_SCALES + s, mask=m_ok, other=0.0)
+    if ROW_WEIGHTS:
+        a = tl.load(WT + s * stride_ws + pos64, mask=m_ok, other=0.0)
+        b = tl.load(WT + stride_wf + s * stride_ws + pos64, mask=m_ok, other=0.0)
+    else:
+        zero_rows = tl.zeros_like(lse)
+        a = zero_rows + tl.load(WT + s * stride_ws)
+        b = zero_rows + tl.load(WT + stride_wf + s * stride_ws)
+    z = x
+    if SOFTCAP:
+        th = _tanh(x / softcap)
+        z = softcap * th
+    coef = a
+    if ZLOSS:
+        coef = a + 2.0 * lse_square_scale * lse * b
+    d = tl.exp(z - lse[:, None]) * coef[:, None]
+    hit = rn[None, :] == tgt32[:, None]
+    if SMOOTH:
+        d -= a[:, None] * (tl.where(hit, 1.0 - label_smoothing, 0.0) + label_smoothing / V)
+    else:
+        d -= tl.where(hit, a[:, None], 0.0)
+    if SOFTCAP:
+        d *= 1.0 - th * th
+    return tl.where(valid[:, None] & n_ok[None, :], d, 0.0)
 
 
 @triton.jit
