@@ -159,6 +159,11 @@ with ck.use_backend("triton"):
     # the tiled GEMM launches (a BLOCK_M x BLOCK_N config) that read both operands of the logits
     gemms = [l for l in t.launches
              if {"BLOCK_M", "BLOCK_N"} <= set(l["meta"]) and {"hidden", "weight"} <= set(l["reads"])]
+    # the fused path (weights=: gradients in the forward) reads them in its logits GEMM
+    with count_memory_traffic({"hidden": h, "weight": wo}) as t:
+        ck.multi_chain_cross_entropy(h, wo, tgt, (4, 4, 4, 4), weights=[0.1, 0.2, 0.3, 0.4]).backward()
+    gemms += [l for l in t.launches
+              if {"BLOCK_M", "BLOCK_N"} <= set(l["meta"]) and {"hidden", "weight"} <= set(l["reads"])]
     report["cross_entropy"] = [
         dict(kernel=l["kernel"], read=l["reads"]["hidden"] + l["reads"]["weight"],
              bound=gemm_tiled_read_bytes(n, vocab, dim, l["meta"]["BLOCK_M"], l["meta"]["BLOCK_N"], 2, 2))
@@ -198,7 +203,7 @@ def test_decode_reads_k_and_v_once_per_kv_head(traffic, label):
 @pytest.mark.static
 def test_cross_entropy_gemms_read_hidden_and_weight_as_their_tiling_requires(traffic):
     gemms = traffic["cross_entropy"]
-    assert len(gemms) >= 2, "the logits GEMMs of the forward and of the backward's dlogits"
+    assert len(gemms) >= 3, "the logits GEMMs of the forward, the backward's dlogits and the fused forward"
     over = [g for g in gemms if g["read"] > g["bound"]]
     assert not over, f"GEMM launches reading hidden / weight beyond their tiling: {over}"
     print(json.dumps(gemms))
