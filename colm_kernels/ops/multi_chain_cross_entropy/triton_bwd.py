@@ -38,7 +38,6 @@ from .triton_tiles import (
     _flags,
     _logit_k_tile,
     _n_counted,
-    _tanh,
     grad_layouts,
     logits_layout,
 )
