@@ -342,7 +342,9 @@ def run(h, t, sc=None):
     h = h.clone().requires_grad_(True)
     ww = w.clone().requires_grad_(True)
     with count_mma_flops() as fwd:
-        loss = ck.multi_chain_cross_entropy(h, ww, t, c, seq_chains=sc, check_values=False)
+        # reduction='none': every run on the per-scale path (a one-scale batch with a reduced loss
+        # would take the fused path, which moves the gradient GEMMs into the forward)
+        loss = ck.multi_chain_cross_entropy(h, ww, t, c, seq_chains=sc, check_values=False, reduction="none")
     with count_mma_flops() as bwd:
         loss.sum().backward()
     return [fwd.total, bwd.total]
