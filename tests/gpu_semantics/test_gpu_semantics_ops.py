@@ -248,7 +248,12 @@ DECODE = {  # name -> (kv heads of the cache, kv_sharing, query heads, lengths, 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("new_tokens", [1, 16])
 @pytest.mark.parametrize("layout", list(DECODE))
-def test_chain_attention_decode(layout, new_tokens, paged, dtype):
+def test_chain_attention_decode(layout, new_tokens, paged, dtype, monkeypatch):
+    from colm_kernels.ops.chain_attention_decode import triton_kernels
+
+    # these short caches would not split under split-K's traffic budget (split_min_blocks): lift it,
+    # so that the split and reduce kernels run as an H100 runs them
+    monkeypatch.setattr(triton_kernels, "SPLIT_TRAFFIC", 1e6)
     n_kv, sharing, n_q, lengths, sc = DECODE[layout]
     lengths = [new_tokens if n is None else n for n in lengths]  # a sequence that is all new tokens
     chains, cap, B = (2, 2), 512, len(lengths)
