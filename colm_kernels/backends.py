@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from . import auto_bounds
+
 BACKENDS = ("auto", "cuda", "triton", "reference")
 # ``auto`` on CUDA tensors considers these (the order breaks ties between bounds); on CPU tensors
 # only ``reference`` is fast enough to be worth picking (the Triton interpreter is a test tool,
@@ -267,8 +269,6 @@ def select(op: str, tensors: Sequence[torch.Tensor], **inputs) -> str:
 def explain(op: str, tensors: Sequence[torch.Tensor], **inputs):
     """``auto``'s choice for these inputs and why (an ``auto_bounds.Choice``), whatever backend is
     selected; ``BackendError`` with every reason when no backend can run them."""
-    from . import auto_bounds
-
     impls = _REGISTRY[op]
     on_cuda = any(t.is_cuda for t in tensors)
     candidates, tried = [], []

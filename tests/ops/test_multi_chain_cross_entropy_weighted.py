@@ -268,7 +268,7 @@ def test_chunk_plan_at_a_128k_vocabulary(monkeypatch):
 
     monkeypatch.setattr(triton_bwd, "_row_unit", lambda: 128)
     n, v, p, ns = 16384, 128256, 2048, 4
-    chunk = triton_bwd.chunk_rows(n, ns, v, p, triton_fused.workspace_bytes(2))
+    chunk = triton_bwd.chunk_rows(n, ns, v, p, triton_fused.WORKSPACE_BYTES)
     assert chunk == 1024  # 2 x the fp32 dW accumulator = 2.1 GB of fp32 logits workspace
     assert ns * chunk * v * 4 <= max(triton_bwd._WORKSPACE_BYTES, 2 * 4 * v * p)
     bytes_ = triton_fused.step_bytes(n, v, [0, 512, 1024, 1536, 2048], 2)

@@ -101,9 +101,9 @@ def fusable(hidden: torch.Tensor, weight: torch.Tensor, offsets: Sequence[int], 
     return aligned or not softcap
 
 
-def workspace_bytes(elem: int) -> int:
-    """Workspace bytes per (scale, row, column) of the fused path: fp32 logits (G over them)."""
-    return 4
+# Workspace bytes per (scale, row, column) of the fused path, whatever the input dtype: fp32
+# logits, with G written over them.
+WORKSPACE_BYTES = 4
 
 
 def _grad_tile():
@@ -148,7 +148,7 @@ def mcce_fused(hidden, weight, targets, weights, offsets: Sequence[int], ignore_
         tbl, align = _chain_table(offsets, dev, hidden.element_size())
         widths = [b - a for a, b in zip(offsets, offsets[1:])]
         keys = grad_layouts(v, offsets)
-        chunk = chunk_rows(n, ns, v, p, workspace_bytes(hidden.element_size()), needs_weight)
+        chunk = chunk_rows(n, ns, v, p, WORKSPACE_BYTES, needs_weight)
         # fp32 logits: the gradient's softmax sees the GEMM's accumulator, not a 16-bit rounding
         # (which took fp16 gradients past 3x eager PyTorch's error); G in the input dtype over them
         xbuf = workspace(ns, chunk, v, torch.float32, dev)
@@ -199,7 +199,7 @@ def step_bytes(n: int, v: int, offsets: Sequence[int], elem: int, d: Optional[in
 
     ns, p = len(offsets) - 1, offsets[-1]
     d = d or p
-    chunk = chunk_rows(n, ns, v, p, workspace_bytes(elem), True)
+    chunk = chunk_rows(n, ns, v, p, WORKSPACE_BYTES, True)
     sizes = [min(chunk, n - r0) for r0 in range(0, n, chunk)]
     g_elem = min(elem, 4)  # G, written over the fp32 logits
     parts = {"logit_gemm": 0, "merge": 0, "grad_pass": 0, "dh_gemm": 0, "dw_gemm": 0}
